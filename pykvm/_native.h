@@ -1,0 +1,252 @@
+/* The cdef of pykvm's C fast path: what Python sees of _native.c and of <linux/kvm.h>.
+ *
+ * Kernel structures are declared with "...;" so that cffi takes their real layout from
+ * <linux/kvm.h> at build time; only the fields pykvm uses are named.  Constants are
+ * declared "..." so the compiler fills in the header's values.
+ */
+
+/* ---- <linux/kvm.h> ---- */
+typedef int... __u8;
+typedef int... __u16;
+typedef int... __u32;
+typedef int... __u64;
+typedef int... __s32;
+
+#define KVMIO ...
+#define KVM_API_VERSION ...
+
+#define KVM_GET_API_VERSION ...
+#define KVM_CREATE_VM ...
+#define KVM_CHECK_EXTENSION ...
+#define KVM_GET_VCPU_MMAP_SIZE ...
+#define KVM_GET_SUPPORTED_CPUID ...
+#define KVM_GET_MSR_INDEX_LIST ...
+#define KVM_CREATE_VCPU ...
+#define KVM_SET_USER_MEMORY_REGION ...
+#define KVM_SET_TSS_ADDR ...
+#define KVM_SET_IDENTITY_MAP_ADDR ...
+#define KVM_RUN ...
+#define KVM_GET_REGS ...
+#define KVM_SET_REGS ...
+#define KVM_GET_SREGS ...
+#define KVM_SET_SREGS ...
+#define KVM_SET_CPUID2 ...
+#define KVM_GET_MSRS ...
+#define KVM_SET_MSRS ...
+#define KVM_ENABLE_CAP ...
+#define KVM_IOEVENTFD ...
+#define KVM_IOEVENTFD_FLAG_DATAMATCH ...
+#define KVM_IOEVENTFD_FLAG_PIO ...
+#define KVM_IOEVENTFD_FLAG_DEASSIGN ...
+
+#define KVM_EXIT_UNKNOWN ...
+#define KVM_EXIT_EXCEPTION ...
+#define KVM_EXIT_IO ...
+#define KVM_EXIT_HYPERCALL ...
+#define KVM_EXIT_DEBUG ...
+#define KVM_EXIT_HLT ...
+#define KVM_EXIT_MMIO ...
+#define KVM_EXIT_IRQ_WINDOW_OPEN ...
+#define KVM_EXIT_SHUTDOWN ...
+#define KVM_EXIT_FAIL_ENTRY ...
+#define KVM_EXIT_INTR ...
+#define KVM_EXIT_INTERNAL_ERROR ...
+#define KVM_EXIT_SYSTEM_EVENT ...
+#define KVM_EXIT_X86_RDMSR ...
+#define KVM_EXIT_X86_WRMSR ...
+#define KVM_EXIT_IO_IN ...
+#define KVM_EXIT_IO_OUT ...
+#define KVM_SYNC_X86_REGS ...
+
+#define KVM_CAP_IRQCHIP ...
+#define KVM_CAP_HLT ...
+#define KVM_CAP_USER_MEMORY ...
+#define KVM_CAP_SET_TSS_ADDR ...
+#define KVM_CAP_EXT_CPUID ...
+#define KVM_CAP_NR_VCPUS ...
+#define KVM_CAP_MAX_VCPUS ...
+#define KVM_CAP_NR_MEMSLOTS ...
+#define KVM_CAP_PIT2 ...
+#define KVM_CAP_IOEVENTFD ...
+#define KVM_CAP_IRQFD ...
+#define KVM_CAP_SYNC_REGS ...
+#define KVM_CAP_IMMEDIATE_EXIT ...
+#define KVM_CAP_READONLY_MEM ...
+#define KVM_CAP_MP_STATE ...
+#define KVM_CAP_XSAVE ...
+#define KVM_CAP_X86_USER_SPACE_MSR ...
+#define KVM_CAP_DIRTY_LOG_RING ...
+#define KVM_CAP_SPLIT_IRQCHIP ...
+#define KVM_CAP_TSC_CONTROL ...
+#define KVM_CAP_X2APIC_API ...
+
+struct kvm_regs {
+    __u64 rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
+    __u64 r8, r9, r10, r11, r12, r13, r14, r15;
+    __u64 rip, rflags;
+};
+
+struct kvm_segment {
+    __u64 base;
+    __u32 limit;
+    __u16 selector;
+    __u8 type;
+    __u8 present, dpl, db, s, l, g, avl;
+    __u8 unusable;
+    ...;
+};
+
+struct kvm_dtable {
+    __u64 base;
+    __u16 limit;
+    ...;
+};
+
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss;
+    struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt;
+    __u64 cr0, cr2, cr3, cr4, cr8;
+    __u64 efer;
+    __u64 apic_base;
+    ...;
+};
+
+struct kvm_userspace_memory_region {
+    __u32 slot;
+    __u32 flags;
+    __u64 guest_phys_addr;
+    __u64 memory_size;
+    __u64 userspace_addr;
+};
+
+struct kvm_cpuid_entry2 {
+    __u32 function;
+    __u32 index;
+    __u32 flags;
+    __u32 eax, ebx, ecx, edx;
+    ...;
+};
+
+struct kvm_cpuid2 {
+    __u32 nent;
+    ...;
+};
+
+struct kvm_msr_entry {
+    __u32 index;
+    __u64 data;
+    ...;
+};
+
+struct kvm_msrs {
+    __u32 nmsrs;
+    ...;
+};
+
+struct kvm_msr_list {
+    __u32 nmsrs;
+    ...;
+};
+
+struct kvm_ioeventfd {
+    __u64 datamatch;
+    __u64 addr;
+    __u32 len;
+    __s32 fd;
+    __u32 flags;
+    ...;
+};
+
+struct kvm_enable_cap {
+    __u32 cap;
+    __u32 flags;
+    __u64 args[4];
+    ...;
+};
+
+struct kvm_run {
+    __u8 request_interrupt_window;
+    __u8 immediate_exit;
+    __u32 exit_reason;
+    __u8 ready_for_interrupt_injection;
+    __u8 if_flag;
+    __u16 flags;
+    __u64 cr8;
+    __u64 apic_base;
+    union {
+        struct { __u64 hardware_exit_reason; } hw;
+        struct { __u64 hardware_entry_failure_reason; __u32 cpu; } fail_entry;
+        struct { __u32 exception; __u32 error_code; } ex;
+        struct { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; } io;
+        struct { __u64 phys_addr; __u8 data[8]; __u32 len; __u8 is_write; } mmio;
+        struct { __u32 suberror; __u32 ndata; __u64 data[16]; } internal;
+        struct { __u32 type; __u32 ndata; __u64 data[16]; } system_event;
+        char padding[256];
+    };
+    __u64 kvm_valid_regs;
+    __u64 kvm_dirty_regs;
+    ...;
+};
+
+/* ---- <sys/mman.h>: flags Python's mmap module does not export ---- */
+#define MAP_NORESERVE ...
+
+/* ---- _native.c ---- */
+#define PYKVM_FAST_MAX ...
+#define PYKVM_EXIT_REASONS ...
+
+enum pykvm_fast_kind {
+    PYKVM_FAST_CONSTANT,    /* reads return `value`, writes are ignored */
+    PYKVM_FAST_DEBUG_EXIT,  /* a write ends the run with PYKVM_STOP_DEBUG_EXIT */
+    PYKVM_FAST_SERIAL_TX,   /* a 1-byte write is copied to `fds` */
+    ...
+};
+
+enum pykvm_space { PYKVM_SPACE_PIO, PYKVM_SPACE_MMIO, ... };
+
+enum pykvm_stop {
+    PYKVM_STOP_EXIT,        /* an exit Python must handle: see run->exit_reason */
+    PYKVM_STOP_DEBUG_EXIT,  /* a debug-exit port was written: see debug_exit_value */
+    PYKVM_STOP_INTERRUPTED, /* KVM_RUN returned EINTR (a signal or immediate_exit) */
+    ...
+};
+
+struct pykvm_fast_handler {
+    uint32_t kind;
+    uint32_t space;
+    uint32_t enabled;
+    uint64_t base;
+    uint64_t length;
+    uint64_t value;
+    int fds[2];
+    uint64_t reads;
+    uint64_t writes;
+    ...;
+};
+
+struct pykvm_fast_table {
+    uint32_t count;
+    struct pykvm_fast_handler handlers[...];
+    int serial_errno;
+    ...;
+};
+
+struct pykvm_loop {
+    int vcpu_fd;
+    struct kvm_run *run;
+    struct pykvm_fast_table *table;
+    uint64_t exits[...];
+    uint64_t fast_exits;
+    uint64_t guest_ns;
+    uint64_t fast_ns;
+    uint64_t debug_exit_value;
+    ...;
+};
+
+int pykvm_ioctl(int fd, unsigned long request, void *arg);
+int pykvm_ioctl_value(int fd, unsigned long request, unsigned long value);
+int pykvm_loop_run(struct pykvm_loop *loop);
+int pykvm_install_kick_handler(int signo);
+uint8_t *pykvm_io_data(struct kvm_run *run);
+struct kvm_regs *pykvm_sync_regs(struct kvm_run *run);

@@ -1,0 +1,121 @@
+"""The ``pykvm`` command: a click front end over the library, with no logic of its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from .boot import FORMATS
+from .config import MachineConfig
+from .console import StdinForwarder
+from .errors import PykvmError
+from .info import format_info, host_info
+from .kvm.system import DEFAULT_PATH
+from .machine import Machine
+from .result import ERROR_STATUS, INTERRUPTED_STATUS, ExitReason, RunResult
+
+_QUIET_ENDINGS = (ExitReason.DEBUG_EXIT, ExitReason.HALTED, ExitReason.POWEROFF, ExitReason.RESET)
+
+
+class _Address(click.ParamType):
+    """An integer in any base Python reads: 1048576, 0x100000, 0o4000000."""
+
+    name = "address"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            number = int(str(value), 0)
+        except ValueError:
+            self.fail(f"{value!r} is not a number (write it like 0x100000 or 1048576)", param, ctx)
+        if number < 0:
+            self.fail(f"{value!r} is negative", param, ctx)
+        return number
+
+
+def _fail(message: object) -> NoReturn:
+    click.echo(f"pykvm: error: {message}", err=True)
+    sys.exit(ERROR_STATUS)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pykvm-hypervisor")
+@click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug, e.g. unclaimed ports).")
+@click.option("--device", default=DEFAULT_PATH, show_default=True, envvar="PYKVM_DEVICE", help="The KVM device to use.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, device: str) -> None:
+    """pykvm: run tiny x86 guest kernels on /dev/kvm."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="pykvm: %(levelname)s: %(message)s")
+    ctx.obj = device
+
+
+@main.command()
+@click.argument("guest", type=click.Path(path_type=Path, dir_okay=True))
+@click.option("-m", "--memory", default="64M", show_default=True, help="Guest RAM, e.g. 64M or 1G (a bare number is MiB).")
+@click.option("--cmdline", default="", help="Kernel command line (multiboot).")
+@click.option("--module", "modules", multiple=True, type=click.Path(path_type=Path), help="A multiboot module (repeatable).")
+@click.option("--format", "image_format", type=click.Choice(FORMATS), default="auto", show_default=True)
+@click.option("--mode", type=click.Choice(["real", "protected", "long"]), help="CPU mode of a flat binary [default: real].")
+@click.option("--load-addr", type=_Address(), help="Where a flat binary loads [default: 0x7c00 in real mode, else 0x100000].")
+@click.option("--entry", type=_Address(), help="Entry point of a flat binary [default: its load address].")
+@click.option("--user-mode", is_flag=True, help="Enter long-mode code at CPL3.")
+@click.option("--serial", default="stdio", show_default=True, help="Serial output: stdio, none or a file path.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop the guest after this many seconds (status 124).")
+@click.option("--stats", is_flag=True, help="Print exit counts and where the time went, on stderr.")
+@click.pass_obj
+def run(device: str, guest: Path, memory: str, cmdline: str, modules: tuple[Path, ...], image_format: str, mode: str | None,
+        load_addr: int | None, entry: int | None, user_mode: bool, serial: str, timeout: float | None, stats: bool) -> None:  # fmt: skip
+    """Boot GUEST (flat binary, ELF or multiboot kernel); exit with the guest's status.
+
+    \b
+    Status: 0 halted/reset; (v << 1) | 1 after the guest wrote v to port 0xf4;
+    2 pykvm error; 112 unhandled exit; 114 triple fault; 116 emulation failure;
+    118 entry failure; 124 timeout; 130 interrupted.
+    """
+    forwarder = None
+    try:
+        with Machine(MachineConfig(memory=memory, serial=serial, kvm_path=device)) as vm:
+            vm.load(guest, format=image_format, cmdline=cmdline, modules=modules, mode=mode,
+                    load_addr=load_addr, entry=entry, user=user_mode)  # fmt: skip
+            if serial == "stdio":
+                forwarder = StdinForwarder(vm.serial.receive)
+                forwarder.start()
+            result = vm.run(timeout=timeout)
+    except PykvmError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        click.echo("pykvm: interrupted", err=True)
+        sys.exit(INTERRUPTED_STATUS)
+    finally:
+        if forwarder is not None:
+            forwarder.stop()
+    _report(result, stats)
+    sys.exit(result.status)
+
+
+def _report(result: RunResult, stats: bool) -> None:
+    if result.reason not in _QUIET_ENDINGS:
+        click.echo(f"pykvm: {result.reason.value}: {result.diagnosis}", err=True)
+    else:
+        logging.getLogger("pykvm").info("%s: %s", result.reason.value, result.diagnosis)
+    if stats:
+        click.echo(result.stats.format(), err=True)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def info(device: str, as_json: bool) -> None:
+    """Tell what this host's KVM can do."""
+    try:
+        data = host_info(device)
+    except PykvmError as err:
+        _fail(err)
+    click.echo(json.dumps(data, indent=2) if as_json else format_info(data))

@@ -1,0 +1,64 @@
+"""The typed configuration a :class:`~pykvm.machine.Machine` is built from."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import psutil
+
+from .errors import ConfigError
+from .kvm.system import DEFAULT_PATH
+from .x86.layout import MIB, PAGE_SIZE
+
+MIN_MEMORY = 2 * MIB
+_UNITS = {"": MIB, "k": 1 << 10, "m": MIB, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from ``"64M"``, ``"1G"``, ``"512KiB"``...; a bare number string is MiB (as QEMU's -m), an int is bytes."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        raise ConfigError(f"cannot read {value!r} as a size: write it like 64M, 512K or 2G")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def check_memory_size(size: int) -> None:
+    """Reject a RAM size that is too small, unaligned, or larger than this host's RAM."""
+    if size < MIN_MEMORY:
+        raise ConfigError(f"guest memory of {size} bytes is too small: give at least 2M")
+    if size % PAGE_SIZE:
+        raise ConfigError(f"guest memory of {size} bytes is not a multiple of 4 KiB")
+    host = psutil.virtual_memory().total
+    if size > host:
+        raise ConfigError(
+            f"guest memory of {size / MIB:.0f} MiB is more than this host's {host / MIB:.0f} MiB of RAM; "
+            "ask for less with -m"
+        )
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """What a machine is made of.
+
+    ``memory`` is RAM in bytes (or a size string, see :func:`parse_size`).
+    ``serial`` is where the UART's output goes: ``"stdio"``, ``"none"`` or a file path;
+    ``capture_serial`` also keeps it in the run's result.
+    """
+
+    memory: int | str = 64 * MIB
+    serial: str = "none"
+    capture_serial: bool = False
+    kvm_path: str = DEFAULT_PATH
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_size(self.memory)
+
+    def validate(self) -> None:
+        check_memory_size(self.memory_bytes)
+        if not self.serial:
+            raise ConfigError("serial must be 'stdio', 'none' or a file path")

@@ -1,0 +1,1 @@
+"""Device models and the buses that route guest accesses to them."""

@@ -1,0 +1,84 @@
+"""What this host's KVM can do: API version, the backend module, capabilities, limits."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from .kvm import Kvm
+from .native import lib
+
+# Module that serves /dev/kvm -> what kind of virtualization it is.
+BACKENDS = {
+    "kvm_intel": "hardware (Intel VT-x)",
+    "kvm_amd": "hardware (AMD-V)",
+    "kvm_pvm": "software (PVM, pagetable-based nested virtualization)",
+}
+CAPABILITIES = (
+    "IRQCHIP", "HLT", "USER_MEMORY", "SET_TSS_ADDR", "EXT_CPUID", "PIT2", "IOEVENTFD", "IRQFD",
+    "SYNC_REGS", "IMMEDIATE_EXIT", "READONLY_MEM", "MP_STATE", "XSAVE", "X86_USER_SPACE_MSR",
+    "DIRTY_LOG_RING", "SPLIT_IRQCHIP", "TSC_CONTROL", "X2APIC_API",
+)  # fmt: skip
+
+
+def kvm_backend(sys_module: Path = Path("/sys/module")) -> str | None:
+    """The loaded kernel module that provides /dev/kvm, if one of the known ones is loaded."""
+    for module in BACKENDS:
+        if (sys_module / module).exists():
+            return module
+    return None
+
+
+def is_hardware_backend() -> bool:
+    """True where guest kernel code runs on VT-x/AMD-V rather than in a software emulator."""
+    return kvm_backend() in ("kvm_intel", "kvm_amd")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def host_info(kvm_path: str = "/dev/kvm") -> dict[str, Any]:
+    """Everything ``pykvm info`` reports, as plain data."""
+    with Kvm(kvm_path) as kvm:
+        backend = kvm_backend()
+        return {
+            "device": kvm_path,
+            "api_version": kvm.api_version(),
+            "backend": backend,
+            "backend_kind": BACKENDS.get(backend or "", "unknown"),
+            "host_kernel": platform.release(),
+            "cpu_model": _cpu_model(),
+            "host_cpus": os.cpu_count(),
+            "limits": {
+                "recommended_vcpus": kvm.check_extension(lib.KVM_CAP_NR_VCPUS),
+                "max_vcpus": kvm.check_extension(lib.KVM_CAP_MAX_VCPUS),
+                "memory_slots": kvm.check_extension(lib.KVM_CAP_NR_MEMSLOTS),
+                "vcpu_mmap_size": kvm.vcpu_mmap_size(),
+                "supported_cpuid_leaves": len(kvm.supported_cpuid()),
+                "saved_msrs": len(kvm.msr_index_list()),
+            },
+            "capabilities": {name.lower(): kvm.check_extension(getattr(lib, f"KVM_CAP_{name}")) for name in CAPABILITIES},
+        }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """``host_info()`` for humans."""
+    lines = [
+        f"device:       {info['device']} (KVM API {info['api_version']})",
+        f"backend:      {info['backend'] or 'unknown'}: {info['backend_kind']}",
+        f"host:         {info['cpu_model']}, {info['host_cpus']} CPUs, Linux {info['host_kernel']}",
+        "limits:",
+        *(f"  {name:<24} {value}" for name, value in info["limits"].items()),
+        "capabilities:",
+        *(f"  {name:<24} {'yes' if value else 'no'}{f' ({value})' if value > 1 else ''}" for name, value in info["capabilities"].items()),
+    ]
+    return "\n".join(lines)

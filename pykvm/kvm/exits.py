@@ -1,0 +1,92 @@
+"""Decoded vCPU exits: one small record per kind of ``KVM_EXIT_*`` pykvm handles.
+
+The records of port-I/O and MMIO reads carry a writable view into ``kvm_run``:
+the answer is written there before the vCPU runs again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class IoExit:
+    """``KVM_EXIT_IO``: ``count`` accesses of ``size`` bytes to ``port``, packed in ``data``."""
+
+    port: int
+    size: int
+    count: int
+    is_write: bool
+    data: memoryview
+
+
+@dataclass(frozen=True)
+class MmioExit:
+    """``KVM_EXIT_MMIO``: one access of ``size`` bytes at guest-physical ``addr``."""
+
+    addr: int
+    size: int
+    is_write: bool
+    data: memoryview
+
+
+@dataclass(frozen=True)
+class HltExit:
+    """``KVM_EXIT_HLT``: the guest executed HLT (only without an in-kernel irqchip)."""
+
+    interrupts_enabled: bool
+
+
+@dataclass(frozen=True)
+class ShutdownExit:
+    """``KVM_EXIT_SHUTDOWN``: a triple fault (or another shutdown condition)."""
+
+
+@dataclass(frozen=True)
+class InternalErrorExit:
+    """``KVM_EXIT_INTERNAL_ERROR``: KVM could not emulate an instruction (or another internal error)."""
+
+    suberror: int
+    data: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FailEntryExit:
+    """``KVM_EXIT_FAIL_ENTRY``: the hardware refused to enter the guest."""
+
+    reason: int
+    cpu: int
+
+
+@dataclass(frozen=True)
+class SystemEventExit:
+    """``KVM_EXIT_SYSTEM_EVENT``: the guest asked for shutdown, reset or reported a crash."""
+
+    type: int
+    data: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DebugPortExit:
+    """A debug-exit port was written; answered by the C fast path."""
+
+    value: int
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """KVM_RUN returned early because of a signal or ``immediate_exit``."""
+
+
+@dataclass(frozen=True)
+class OtherExit:
+    """Any other exit reason, reported as is (KVM_EXIT_UNKNOWN carries the hardware reason)."""
+
+    reason: int
+    hardware_reason: int = 0
+
+
+Exit = (
+    IoExit | MmioExit | HltExit | ShutdownExit | InternalErrorExit | FailEntryExit
+    | SystemEventExit | DebugPortExit | Interrupted | OtherExit
+)  # fmt: skip

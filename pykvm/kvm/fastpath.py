@@ -1,0 +1,93 @@
+"""The table of exits the C run loop answers without returning to Python.
+
+One table is shared by every vCPU of a machine.  Each entry covers a port or MMIO
+range and is one of three kinds: a constant (reads give ``value``, writes are
+ignored), a debug-exit port (a write stops the run with the written value) or a
+serial transmit register (1-byte writes are copied to up to two file
+descriptors).  Device models switch their entry off while their state makes the
+simple answer wrong (e.g. the UART's divisor latch is selected).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Sequence
+
+from ..errors import PykvmError
+from ..native import ffi, lib
+
+
+class FastKind(enum.IntEnum):
+    CONSTANT = lib.PYKVM_FAST_CONSTANT
+    DEBUG_EXIT = lib.PYKVM_FAST_DEBUG_EXIT
+    SERIAL_TX = lib.PYKVM_FAST_SERIAL_TX
+
+
+class Space(enum.IntEnum):
+    PIO = lib.PYKVM_SPACE_PIO
+    MMIO = lib.PYKVM_SPACE_MMIO
+
+
+class FastHandler:
+    """One entry of a :class:`FastTable`."""
+
+    def __init__(self, entry: object) -> None:
+        self._entry = entry
+
+    @property
+    def kind(self) -> FastKind:
+        return FastKind(self._entry.kind)
+
+    @property
+    def space(self) -> Space:
+        return Space(self._entry.space)
+
+    @property
+    def base(self) -> int:
+        return int(self._entry.base)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._entry.enabled)
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._entry.enabled = int(value)
+
+    @property
+    def reads(self) -> int:
+        return int(self._entry.reads)
+
+    @property
+    def writes(self) -> int:
+        return int(self._entry.writes)
+
+
+class FastTable:
+    """Up to ``PYKVM_FAST_MAX`` fast handlers, in C memory the run loop reads."""
+
+    def __init__(self) -> None:
+        self.cdata = ffi.new("struct pykvm_fast_table *")
+        self.handlers: list[FastHandler] = []
+
+    def add(
+        self, kind: FastKind, space: Space, base: int, length: int, value: int = 0, fds: Sequence[int] = ()
+    ) -> FastHandler:
+        """Add an enabled entry covering ``[base, base+length)``."""
+        if len(self.handlers) >= lib.PYKVM_FAST_MAX:
+            raise PykvmError(f"no room for another fast handler (at most {lib.PYKVM_FAST_MAX})")
+        if len(fds) > 2:
+            raise PykvmError("a serial fast handler writes to at most two file descriptors")
+        entry = self.cdata.handlers[len(self.handlers)]
+        entry.kind, entry.space, entry.base, entry.length, entry.value = kind, space, base, length, value
+        entry.fds[0], entry.fds[1] = (list(fds) + [-1, -1])[:2]
+        entry.enabled = 1
+        handler = FastHandler(entry)
+        self.handlers.append(handler)
+        self.cdata.count = len(self.handlers)
+        return handler
+
+    @property
+    def serial_errno(self) -> int:
+        """The errno of the last failed serial write (0 if none); that fd is no longer written."""
+        return int(self.cdata.serial_errno)

@@ -1,0 +1,64 @@
+"""KVM ioctl request numbers, computed with ioctl-opt from the struct sizes cffi reports.
+
+Each request is an :class:`Ioctl`, which carries its name so that a failure can say
+which ioctl failed.  ``tests/test_kvm_ioctls.py`` checks every number against
+``<linux/kvm.h>``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ioctl_opt import IOC, IOC_NONE, IOC_READ, IOC_WRITE
+
+from ..native import ffi
+
+KVMIO = 0xAE
+
+
+class Ioctl(NamedTuple):
+    name: str
+    number: int
+
+
+def _io(name: str, nr: int) -> Ioctl:
+    return Ioctl(name, IOC(IOC_NONE, KVMIO, nr, 0))
+
+
+def _ior(name: str, nr: int, ctype: str) -> Ioctl:
+    return Ioctl(name, IOC(IOC_READ, KVMIO, nr, ffi.sizeof(ctype)))
+
+
+def _iow(name: str, nr: int, ctype: str) -> Ioctl:
+    return Ioctl(name, IOC(IOC_WRITE, KVMIO, nr, ffi.sizeof(ctype)))
+
+
+def _iowr(name: str, nr: int, ctype: str) -> Ioctl:
+    return Ioctl(name, IOC(IOC_READ | IOC_WRITE, KVMIO, nr, ffi.sizeof(ctype)))
+
+
+# system ioctls
+KVM_GET_API_VERSION = _io("KVM_GET_API_VERSION", 0x00)
+KVM_CREATE_VM = _io("KVM_CREATE_VM", 0x01)
+KVM_GET_MSR_INDEX_LIST = _iowr("KVM_GET_MSR_INDEX_LIST", 0x02, "struct kvm_msr_list")
+KVM_CHECK_EXTENSION = _io("KVM_CHECK_EXTENSION", 0x03)
+KVM_GET_VCPU_MMAP_SIZE = _io("KVM_GET_VCPU_MMAP_SIZE", 0x04)
+KVM_GET_SUPPORTED_CPUID = _iowr("KVM_GET_SUPPORTED_CPUID", 0x05, "struct kvm_cpuid2")
+# VM ioctls
+KVM_CREATE_VCPU = _io("KVM_CREATE_VCPU", 0x41)
+KVM_SET_USER_MEMORY_REGION = _iow("KVM_SET_USER_MEMORY_REGION", 0x46, "struct kvm_userspace_memory_region")
+KVM_SET_TSS_ADDR = _io("KVM_SET_TSS_ADDR", 0x47)
+KVM_SET_IDENTITY_MAP_ADDR = _iow("KVM_SET_IDENTITY_MAP_ADDR", 0x48, "__u64")
+KVM_IOEVENTFD = _iow("KVM_IOEVENTFD", 0x79, "struct kvm_ioeventfd")
+KVM_ENABLE_CAP = _iow("KVM_ENABLE_CAP", 0xA3, "struct kvm_enable_cap")
+# vCPU ioctls
+KVM_RUN = _io("KVM_RUN", 0x80)
+KVM_GET_REGS = _ior("KVM_GET_REGS", 0x81, "struct kvm_regs")
+KVM_SET_REGS = _iow("KVM_SET_REGS", 0x82, "struct kvm_regs")
+KVM_GET_SREGS = _ior("KVM_GET_SREGS", 0x83, "struct kvm_sregs")
+KVM_SET_SREGS = _iow("KVM_SET_SREGS", 0x84, "struct kvm_sregs")
+KVM_GET_MSRS = _iowr("KVM_GET_MSRS", 0x88, "struct kvm_msrs")
+KVM_SET_MSRS = _iow("KVM_SET_MSRS", 0x89, "struct kvm_msrs")
+KVM_SET_CPUID2 = _iow("KVM_SET_CPUID2", 0x90, "struct kvm_cpuid2")
+
+ALL = tuple(value for value in dict(globals()).values() if isinstance(value, Ioctl))

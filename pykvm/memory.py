@@ -1,0 +1,149 @@
+"""Guest physical memory: anonymous host mappings registered as KVM memory slots.
+
+Each region is an anonymous, private mapping made with ``MAP_NORESERVE`` (so guest
+RAM costs nothing until the guest touches it), aligned to 2 MiB inside a slightly
+larger mapping and advised for transparent huge pages.  Every access by
+guest-physical address goes through :meth:`GuestMemory.locate`, the one bounds
+check; an access that is not wholly inside one region raises
+:class:`~pykvm.errors.GuestMemoryError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+from .errors import ConfigError, GuestMemoryError
+from .native import ffi, lib
+from .x86.layout import HUGE_PAGE_SIZE, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from .kvm import Vm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MemoryRegion:
+    """One contiguous range of guest RAM and its host mapping."""
+
+    gpa: int
+    size: int
+    host_addr: int
+    view: memoryview
+    mapping: mmap.mmap
+    mapping_offset: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+def _map_region(gpa: int, size: int) -> MemoryRegion:
+    mapping = mmap.mmap(
+        -1,
+        size + HUGE_PAGE_SIZE,
+        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | lib.MAP_NORESERVE,
+        prot=mmap.PROT_READ | mmap.PROT_WRITE,
+    )
+    pointer = ffi.from_buffer(mapping)
+    base = int(ffi.cast("uintptr_t", pointer))
+    ffi.release(pointer)
+    offset = -base % HUGE_PAGE_SIZE
+    mapping.madvise(mmap.MADV_HUGEPAGE, offset, size)
+    return MemoryRegion(gpa, size, base + offset, memoryview(mapping)[offset : offset + size], mapping, offset)
+
+
+class GuestMemory:
+    """The guest's RAM: sorted, non-overlapping regions of page-aligned size.
+
+    >>> with GuestMemory([(0, 1 << 20)]) as mem:
+    ...     mem.write(0x1000, b"hi")
+    ...     mem.read(0x1000, 2)
+    b'hi'
+    """
+
+    def __init__(self, ranges: Iterable[tuple[int, int]]) -> None:
+        ranges = list(ranges)
+        _validate(ranges)
+        self.regions: list[MemoryRegion] = []
+        try:
+            for gpa, size in ranges:
+                self.regions.append(_map_region(gpa, size))
+        except OSError as err:
+            self.close()
+            total = sum(size for _, size in ranges)
+            raise ConfigError(f"cannot reserve {total} bytes of guest memory: {err.strerror}") from err
+
+    @property
+    def size(self) -> int:
+        """Total bytes of guest RAM."""
+        return sum(region.size for region in self.regions)
+
+    def register(self, vm: Vm, first_slot: int = 0) -> None:
+        """Map every region into ``vm`` as a KVM memory slot."""
+        for slot, region in enumerate(self.regions, first_slot):
+            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+
+    def locate(self, gpa: int, length: int) -> tuple[MemoryRegion, int]:
+        """The region wholly holding ``[gpa, gpa+length)`` and the offset into it."""
+        if gpa >= 0 and length >= 0:
+            for region in self.regions:
+                if region.gpa <= gpa and gpa + length <= region.end:
+                    return region, gpa - region.gpa
+        raise GuestMemoryError(gpa, length)
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy, writable view of ``[gpa, gpa+length)``."""
+        region, offset = self.locate(gpa, length)
+        return region.view[offset : offset + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """A copy of ``length`` bytes at ``gpa``."""
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Copy ``data`` to ``gpa``."""
+        self.view(gpa, len(data))[:] = data
+
+    def host_address(self, gpa: int, length: int = 1) -> int:
+        """The host virtual address of ``gpa`` (for C code and syscalls)."""
+        region, offset = self.locate(gpa, length)
+        return region.host_addr + offset
+
+    def discard(self, gpa: int, length: int) -> None:
+        """Give whole pages back to the host (MADV_DONTNEED); the guest then reads zeros there."""
+        if gpa % PAGE_SIZE or length % PAGE_SIZE:
+            raise GuestMemoryError(gpa, length, "not page aligned")
+        region, offset = self.locate(gpa, length)
+        region.mapping.madvise(mmap.MADV_DONTNEED, region.mapping_offset + offset, length)
+
+    def close(self) -> None:
+        """Unmap guest RAM (views still held elsewhere keep their mapping alive)."""
+        for region in self.regions:
+            region.view.release()
+            try:
+                region.mapping.close()
+            except BufferError:
+                log.debug("guest memory at %#x is still viewed; unmapped when the views go", region.gpa)
+        self.regions = []
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _validate(ranges: list[tuple[int, int]]) -> None:
+    if not ranges:
+        raise ConfigError("guest memory needs at least one region")
+    previous_end = 0
+    for gpa, size in ranges:
+        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+            raise ConfigError(f"guest memory region at {gpa:#x} of {size:#x} bytes is not page aligned")
+        if gpa < previous_end:
+            raise ConfigError(f"guest memory region at {gpa:#x} overlaps or is out of order")
+        previous_end = gpa + size

@@ -1,0 +1,99 @@
+"""How a run ended: the reason, the process status it maps to, and what was measured."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .devices.debug_exit import exit_status
+from .kvm.state import Regs, SRegs
+
+
+class ExitReason(str, enum.Enum):
+    """Why the guest stopped.  :data:`STATUS` maps each to the process status pykvm exits with."""
+
+    HALTED = "halted"  # HLT with nothing left to wake the vCPU
+    POWEROFF = "poweroff"  # the guest asked KVM for a shutdown system event
+    RESET = "reset"  # i8042 reset or a KVM reset system event
+    DEBUG_EXIT = "debug-exit"  # a write to the debug-exit port: status (v << 1) | 1
+    SHUTDOWN = "triple-fault"  # KVM_EXIT_SHUTDOWN
+    INTERNAL_ERROR = "emulation-failure"  # KVM_EXIT_INTERNAL_ERROR
+    FAIL_ENTRY = "entry-failure"  # KVM_EXIT_FAIL_ENTRY
+    UNHANDLED = "unhandled-exit"  # an exit reason pykvm does not handle
+    TIMEOUT = "timeout"  # run(timeout=...) expired
+
+
+# Process statuses.  Debug-exit statuses are always odd, so every other status is even.
+STATUS = {
+    ExitReason.HALTED: 0,
+    ExitReason.POWEROFF: 0,
+    ExitReason.RESET: 0,
+    ExitReason.UNHANDLED: 112,
+    ExitReason.SHUTDOWN: 114,
+    ExitReason.INTERNAL_ERROR: 116,
+    ExitReason.FAIL_ENTRY: 118,
+    ExitReason.TIMEOUT: 124,
+}
+ERROR_STATUS = 2  # pykvm could not start the guest: bad image, options, no /dev/kvm
+INTERRUPTED_STATUS = 130  # the user pressed Ctrl-C (128 + SIGINT)
+
+
+def status_of(reason: ExitReason, exit_value: int | None = None) -> int:
+    """The process status of a run that ended for ``reason``."""
+    if reason is ExitReason.DEBUG_EXIT:
+        return exit_status(exit_value or 0)
+    return STATUS[reason]
+
+
+@dataclass
+class RunStats:
+    """Exits by reason and by address, and where the time went."""
+
+    exits_by_reason: dict[str, int] = field(default_factory=dict)
+    exits_by_address: dict[str, int] = field(default_factory=dict)
+    wall_ns: int = 0
+    guest_ns: int = 0
+    fast_handler_ns: int = 0
+    python_handler_ns: int = 0
+
+    def format(self) -> str:
+        """A short table for humans (``pykvm run --stats``)."""
+        total = sum(self.exits_by_reason.values())
+        lines = [
+            f"exits: {total} in {self.wall_ns / 1e9:.3f} s wall; in guest {self.guest_ns / 1e9:.3f} s, "
+            f"in C handlers {self.fast_handler_ns / 1e9:.3f} s, in Python handlers {self.python_handler_ns / 1e9:.3f} s"
+        ]
+        lines += [f"  {name:<20} {count:>10}" for name, count in sorted(self.exits_by_reason.items())]
+        if self.exits_by_address:
+            lines.append("by port / address:")
+            lines += [f"  {name:<20} {count:>10}" for name, count in sorted(self.exits_by_address.items())]
+        return "\n".join(lines)
+
+
+@dataclass
+class RunResult:
+    """The outcome of :meth:`Machine.run`."""
+
+    reason: ExitReason
+    status: int
+    diagnosis: str
+    exit_value: int | None = None
+    serial: bytes | None = None
+    regs: Regs | None = None
+    sregs: SRegs | None = None
+    stats: RunStats = field(default_factory=RunStats)
+
+
+def format_registers(regs: Regs, sregs: SRegs) -> str:
+    """A register dump, as a few lines of ``name=value``."""
+    names = list(vars(regs))
+    rows = [
+        "  " + " ".join(f"{name}={getattr(regs, name):016x}" for name in names[i : i + 4])
+        for i in range(0, len(names), 4)
+    ]
+    rows.append(
+        f"  cs={sregs.cs.selector:04x} (base {sregs.cs.base:#x}, dpl {sregs.cs.dpl}, l {sregs.cs.l}) "
+        f"ss={sregs.ss.selector:04x} cr0={sregs.cr0:08x} cr2={sregs.cr2:x} cr3={sregs.cr3:x} "
+        f"cr4={sregs.cr4:x} efer={sregs.efer:x}"
+    )
+    return "\n".join(rows)

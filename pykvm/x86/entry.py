@@ -1,0 +1,46 @@
+"""The state a guest starts in: its memory writes and its first vCPU state.
+
+Loaders (``pykvm.boot``) produce these; :mod:`pykvm.x86.cpu` turns them into registers.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+class CpuMode(str, enum.Enum):
+    """The processor mode a guest is entered in."""
+
+    REAL = "real"
+    PROTECTED = "protected"
+    LONG = "long"
+
+
+@dataclass(frozen=True)
+class MemoryWrite:
+    """Bytes to place at a guest-physical address before the guest starts."""
+
+    gpa: int
+    data: bytes
+
+    @property
+    def end(self) -> int:
+        return self.gpa + len(self.data)
+
+
+@dataclass(frozen=True)
+class EntryState:
+    """The vCPU state at the first instruction.
+
+    ``entry`` is the instruction pointer as a linear address (identity mapped in
+    long mode; in real mode a physical address below 1 MiB).  ``user`` enters
+    long-mode code at CPL3.  ``regs`` sets general registers by their 64-bit
+    name (``"rax"``, ``"rbx"``, ``"rsi"``...); the rest start at zero.
+    """
+
+    mode: CpuMode
+    entry: int
+    user: bool = False
+    regs: Mapping[str, int] = field(default_factory=dict)

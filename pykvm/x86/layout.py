@@ -1,0 +1,56 @@
+"""Fixed guest-physical addresses of the x86 machine pykvm builds.
+
+Every address the VMM places something at lives here, with what it is for.
+Low memory (below 1 MiB) holds the VMM's boot structures; kernels load at
+``HIMEM_START``; the MMIO hole below 4 GiB is never RAM.
+"""
+
+KIB = 1 << 10
+MIB = 1 << 20
+GIB = 1 << 30
+PAGE_SIZE = 4 * KIB
+HUGE_PAGE_SIZE = 2 * MIB
+
+# Global descriptor table written by the VMM for protected and long mode entry.
+BOOT_GDT_START = 0x500
+# Identity-mapping page tables for long mode: PML4, one PDPT, four page directories
+# of 2 MiB pages, covering the low 4 GiB (RAM and the MMIO hole).
+PML4_START = 0x1000
+PDPT_START = 0x2000
+PD_START = 0x3000
+PD_COUNT = 4
+IDENTITY_MAP_END = 4 * GIB
+# Linux boot_params ("zero page").
+ZERO_PAGE_START = 0x7000
+# Real mode: where a flat binary loads by default (where a BIOS puts a boot sector).
+REAL_MODE_LOAD_ADDR = 0x7C00
+# Stack pointer the VMM sets at entry (grows down towards the zero page).
+BOOT_STACK_POINTER = 0x8FF0
+# Multiboot information structure and what it points at (memory map, names).
+MULTIBOOT_INFO_START = 0x9000
+MULTIBOOT_INFO_END = 0xA000
+# The TSS the VMM's GDT points at: RSP0 for interrupts taken at CPL3, and an I/O
+# permission bitmap allowing every port (8 KiB + the terminating byte).
+BOOT_TSS_START = 0xA000
+BOOT_TSS_END = 0xC100
+# Everything above, from the GDT to the TSS: images must not load over it.
+BOOT_AREA_START = BOOT_GDT_START
+BOOT_AREA_END = BOOT_TSS_END
+# End of conventional memory (640 KiB): the EBDA, VGA memory and BIOS area follow.
+EBDA_START = 0x9FC00
+LOW_MEMORY_END = 0xA0000
+# The BIOS area, reserved in the memory map (ACPI tables live here).
+BIOS_AREA_START = 0xE0000
+BIOS_AREA_END = 0x100000
+# Kernel command line.
+CMDLINE_START = 0x20000
+CMDLINE_MAX_SIZE = 0x10000
+# Where kernels (multiboot, ELF, bzImage) and protected/long mode flat binaries load.
+HIMEM_START = 0x100000
+# The MMIO hole below 4 GiB: never RAM; devices and the LAPIC/IOAPIC live here.
+MMIO_HOLE_START = 0xC000_0000
+MMIO_HOLE_END = 0x1_0000_0000
+# Three pages Intel hosts need for real-mode emulation (KVM_SET_TSS_ADDR) and one for the
+# identity map of unpaged guests (KVM_SET_IDENTITY_MAP_ADDR): inside the MMIO hole, never RAM.
+KVM_IDENTITY_MAP_ADDR = 0xFFFB_C000
+KVM_TSS_ADDR = 0xFFFB_D000

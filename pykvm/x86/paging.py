@@ -1,0 +1,32 @@
+"""Identity-mapping page tables for long-mode entry (pure encoders).
+
+One PML4 entry, one PDPT with four entries, four page directories of 2 MiB pages:
+the low 4 GiB (RAM and the MMIO hole) mapped virtual == physical.  Every level is
+user-accessible so guest code entered at CPL3 can run on the same tables.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from . import layout
+
+PRESENT = 1 << 0
+WRITABLE = 1 << 1
+USER = 1 << 2
+PAGE_SIZE_BIT = 1 << 7  # in a page directory entry: maps a 2 MiB page
+_TABLE = PRESENT | WRITABLE | USER
+_ENTRIES = 512
+
+
+def identity_page_tables() -> list[tuple[int, bytes]]:
+    """(gpa, bytes) of every table, ready to be written into guest memory."""
+    pml4 = struct.pack("<Q", layout.PDPT_START | _TABLE).ljust(layout.PAGE_SIZE, b"\0")
+    directories = [layout.PD_START + i * layout.PAGE_SIZE for i in range(layout.PD_COUNT)]
+    pdpt = struct.pack(f"<{len(directories)}Q", *(pd | _TABLE for pd in directories)).ljust(layout.PAGE_SIZE, b"\0")
+    tables = [(layout.PML4_START, pml4), (layout.PDPT_START, pdpt)]
+    for index, pd in enumerate(directories):
+        first = index * _ENTRIES * layout.HUGE_PAGE_SIZE
+        pages = (first + i * layout.HUGE_PAGE_SIZE | _TABLE | PAGE_SIZE_BIT for i in range(_ENTRIES))
+        tables.append((pd, struct.pack(f"<{_ENTRIES}Q", *pages)))
+    return tables

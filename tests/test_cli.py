@@ -1,0 +1,155 @@
+"""The pykvm command: guest output and status, --stats, info, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import guest
+
+pytestmark = pytest.mark.kvm
+
+
+def pykvm(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None, user_cmd: list[str] | None = None) -> subprocess.CompletedProcess:
+    command = (user_cmd or []) + [sys.executable, "-m", "pykvm", *args]
+    return subprocess.run(command, input=stdin, capture_output=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(process: subprocess.CompletedProcess, *fragments: str) -> None:
+    stderr = process.stderr.decode()
+    assert process.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pykvm: error: "), stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_run_prints_the_guest_serial_output_and_exits_with_its_status() -> None:
+    process = pykvm("run", str(guest("hello_real.bin")))
+    assert process.stdout == b"Hello from real mode\n"
+    assert process.returncode == 1 and process.stderr == b""
+
+
+def test_run_exit_status_of_debug_exit_value_42() -> None:
+    assert pykvm("run", str(guest("exit_code.bin"))).returncode == 85
+
+
+def test_run_multiboot_with_cmdline_and_module(tmp_path: Path) -> None:
+    module = tmp_path / "initrd.img"
+    module.write_bytes(b"x" * 100)
+    process = pykvm("run", str(guest("multiboot.elf")), "-m", "32M", "--cmdline", "a b c", "--module", str(module))
+    out = process.stdout.decode()
+    assert "cmdline: a b c\n" in out and f"mem_upper: {31 * 1024} KiB" in out and f"module 0: {module} 100 bytes" in out
+
+
+def test_run_flat_options_mode_load_address_and_entry(tmp_path: Path) -> None:
+    copy = tmp_path / "hello.raw"
+    shutil.copy(guest("hello_long.bin"), copy)
+    process = pykvm("run", str(copy), "--format", "flat", "--mode", "long", "--load-addr", "0x100000", "--entry", "0x100000")
+    assert process.stdout == b"Hello from long mode\n" and process.returncode == 1
+
+
+def test_run_user_mode_enters_at_cpl3() -> None:
+    process = pykvm("run", str(guest("hello_long.bin")), "--mode", "long", "--user-mode")
+    assert process.stdout == b"Hello from long mode\n" and process.returncode == 1
+
+
+def test_serial_to_a_file_and_to_nothing(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    process = pykvm("run", str(guest("hello_protected.elf")), "--serial", str(log))
+    assert process.stdout == b"" and log.read_bytes() == b"Hello from protected mode\n"
+    assert pykvm("run", str(guest("hello_protected.elf")), "--serial", "none").stdout == b""
+
+
+def test_serial_input_comes_from_stdin() -> None:
+    process = pykvm("run", str(guest("uart_echo.bin")), stdin=b"abc\x04")
+    assert process.stdout == b"echo ready\nabc\necho done 3\n" and process.returncode == 7
+
+
+def test_stats_show_exits_by_reason_and_port() -> None:
+    process = pykvm("run", str(guest("hello_real.bin")), "--stats")
+    stderr = process.stderr.decode()
+    assert stderr.startswith("exits: ") and "in guest" in stderr and "in Python handlers" in stderr
+    assert "pio 0x03f8 write (C)" in stderr and "pio 0x03fd read" in stderr
+
+
+def test_a_triple_fault_is_reported_with_registers_and_its_status() -> None:
+    process = pykvm("run", str(guest("triple_fault.bin")), "--mode", "long")
+    assert process.returncode == 114
+    assert process.stderr.decode().startswith("pykvm: triple-fault: ") and b"rip=" in process.stderr
+
+
+def test_timeout_stops_a_guest_that_never_exits(tmp_path: Path) -> None:
+    spin = tmp_path / "spin.bin"
+    spin.write_bytes(b"\xeb\xfe")  # jmp $
+    process = pykvm("run", str(spin), "--timeout", "1")
+    assert process.returncode == 124 and b"timeout" in process.stderr
+
+
+def test_info_reports_api_backend_and_capabilities() -> None:
+    process = pykvm("info", "--json")
+    data = json.loads(process.stdout)
+    assert data["api_version"] == 12 and data["backend"] in ("kvm_intel", "kvm_amd", "kvm_pvm")
+    assert data["capabilities"]["user_memory"] == 1 and data["limits"]["max_vcpus"] >= 1
+    text = pykvm("info").stdout.decode()
+    assert "backend:" in text and data["backend"] in text
+
+
+def test_missing_file() -> None:
+    assert_one_line_error(pykvm("run", "/nonexistent/kernel.bin"), "/nonexistent/kernel.bin", "no such file")
+
+
+def test_not_a_kernel(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("just some notes\n")
+    assert_one_line_error(pykvm("run", str(text)), "cannot tell what kind of image", "--format flat")
+    assert_one_line_error(pykvm("run", "/bin/true"), "dynamically linked program, not a kernel")
+
+
+def test_truncated_elf(tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated.elf"
+    truncated.write_bytes(guest("hello_long.elf").read_bytes()[:100])
+    assert_one_line_error(pykvm("run", str(truncated)), str(truncated), "ELF")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.bin"
+    empty.touch()
+    assert_one_line_error(pykvm("run", str(empty)), "empty")
+
+
+def test_more_memory_than_the_host_has() -> None:
+    assert_one_line_error(pykvm("run", "-m", "100T", str(guest("hello_real.bin"))), "more than this host", "-m")
+
+
+def test_unreadable_memory_size() -> None:
+    assert_one_line_error(pykvm("run", "-m", "lots", str(guest("hello_real.bin"))), "64M")
+
+
+def test_user_mode_needs_long_mode() -> None:
+    assert_one_line_error(pykvm("run", "--user-mode", str(guest("hello_real.bin"))), "CPL3", "long-mode")
+
+
+def test_no_kvm_device(tmp_path: Path) -> None:
+    missing = str(tmp_path / "kvm")
+    assert_one_line_error(pykvm("--device", missing, "run", str(guest("hello_real.bin"))), missing, "does not exist")
+    assert_one_line_error(pykvm("info", env={"PYKVM_DEVICE": missing}), "does not exist")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root (mknod) and setpriv (to drop capabilities)"
+)
+def test_no_permission_to_open_the_kvm_device(tmp_path: Path) -> None:
+    device = tmp_path / "kvm"
+    os.mknod(device, stat.S_IFCHR, os.stat("/dev/kvm").st_rdev)  # the real device, mode 000
+    without_capabilities = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+    process = pykvm("--device", str(device), "info", user_cmd=without_capabilities)
+    assert_one_line_error(process, "permission denied", "group that owns it")

@@ -1,0 +1,114 @@
+"""The library API: lifecycle, watchdog, several machines, and hostile or mistaken input."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from conftest import guest
+from pykvm import Machine, MachineConfig
+from pykvm.errors import ConfigError, ImageError, PykvmError
+from pykvm.kvm.exits import FailEntryExit, OtherExit
+from pykvm.result import ExitReason
+
+pytestmark = pytest.mark.kvm
+
+SPIN = b"\xeb\xfe"  # jmp $
+VMCALL_THEN_SPIN = b"\x0f\x01\xc1\xeb\xfe"  # vmcall hangs this backend's vCPU; hardware returns
+
+
+def spin_image(tmp_path, code: bytes = SPIN):
+    path = tmp_path / "spin.bin"
+    path.write_bytes(code)
+    return path
+
+
+@pytest.mark.parametrize(
+    "code, options",
+    [(SPIN, {}), (SPIN, {"mode": "long"}), (SPIN, {"mode": "long", "user": True}), (VMCALL_THEN_SPIN, {"mode": "long"})],
+    ids=["real-mode-loop", "cpl0-loop", "cpl3-native-loop", "vmcall"],
+)
+def test_the_watchdog_always_returns(machine_factory, tmp_path, code, options) -> None:
+    machine = machine_factory()
+    machine.load(spin_image(tmp_path, code), **options)
+    started = time.monotonic()
+    result = machine.run(timeout=1)
+    assert (result.reason, result.status) == (ExitReason.TIMEOUT, 124)
+    assert time.monotonic() - started < 30  # generous: the point is that it returns
+    assert "still running after 1 s" in result.diagnosis and result.regs is not None
+
+
+def test_a_machine_can_run_again_after_a_timeout(machine_factory, tmp_path) -> None:
+    machine = machine_factory()
+    machine.load(spin_image(tmp_path), mode="long")
+    assert machine.run(timeout=0.5).reason is ExitReason.TIMEOUT
+    assert machine.run(timeout=0.5).reason is ExitReason.TIMEOUT
+
+
+def test_several_machines_in_one_process_run_in_threads(machine_factory) -> None:
+    images = ["hello_real.bin", "exit_code.bin", "hello_long.elf", "cpl3.bin"]
+    machines = [machine_factory() for _ in images]
+    for machine, image in zip(machines, images):
+        machine.load(guest(image), mode="long" if image == "cpl3.bin" else None)
+    results: dict[str, object] = {}
+
+    def run(machine: Machine, image: str) -> None:
+        results[image] = machine.run(timeout=60)
+
+    threads = [threading.Thread(target=run, args=pair) for pair in zip(machines, images)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results["hello_real.bin"].serial == b"Hello from real mode\n"
+    assert results["exit_code.bin"].status == 85
+    assert results["hello_long.elf"].serial == b"Hello from long mode\n"
+    assert results["cpl3.bin"].serial.startswith(b"cpl3 sum=5000000050000000")
+
+
+def test_config_object_and_keyword_options_build_the_same_machine(kvm_host) -> None:
+    with Machine(MachineConfig(memory="32M"), capture_serial=True) as machine:
+        assert machine.memory.size == 32 << 20 and machine.config.capture_serial
+
+
+def test_running_before_loading_is_an_error(machine_factory) -> None:
+    with pytest.raises(PykvmError, match="load a guest image first"):
+        machine_factory().run()
+
+
+@pytest.mark.parametrize("memory", ["1M", "3001K", "x"])
+def test_bad_memory_sizes(kvm_host, memory) -> None:
+    with pytest.raises(ConfigError):
+        Machine(memory=memory)
+
+
+def test_a_kernel_that_does_not_fit_in_guest_memory(machine_factory, tmp_path) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(3 << 20))
+    with pytest.raises(ImageError, match="does not fit in guest RAM"):
+        machine_factory(memory="2M").load(big, mode="long")
+
+
+def test_close_is_idempotent_and_context_manager_closes(kvm_host) -> None:
+    machine = Machine()
+    machine.close()
+    machine.close()
+    with Machine() as machine:
+        pass
+    assert machine.memory.regions == []
+
+
+def test_exits_pykvm_cannot_produce_here_map_to_their_documented_status(machine_factory) -> None:
+    # KVM_EXIT_FAIL_ENTRY never happens on this backend (PLATFORM.md), so the mapping is
+    # checked by handing the machine the decoded exit.
+    machine = machine_factory()
+    machine.load(guest("hello_real.bin"))
+    machine._handle(machine.vcpus[0], FailEntryExit(reason=0x21, cpu=1))
+    result = machine._result(machine.vcpus[0], machine._stop, None)
+    assert (result.reason, result.status) == (ExitReason.FAIL_ENTRY, 118)
+    assert "hardware entry failure reason 0x21" in result.diagnosis
+    machine._stop = None
+    machine._handle(machine.vcpus[0], OtherExit(reason=7))
+    assert machine._result(machine.vcpus[0], machine._stop, None).status == 112
