@@ -11,8 +11,10 @@ install:
 guests:
 	$(MAKE) -C guests
 
+# The guest ends by writing 0 to the debug-exit port: pykvm's status is then (0 << 1) | 1.
 demo: install guests
-	$(PYTHON) -m pykvm run guests/build/multiboot.elf --cmdline "hello from the pykvm demo" --stats
+	$(PYTHON) -m pykvm run guests/build/multiboot.elf --cmdline "hello from the pykvm demo" --stats; \
+	    test $$? -eq 1
 
 test: guests
 	$(PYTHON) -m pytest
