@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from ioctl_opt import IOC, IOC_NONE, IOC_READ, IOC_WRITE
 
-from ..native import ffi
+from ..native import check, ffi, lib
 
 KVMIO = 0xAE
 
@@ -19,6 +19,17 @@ KVMIO = 0xAE
 class Ioctl(NamedTuple):
     name: str
     number: int
+
+
+def ioctl(fd: int, request: Ioctl, arg: object = 0, detail: str = "") -> int:
+    """Issue ``request`` on ``fd`` with an integer or a cffi pointer argument.
+
+    Returns the ioctl's non-negative result; a failure raises
+    :class:`~pykvm.errors.KvmIoctlError` naming the ioctl, the errno and ``detail``.
+    """
+    if isinstance(arg, int):
+        return check(lib.pykvm_ioctl_value(fd, request.number, arg), request.name, detail)
+    return check(lib.pykvm_ioctl(fd, request.number, arg), request.name, detail)
 
 
 def _io(name: str, nr: int) -> Ioctl:

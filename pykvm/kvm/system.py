@@ -51,9 +51,7 @@ class Kvm:
         self.close()
 
     def _ioctl(self, request: ioctls.Ioctl, arg: object = 0) -> int:
-        if isinstance(arg, int):
-            return check(lib.pykvm_ioctl_value(self.fd, request.number, arg), request.name)
-        return check(lib.pykvm_ioctl(self.fd, request.number, arg), request.name)
+        return ioctls.ioctl(self.fd, request, arg)
 
     def api_version(self) -> int:
         """See the documentation for ``KVM_GET_API_VERSION``."""

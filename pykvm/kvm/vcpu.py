@@ -58,7 +58,7 @@ class Vcpu:
         self.close()
 
     def _ioctl(self, request: ioctls.Ioctl, arg: object) -> int:
-        return check(lib.pykvm_ioctl(self.fd, request.number, arg), request.name)
+        return ioctls.ioctl(self.fd, request, arg)
 
     # --- registers -------------------------------------------------------------------
     def get_regs(self) -> Regs:

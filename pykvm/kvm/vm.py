@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from ..native import check, ffi, lib
+from ..native import ffi, lib
 from . import ioctls
 from .vcpu import Vcpu
 
@@ -32,9 +32,7 @@ class Vm:
         self.close()
 
     def _ioctl(self, request: ioctls.Ioctl, arg: object = 0, detail: str = "") -> int:
-        if isinstance(arg, int):
-            return check(lib.pykvm_ioctl_value(self.fd, request.number, arg), request.name, detail)
-        return check(lib.pykvm_ioctl(self.fd, request.number, arg), request.name, detail)
+        return ioctls.ioctl(self.fd, request, arg, detail)
 
     def check_extension(self, cap: int) -> int:
         """See ``KVM_CHECK_EXTENSION`` on a VM fd (the answer may depend on the VM)."""
