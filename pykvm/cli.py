@@ -59,8 +59,10 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 @main.command()
 @click.argument("guest", type=click.Path(path_type=Path, dir_okay=True))
 @click.option("-m", "--memory", default="64M", show_default=True, help="Guest RAM, e.g. 64M or 1G (a bare number is MiB).")
-@click.option("--cmdline", default="", help="Kernel command line (multiboot).")
+@click.option("-c", "--cpus", default=1, show_default=True, type=click.IntRange(min=1), help="Number of vCPUs.")
+@click.option("--cmdline", default="", help="Kernel command line.")
 @click.option("--module", "modules", multiple=True, type=click.Path(path_type=Path), help="A multiboot module (repeatable).")
+@click.option("--initrd", type=click.Path(path_type=Path), help="An initial ramdisk (Linux).")
 @click.option("--format", "image_format", type=click.Choice(FORMATS), default="auto", show_default=True)
 @click.option("--mode", type=click.Choice(["real", "protected", "long"]), help="CPU mode of a flat binary [default: real].")
 @click.option("--load-addr", type=_Address(), help="Where a flat binary loads [default: 0x7c00 in real mode, else 0x100000].")
@@ -70,7 +72,7 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop the guest after this many seconds (status 124).")
 @click.option("--stats", is_flag=True, help="Print exit counts and where the time went, on stderr.")
 @click.pass_obj
-def run(device: str, guest: Path, memory: str, cmdline: str, modules: tuple[Path, ...], image_format: str, mode: str | None,
+def run(device: str, guest: Path, memory: str, cpus: int, cmdline: str, modules: tuple[Path, ...], initrd: Path | None, image_format: str, mode: str | None,
         load_addr: int | None, entry: int | None, user_mode: bool, serial: str, timeout: float | None, stats: bool) -> None:  # fmt: skip
     """Boot GUEST (flat binary, ELF or multiboot kernel); exit with the guest's status.
 
@@ -81,8 +83,8 @@ def run(device: str, guest: Path, memory: str, cmdline: str, modules: tuple[Path
     """
     forwarder = None
     try:
-        with Machine(MachineConfig(memory=memory, serial=serial, kvm_path=device)) as vm:
-            vm.load(guest, format=image_format, cmdline=cmdline, modules=modules, mode=mode,
+        with Machine(MachineConfig(memory=memory, cpus=cpus, serial=serial, kvm_path=device)) as vm:
+            vm.load(guest, format=image_format, cmdline=cmdline, modules=modules, initrd=initrd, mode=mode,
                     load_addr=load_addr, entry=entry, user=user_mode)  # fmt: skip
             if serial == "stdio":
                 forwarder = StdinForwarder(vm.serial.receive)

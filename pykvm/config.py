@@ -44,12 +44,13 @@ def check_memory_size(size: int) -> None:
 class MachineConfig:
     """What a machine is made of.
 
-    ``memory`` is RAM in bytes (or a size string, see :func:`parse_size`).
+    ``memory`` is RAM in bytes (or a size string, see :func:`parse_size`); ``cpus`` the number of vCPUs.
     ``serial`` is where the UART's output goes: ``"stdio"``, ``"none"`` or a file path;
     ``capture_serial`` also keeps it in the run's result.
     """
 
     memory: int | str = 64 * MIB
+    cpus: int = 1
     serial: str = "none"
     capture_serial: bool = False
     kvm_path: str = DEFAULT_PATH
@@ -60,5 +61,7 @@ class MachineConfig:
 
     def validate(self) -> None:
         check_memory_size(self.memory_bytes)
+        if not isinstance(self.cpus, int) or self.cpus < 1:
+            raise ConfigError(f"a machine needs at least one vCPU, not {self.cpus!r}")
         if not self.serial:
             raise ConfigError("serial must be 'stdio', 'none' or a file path")

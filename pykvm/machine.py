@@ -1,48 +1,37 @@
-"""The machine: a typed config turned into memory, a vCPU and devices; loading; the run loop.
+"""The machine: a typed config turned into memory, vCPUs and devices; loading; running.
 
 :class:`Machine` is built by a short recipe of named steps (Firecracker's
-``build_microvm_for_boot`` is the model): open KVM, create the VM, map guest RAM,
-attach the devices, create the vCPU.  :meth:`Machine.load` applies a loader's boot
-plan; :meth:`Machine.run` runs the vCPU until the guest stops, dispatching each exit
-that the C fast path did not answer to exactly one device.
+``build_microvm_for_boot`` is the model): open KVM, create the VM and its
+in-kernel interrupt controllers and PIT, map guest RAM, attach the devices,
+create the vCPUs.  :meth:`Machine.load` applies a loader's boot plan to the
+bootstrap processor; :meth:`Machine.run` runs every vCPU on its own thread (the
+bootstrap processor on the caller's) until the guest stops.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import signal
+import functools
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import native
 from .boot import load_image
 from .boot.plan import BootPlan, LoadRequest, Module
 from .config import MachineConfig
 from .console import SerialOutput
+from .control import KICK_SIGNAL, RunControl, Stop
 from .devices.bus import Bus
 from .devices.cmos import Cmos
 from .devices.debug_exit import DebugExit
 from .devices.i8042 import I8042
 from .devices.ports import ConstantPort
 from .devices.uart import Uart16550
+from .dispatch import EXIT_NAMES, ExitDispatcher
 from .errors import ConfigError, GuestMemoryError, ImageError, PykvmError
 from .kvm import Kvm, Vcpu
-from .kvm.exits import (
-    DebugPortExit,
-    Exit,
-    FailEntryExit,
-    HltExit,
-    InternalErrorExit,
-    Interrupted,
-    IoExit,
-    MmioExit,
-    OtherExit,
-    ShutdownExit,
-    SystemEventExit,
-)
 from .kvm.fastpath import FastKind, FastTable, Space
 from .memory import GuestMemory
 from .native import lib
@@ -51,39 +40,19 @@ from .x86 import layout
 from .x86.cpu import BOOT_MSRS, apply_entry, vcpu_cpuid
 from .x86.e820 import build_memory_map, ram_regions
 from .x86.entry import CpuMode
-
-log = logging.getLogger(__name__)
-
-# The signal that kicks a vCPU thread out of KVM_RUN (its handler does nothing).
-KICK_SIGNAL = signal.SIGRTMIN + 4
+from .x86.interrupts import COM1_IRQ, gsi_routes
 
 COM1_BASE, COM1_SIZE = 0x3F8, 8
 DEBUG_EXIT_BASE, DEBUG_EXIT_SIZE = 0xF4, 4
 I8042_BASE, I8042_SIZE = 0x60, 5
 CMOS_BASE, CMOS_SIZE = 0x70, 2
 POST_PORT = 0x80
-
-_EXIT_NAMES = {
-    getattr(lib, name): name[len("KVM_EXIT_") :].lower()
-    for name in dir(lib)
-    if name.startswith("KVM_EXIT_") and not name.startswith("KVM_EXIT_IO_")
-}
-_SYSTEM_EVENT_SHUTDOWN = 1
-_SYSTEM_EVENT_RESET = 2
-_EMULATION_SUBERROR = 1
-_EMULATION_FLAG_INSN_BYTES = 1
-
-
-@dataclasses.dataclass
-class _Stop:
-    reason: ExitReason
-    diagnosis: str
-    value: int | None = None
-    with_registers: bool = False
+# How often the monitor thread looks for a guest whose every vCPU halted for good.
+HALT_PROBE_INTERVAL = 0.1
 
 
 class Machine:
-    """A virtual machine with one vCPU, guest RAM and the legacy PC devices.
+    """A virtual PC: vCPUs, guest RAM, the in-kernel PIC/IOAPIC/LAPIC/PIT and the legacy devices.
 
     >>> with Machine(memory="64M", capture_serial=True) as vm:     # doctest: +SKIP
     ...     vm.load("guests/build/hello_real.bin")
@@ -96,11 +65,9 @@ class Machine:
         config = config or MachineConfig()
         self.config = dataclasses.replace(config, **options) if options else config
         self.config.validate()
-        self._closers: list = []
-        self._stop: _Stop | None = None
+        self._closers: list[Callable[[], None]] = []
+        self._control = RunControl()
         self._plan: BootPlan | None = None
-        self._python_exits: dict[str, int] = {}
-        self._python_ns = 0
         self._wall_ns = 0
         try:
             self._build()
@@ -112,15 +79,18 @@ class Machine:
     def _build(self) -> None:
         native.check(lib.pykvm_install_kick_handler(KICK_SIGNAL), "sigaction")
         self.kvm = self._closing(Kvm(self.config.kvm_path))
+        self._check_cpus()
         self.vm = self._closing(self.kvm.create_vm())
+        self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        self._create_interrupt_controllers()
         ram = self.config.memory_bytes
         self.memory_map = build_memory_map(ram)
         self.memory = self._closing(GuestMemory(ram_regions(ram)))
         self.memory.register(self.vm)
-        self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
-        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
+        self.dispatch = ExitDispatcher(self.pio, self.mmio)
         self.fast = FastTable()
         self.serial_output = self._closing(SerialOutput(self.config.serial, self.config.capture_serial))
         self._attach_serial()
@@ -128,11 +98,26 @@ class Machine:
         self._attach_i8042()
         self._attach_cmos()
         self._attach_post_port()
-        self.vcpus = [self._create_vcpu(0)]
+        supported_cpuid = self.kvm.supported_cpuid()
+        self.vcpus = [self._create_vcpu(i, supported_cpuid) for i in range(self.config.cpus)]
 
     def _closing(self, resource):  # type: ignore[no-untyped-def]
         self._closers.append(resource.close)
         return resource
+
+    def _check_cpus(self) -> None:
+        limit = self.kvm.check_extension(lib.KVM_CAP_MAX_VCPUS) or self.kvm.check_extension(lib.KVM_CAP_NR_VCPUS)
+        if self.config.cpus > limit:
+            raise ConfigError(f"{self.config.cpus} vCPUs asked for, but this host's KVM allows at most {limit}")
+
+    def _create_interrupt_controllers(self) -> None:
+        self.vm.create_irqchip()
+        self.vm.set_gsi_routing(gsi_routes())
+        self.vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
+
+    def _request_stop(self, reason: ExitReason, diagnosis: str, value: int | None = None) -> None:
+        """What devices call to end the run (from a vCPU thread, inside an exit)."""
+        self._control.request_stop(Stop(reason, diagnosis, value))
 
     def _attach_serial(self) -> None:
         transmit = self.fast.add(FastKind.SERIAL_TX, Space.PIO, COM1_BASE, 1, fds=self.serial_output.fds)
@@ -140,7 +125,11 @@ class Machine:
         def follow_fast_path(ok: bool) -> None:
             transmit.enabled = ok
 
-        self.serial = Uart16550(self.serial_output.write, on_fast_transmit_change=follow_fast_path)
+        self.serial = Uart16550(
+            self.serial_output.write,
+            irq=functools.partial(self.vm.irq_line, COM1_IRQ),
+            on_fast_transmit_change=follow_fast_path,
+        )
         self.pio.register(COM1_BASE, COM1_SIZE, self.serial)
 
     def _attach_debug_exit(self) -> None:
@@ -159,9 +148,9 @@ class Machine:
         self.fast.add(FastKind.CONSTANT, Space.PIO, POST_PORT, 1, value=0xFF)
         self.pio.register(POST_PORT, 1, ConstantPort(0xFF))
 
-    def _create_vcpu(self, vcpu_id: int) -> Vcpu:
+    def _create_vcpu(self, vcpu_id: int, supported_cpuid: list) -> Vcpu:
         vcpu = self._closing(self.vm.create_vcpu(vcpu_id))
-        vcpu.set_cpuid2(vcpu_cpuid(self.kvm.supported_cpuid(), vcpu_id))
+        vcpu.set_cpuid2(vcpu_cpuid(supported_cpuid, vcpu_id))
         accepted = vcpu.set_msrs(BOOT_MSRS)
         if accepted != len(BOOT_MSRS):
             msr = list(BOOT_MSRS)[accepted]
@@ -172,7 +161,7 @@ class Machine:
         return vcpu
 
     def close(self) -> None:
-        """Release the vCPU, the VM, guest memory and /dev/kvm (idempotent)."""
+        """Release the vCPUs, the VM, guest memory and /dev/kvm (idempotent)."""
         while self._closers:
             self._closers.pop()()
 
@@ -190,12 +179,13 @@ class Machine:
         format: str = "auto",
         cmdline: str = "",
         modules: Sequence[str | Path] = (),
+        initrd: str | Path | None = None,
         mode: str | CpuMode | None = None,
         load_addr: int | None = None,
         entry: int | None = None,
         user: bool = False,
     ) -> BootPlan:
-        """Load a guest image (flat, ELF or multiboot) and set the vCPU to enter it.
+        """Load a guest image (flat, ELF or multiboot) and set the bootstrap processor to enter it.
 
         ``user`` enters long-mode code at CPL3 (with IOPL 3, so it may still do port I/O).
         """
@@ -204,6 +194,7 @@ class Machine:
             memory_map=self.memory_map,
             cmdline=cmdline,
             modules=tuple(Module(Path(m), read_image(Path(m)), str(m)) for m in modules),
+            initrd=Module(Path(initrd), read_image(Path(initrd)), str(initrd)) if initrd is not None else None,
             mode=CpuMode(mode) if mode is not None else None,
             load_addr=load_addr,
             entry=entry,
@@ -228,100 +219,68 @@ class Machine:
         """Run the guest until it stops (or ``timeout`` seconds pass) and say how it ended."""
         if self._plan is None:
             raise PykvmError("nothing to run: load a guest image first")
-        vcpu = self.vcpus[0]
-        self._stop = None
-        capture_start = self.serial_output.captured_size()
-        watchdog = self._start_watchdog(vcpu, timeout)
-        started = time.monotonic_ns()
-        try:
-            while True:
-                vcpu.immediate_exit = False  # before checking _stop: see _expire()
-                if self._stop is not None:
-                    break
-                exit = vcpu.run()
-                handled = time.monotonic_ns()
-                self._handle(vcpu, exit)
-                self._python_ns += time.monotonic_ns() - handled
-        finally:
-            self._wall_ns += time.monotonic_ns() - started
-            if watchdog is not None:
-                watchdog.cancel()
-                watchdog.join()
-        return self._result(vcpu, self._stop, self.serial_output.captured(capture_start))
-
-    def _start_watchdog(self, vcpu: Vcpu, timeout: float | None) -> threading.Timer | None:
-        if timeout is None:
-            return None
-        if timeout <= 0:
+        if timeout is not None and timeout <= 0:
             raise ConfigError(f"timeout must be positive, not {timeout}")
-        timer = threading.Timer(timeout, self._expire, args=(vcpu, threading.get_ident(), timeout))
-        timer.daemon = True
-        timer.start()
-        return timer
+        control = self._control = RunControl()
+        capture_start = self.serial_output.captured_size()
+        errors: list[BaseException] = []
+        done = threading.Event()
+        helpers = [threading.Thread(target=self._monitor, args=(control, timeout, done), name="pykvm-monitor")]
+        helpers += [
+            threading.Thread(target=self._run_ap, args=(vcpu, control, errors), name=f"pykvm-vcpu{vcpu.id}")
+            for vcpu in self.vcpus[1:]
+        ]
+        started = time.monotonic_ns()
+        for thread in helpers:
+            thread.start()
+        try:
+            self._run_vcpu(self.vcpus[0], control)
+        finally:
+            control.request_stop(Stop(ExitReason.UNHANDLED, "the run was abandoned"))  # no-op if already stopping
+            done.set()
+            for thread in helpers:
+                thread.join()
+            self._wall_ns += time.monotonic_ns() - started
+        if errors:
+            raise errors[0]
+        assert control.stop is not None
+        return self._result(control.stop, self.serial_output.captured(capture_start))
 
-    def _expire(self, vcpu: Vcpu, thread: int, timeout: float) -> None:
-        # Order matters: the stop request first, then immediate_exit, then the signal.
-        # The run loop clears immediate_exit *before* it looks at _stop, so whichever
-        # way the two threads interleave, the vCPU cannot re-enter the guest unnoticed.
-        self._request_stop(ExitReason.TIMEOUT, f"still running after {timeout:g} s", with_registers=True)
-        vcpu.immediate_exit = True
-        signal.pthread_kill(thread, KICK_SIGNAL)
+    def _run_vcpu(self, vcpu: Vcpu, control: RunControl) -> None:
+        control.enter(vcpu)
+        try:
+            while not control.should_stop(vcpu):
+                self.dispatch.handle(vcpu, vcpu.run(), control)
+        finally:
+            control.leave(vcpu)
 
-    def _request_stop(self, reason: ExitReason, diagnosis: str, value: int | None = None, *, with_registers: bool = False) -> None:
-        if self._stop is None:
-            self._stop = _Stop(reason, diagnosis, value, with_registers)
+    def _run_ap(self, vcpu: Vcpu, control: RunControl, errors: list[BaseException]) -> None:
+        try:
+            self._run_vcpu(vcpu, control)
+        except BaseException as err:  # reported by run() on the caller's thread
+            errors.append(err)
+            control.request_stop(Stop(ExitReason.UNHANDLED, f"vCPU {vcpu.id} failed: {err}"))
 
-    def _handle(self, vcpu: Vcpu, exit: Exit) -> None:
-        match exit:
-            case IoExit():
-                self._dispatch(self.pio, "pio", exit.port, exit.size, exit.count, exit.is_write, exit.data)
-            case MmioExit():
-                self._dispatch(self.mmio, "mmio", exit.addr, exit.size, 1, exit.is_write, exit.data)
-            case DebugPortExit(value=value):
-                self._request_stop(ExitReason.DEBUG_EXIT, f"debug exit {value:#x}", value)
-            case Interrupted():
-                pass  # a stop request (checked by the loop) or a stray signal
-            case HltExit(interrupts_enabled=enabled):
-                why = "with interrupts enabled, but nothing can interrupt it" if enabled else "with interrupts disabled"
-                self._request_stop(ExitReason.HALTED, f"the guest halted {why}")
-            case ShutdownExit():
-                self._request_stop(ExitReason.SHUTDOWN, "triple fault: the guest shut down", with_registers=True)
-            case InternalErrorExit():
-                self._request_stop(ExitReason.INTERNAL_ERROR, _describe_internal_error(exit), with_registers=True)
-            case FailEntryExit(reason=reason, cpu=cpu):
-                diagnosis = f"KVM could not enter the guest: hardware entry failure reason {reason:#x} on host CPU {cpu}"
-                self._request_stop(ExitReason.FAIL_ENTRY, diagnosis, with_registers=True)
-            case SystemEventExit(type=kind):
-                self._system_event(kind)
-            case OtherExit(reason=reason, hardware_reason=hardware):
-                name = _EXIT_NAMES.get(reason, str(reason))
-                detail = f" (hardware reason {hardware:#x})" if hardware else ""
-                self._request_stop(ExitReason.UNHANDLED, f"unhandled exit {name}{detail}", with_registers=True)
+    def _monitor(self, control: RunControl, timeout: float | None, done: threading.Event) -> None:
+        """The run's watchdog: the timeout, and the periodic halt probe."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = HALT_PROBE_INTERVAL if deadline is None else min(HALT_PROBE_INTERVAL, deadline - time.monotonic())
+            if done.wait(max(wait, 0)):
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                control.request_stop(Stop(ExitReason.TIMEOUT, f"still running after {timeout:g} s", None, True))
+                return
+            control.probe()
 
-    def _dispatch(self, bus: Bus, space: str, addr: int, size: int, count: int, is_write: bool, data: memoryview) -> None:
-        key = f"{space} {addr:#06x} {'write' if is_write else 'read'}"
-        self._python_exits[key] = self._python_exits.get(key, 0) + 1
-        for i in range(0, size * count, size):
-            if is_write:
-                bus.write(addr, size, int.from_bytes(data[i : i + size], "little"))
-            else:
-                data[i : i + size] = bus.read(addr, size).to_bytes(size, "little")
-
-    def _system_event(self, kind: int) -> None:
-        if kind == _SYSTEM_EVENT_SHUTDOWN:
-            self._request_stop(ExitReason.POWEROFF, "the guest powered off")
-        elif kind == _SYSTEM_EVENT_RESET:
-            self._request_stop(ExitReason.RESET, "the guest reset the machine")
-        else:
-            self._request_stop(ExitReason.UNHANDLED, f"unhandled system event {kind}", with_registers=True)
-
-    def _result(self, vcpu: Vcpu, stop: _Stop | None, serial: bytes | None) -> RunResult:
-        assert stop is not None
+    def _result(self, stop: Stop, serial: bytes | None) -> RunResult:
         regs = sregs = None
         diagnosis = stop.diagnosis
         if stop.with_registers:
+            vcpu = self.vcpus[stop.vcpu_id]
             regs, sregs = vcpu.exit_regs(), vcpu.get_sregs()
-            diagnosis = f"{diagnosis} at rip {regs.rip:#x}\n{format_registers(regs, sregs)}"
+            where = f" on vCPU {vcpu.id}" if len(self.vcpus) > 1 else ""
+            diagnosis = f"{diagnosis} at rip {regs.rip:#x}{where}\n{format_registers(regs, sregs)}"
         return RunResult(
             reason=stop.reason,
             status=status_of(stop.reason, stop.value),
@@ -338,9 +297,9 @@ class Machine:
         by_reason: dict[str, int] = {}
         for vcpu in self.vcpus:
             for reason, count in vcpu.exit_counts().items():
-                name = _EXIT_NAMES.get(reason, str(reason))
+                name = EXIT_NAMES.get(reason, str(reason))
                 by_reason[name] = by_reason.get(name, 0) + count
-        by_address = dict(self._python_exits)
+        by_address = dict(self.dispatch.by_address)
         for handler in self.fast.handlers:
             space = "pio" if handler.space is Space.PIO else "mmio"
             for kind, count in (("read", handler.reads), ("write", handler.writes)):
@@ -352,7 +311,7 @@ class Machine:
             wall_ns=self._wall_ns,
             guest_ns=sum(v.guest_ns for v in self.vcpus),
             fast_handler_ns=sum(v.fast_ns for v in self.vcpus),
-            python_handler_ns=self._python_ns,
+            python_handler_ns=self.dispatch.handler_ns,
         )
 
 
@@ -366,15 +325,3 @@ def read_image(path: Path) -> bytes:
         raise ImageError(str(path), "is a directory, not a guest image") from err
     except OSError as err:
         raise ImageError(str(path), f"cannot be read: {err.strerror}") from err
-
-
-def _describe_internal_error(exit: InternalErrorExit) -> str:
-    """KVM_EXIT_INTERNAL_ERROR in words; an emulation failure names the instruction bytes."""
-    if exit.suberror != _EMULATION_SUBERROR:
-        return f"KVM internal error (suberror {exit.suberror}, data {[hex(d) for d in exit.data]})"
-    text = "emulation failure: KVM could not emulate the guest's instruction"
-    if len(exit.data) >= 3 and exit.data[0] & _EMULATION_FLAG_INSN_BYTES:
-        raw = (exit.data[1] | exit.data[2] << 64).to_bytes(16, "little")
-        length = min(raw[0], 15)
-        text += f" (bytes {raw[1 : 1 + length].hex(' ')})"
-    return text

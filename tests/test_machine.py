@@ -11,7 +11,8 @@ from conftest import guest
 from pykvm import Machine, MachineConfig
 from pykvm.errors import ConfigError, ImageError, PykvmError
 from pykvm.kvm.exits import FailEntryExit, OtherExit
-from pykvm.result import ExitReason
+from pykvm.control import RunControl
+from pykvm.result import ExitReason, status_of
 
 pytestmark = pytest.mark.kvm
 
@@ -100,15 +101,17 @@ def test_close_is_idempotent_and_context_manager_closes(kvm_host) -> None:
     assert machine.memory.regions == []
 
 
-def test_exits_pykvm_cannot_produce_here_map_to_their_documented_status(machine_factory) -> None:
-    # KVM_EXIT_FAIL_ENTRY never happens on this backend (PLATFORM.md), so the mapping is
-    # checked by handing the machine the decoded exit.
+@pytest.mark.parametrize(
+    "exit, reason, status, words",
+    [
+        (FailEntryExit(reason=0x21, cpu=1), ExitReason.FAIL_ENTRY, 118, "hardware entry failure reason 0x21"),
+        (OtherExit(reason=7), ExitReason.UNHANDLED, 112, "unhandled exit irq_window_open"),
+    ],
+)
+def test_exits_this_host_cannot_produce_map_to_their_documented_status(machine_factory, exit, reason, status, words) -> None:
+    # KVM_EXIT_FAIL_ENTRY never happens on kvm_pvm (PLATFORM.md): the dispatcher is handed the decoded exit.
     machine = machine_factory()
-    machine.load(guest("hello_real.bin"))
-    machine._handle(machine.vcpus[0], FailEntryExit(reason=0x21, cpu=1))
-    result = machine._result(machine.vcpus[0], machine._stop, None)
-    assert (result.reason, result.status) == (ExitReason.FAIL_ENTRY, 118)
-    assert "hardware entry failure reason 0x21" in result.diagnosis
-    machine._stop = None
-    machine._handle(machine.vcpus[0], OtherExit(reason=7))
-    assert machine._result(machine.vcpus[0], machine._stop, None).status == 112
+    control = RunControl()
+    machine.dispatch.handle(machine.vcpus[0], exit, control)
+    assert control.stop.reason is reason and status_of(reason) == status
+    assert words in control.stop.diagnosis and control.stop.with_registers

@@ -36,6 +36,8 @@ class LoadRequest:
     memory_map: tuple[E820Entry, ...]
     cmdline: str = ""
     modules: tuple[Module, ...] = ()
+    initrd: Module | None = None
+    rsdp_addr: int | None = None  # where the ACPI RSDP is, for boot protocols that pass it
     mode: CpuMode | None = None
     load_addr: int | None = None
     entry: int | None = None

@@ -103,6 +103,16 @@ class Vcpu:
                 setattr(array[i], name, value)
         self._ioctl(ioctls.KVM_SET_CPUID2, cpuid)
 
+    def get_mp_state(self) -> int:
+        """See ``KVM_GET_MP_STATE``: ``KVM_MP_STATE_RUNNABLE``, ``_HALTED``, ``_UNINITIALIZED``..."""
+        state = ffi.new("struct kvm_mp_state *")
+        self._ioctl(ioctls.KVM_GET_MP_STATE, state)
+        return int(state.mp_state)
+
+    def set_mp_state(self, mp_state: int) -> None:
+        """See ``KVM_SET_MP_STATE``."""
+        self._ioctl(ioctls.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", [mp_state]))
+
     def _msrs(self, values: Mapping[int, int]) -> tuple[object, object]:
         header = ffi.sizeof("struct kvm_msrs")
         buf = ffi.new("char[]", header + len(values) * ffi.sizeof("struct kvm_msr_entry"))

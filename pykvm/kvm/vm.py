@@ -67,6 +67,37 @@ class Vm:
             request.args[i] = value
         self._ioctl(ioctls.KVM_ENABLE_CAP, request, f"capability {cap}")
 
+    def create_irqchip(self) -> None:
+        """See ``KVM_CREATE_IRQCHIP``: the in-kernel PIC, IOAPIC and (per vCPU) LAPIC.
+
+        Call it before creating vCPUs.
+        """
+        self._ioctl(ioctls.KVM_CREATE_IRQCHIP)
+
+    def create_pit2(self, flags: int = 0) -> None:
+        """See ``KVM_CREATE_PIT2``: the in-kernel i8254 PIT (needs the irqchip first)."""
+        config = ffi.new("struct kvm_pit_config *")
+        config.flags = flags
+        self._ioctl(ioctls.KVM_CREATE_PIT2, config)
+
+    def irq_line(self, irq: int, level: bool) -> None:
+        """See ``KVM_IRQ_LINE``: set the level of global system interrupt ``irq``."""
+        request = ffi.new("struct kvm_irq_level *")
+        request.irq, request.level = irq, int(level)
+        self._ioctl(ioctls.KVM_IRQ_LINE, request, f"GSI {irq}")
+
+    def set_gsi_routing(self, routes: list[tuple[int, int, int]]) -> None:
+        """See ``KVM_SET_GSI_ROUTING``: replace the routing with ``(gsi, irqchip, pin)`` entries."""
+        header = ffi.sizeof("struct kvm_irq_routing")
+        buf = ffi.new("char[]", header + len(routes) * ffi.sizeof("struct kvm_irq_routing_entry"))
+        routing = ffi.cast("struct kvm_irq_routing *", buf)
+        routing.nr = len(routes)
+        entries = ffi.cast("struct kvm_irq_routing_entry *", buf + header)
+        for entry, (gsi, chip, pin) in zip((entries[i] for i in range(len(routes))), routes):
+            entry.gsi, entry.type = gsi, lib.KVM_IRQ_ROUTING_IRQCHIP
+            entry.u.irqchip.irqchip, entry.u.irqchip.pin = chip, pin
+        self._ioctl(ioctls.KVM_SET_GSI_ROUTING, routing)
+
     def ioeventfd(
         self, fd: int, addr: int, length: int, *, pio: bool, datamatch: int | None = None, deassign: bool = False
     ) -> None:

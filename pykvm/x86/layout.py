@@ -54,3 +54,12 @@ MMIO_HOLE_END = 0x1_0000_0000
 # identity map of unpaged guests (KVM_SET_IDENTITY_MAP_ADDR): inside the MMIO hole, never RAM.
 KVM_IDENTITY_MAP_ADDR = 0xFFFB_C000
 KVM_TSS_ADDR = 0xFFFB_D000
+# Firmware tables, inside the BIOS area where guests scan for them: the ACPI RSDP and the
+# tables it points to, then the MP floating pointer and MP configuration table.
+ACPI_START = 0xE0000
+ACPI_END = 0xF0000
+MPTABLE_START = 0xF0000
+MPTABLE_END = 0xF1000
+# The in-kernel interrupt controllers' MMIO windows (inside the MMIO hole).
+IOAPIC_ADDR = 0xFEC0_0000
+LAPIC_ADDR = 0xFEE0_0000

@@ -1,0 +1,118 @@
+"""The stop request of a run, and how it reaches every vCPU thread.
+
+A vCPU thread sits in KVM_RUN for as long as its guest does not exit, so a stop
+request (the guest ended, a timeout, another vCPU failed) must kick it out: set
+its ``immediate_exit`` and send its thread :data:`KICK_SIGNAL`, whose handler
+does nothing but make KVM_RUN return EINTR.  The run loop clears
+``immediate_exit`` *before* it looks at the stop request; a kicker sets the
+request *before* ``immediate_exit``.  Whichever way the two threads interleave,
+a vCPU cannot re-enter the guest without seeing the request.
+
+With the in-kernel irqchip, HLT never leaves the kernel, so a guest that halts
+with interrupts disabled would sit there for ever, as on hardware.  The run's
+monitor thread therefore probes now and then (:meth:`RunControl.probe`): every
+vCPU is kicked once and reports whether it can still run by itself.  When in two
+probe rounds in a row none can, the run stops as "halted" (two rounds, because a
+vCPU may report "waiting for SIPI" just before another one wakes it and halts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+from typing import TYPE_CHECKING
+
+from .native import lib
+from .result import ExitReason
+
+if TYPE_CHECKING:
+    from .kvm import Vcpu
+
+# The signal that kicks a vCPU thread out of KVM_RUN (its handler, installed in C, does nothing).
+KICK_SIGNAL = signal.SIGRTMIN + 4
+RFLAGS_IF = 1 << 9
+# vCPU states from which only another vCPU (INIT/SIPI) or an NMI could wake it.
+_WAITING_STATES = (lib.KVM_MP_STATE_UNINITIALIZED, lib.KVM_MP_STATE_INIT_RECEIVED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """Why a run must end; ``with_registers`` asks for the stopping vCPU's registers in the result."""
+
+    reason: ExitReason
+    diagnosis: str
+    value: int | None = None
+    with_registers: bool = False
+    vcpu_id: int = 0
+
+
+class RunControl:
+    """One run's stop request, the vCPU threads it must reach, and the halt probe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.stop: Stop | None = None
+        self._threads: dict[int, tuple[Vcpu, int]] = {}
+        self._probe_round = 0
+        self._halted: dict[int, int] = {}  # vCPU id -> the last probe round it reported halted in
+        self._all_halted_since: int | None = None  # first probe round of an all-halted streak
+
+    def request_stop(self, stop: Stop) -> None:
+        """Ask every vCPU to stop; the first request wins."""
+        with self._lock:  # held while kicking: a registered thread is a live thread
+            if self.stop is not None:
+                return
+            self.stop = stop
+            self._kick_all()
+
+    def enter(self, vcpu: Vcpu) -> None:
+        """Register the calling thread as the one running ``vcpu``."""
+        with self._lock:
+            self._threads[vcpu.id] = (vcpu, threading.get_ident())
+
+    def leave(self, vcpu: Vcpu) -> None:
+        with self._lock:
+            self._threads.pop(vcpu.id, None)
+
+    def should_stop(self, vcpu: Vcpu) -> bool:
+        """Called before each KVM_RUN: clears ``immediate_exit``, then looks at the request."""
+        vcpu.immediate_exit = False
+        return self.stop is not None
+
+    def probe(self) -> None:
+        """Start a halt probe round: kick every vCPU so that it reports its state."""
+        with self._lock:
+            self._probe_round += 1
+            self._kick_all()
+
+    def _kick_all(self) -> None:
+        for vcpu, thread in self._threads.values():
+            vcpu.immediate_exit = True
+            if thread != threading.get_ident():
+                signal.pthread_kill(thread, KICK_SIGNAL)
+
+    def report(self, vcpu: Vcpu) -> None:
+        """After a kick: note whether ``vcpu`` can run by itself, and stop if no vCPU can."""
+        halted = _cannot_run_by_itself(vcpu)
+        with self._lock:
+            this_round = self._probe_round
+            if not halted:
+                self._halted.pop(vcpu.id, None)
+                self._all_halted_since = None
+                return
+            self._halted[vcpu.id] = this_round
+            if not all(self._halted.get(vcpu_id) == this_round for vcpu_id in self._threads):
+                return
+            if self._all_halted_since is None:
+                self._all_halted_since = this_round
+            dead = this_round > self._all_halted_since
+        if dead:
+            self.request_stop(Stop(ExitReason.HALTED, "every vCPU halted with interrupts disabled"))
+
+
+def _cannot_run_by_itself(vcpu: Vcpu) -> bool:
+    state = vcpu.get_mp_state()
+    if state == lib.KVM_MP_STATE_HALTED:
+        return not vcpu.get_regs().rflags & RFLAGS_IF
+    return state in _WAITING_STATES

@@ -1,0 +1,112 @@
+"""What the machine does with each exit the C fast path hands back to Python.
+
+Port I/O and MMIO go through a bus to exactly one device (one vCPU at a time:
+device models are not required to be thread-safe).  Every other exit either ends
+the run, with a reason and a diagnosis, or is ignored (an interrupted KVM_RUN).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+from .control import RunControl, Stop
+from .devices.bus import Bus
+from .kvm import Vcpu
+from .kvm.exits import (
+    DebugPortExit,
+    Exit,
+    FailEntryExit,
+    HltExit,
+    InternalErrorExit,
+    Interrupted,
+    IoExit,
+    MmioExit,
+    OtherExit,
+    ShutdownExit,
+    SystemEventExit,
+)
+from .native import lib
+from .result import ExitReason
+
+EXIT_NAMES = {
+    getattr(lib, name): name[len("KVM_EXIT_") :].lower()
+    for name in dir(lib)
+    if name.startswith("KVM_EXIT_") and not name.startswith("KVM_EXIT_IO_")
+}
+_SYSTEM_EVENT_SHUTDOWN = 1
+_SYSTEM_EVENT_RESET = 2
+_EMULATION_SUBERROR = 1
+_EMULATION_FLAG_INSN_BYTES = 1
+
+
+class ExitDispatcher:
+    """Routes exits to the buses and turns the others into stop requests of the run's ``control``."""
+
+    def __init__(self, pio: Bus, mmio: Bus) -> None:
+        self.pio = pio
+        self.mmio = mmio
+        self._device_lock = threading.Lock()
+        self.by_address: Counter[str] = Counter()
+        self.handler_ns = 0
+
+    def handle(self, vcpu: Vcpu, exit: Exit, control: RunControl) -> None:
+        stop = control.request_stop
+        match exit:
+            case IoExit():
+                self._dispatch(self.pio, "pio", exit.port, exit.size, exit.count, exit.is_write, exit.data)
+            case MmioExit():
+                self._dispatch(self.mmio, "mmio", exit.addr, exit.size, 1, exit.is_write, exit.data)
+            case DebugPortExit(value=value):
+                stop(Stop(ExitReason.DEBUG_EXIT, f"debug exit {value:#x}", value, vcpu_id=vcpu.id))
+            case Interrupted():
+                if control.stop is None:
+                    control.report(vcpu)  # a halt probe (or a stray signal)
+            case HltExit(interrupts_enabled=enabled):
+                why = "with interrupts enabled, but nothing can interrupt it" if enabled else "with interrupts disabled"
+                stop(Stop(ExitReason.HALTED, f"the guest halted {why}", vcpu_id=vcpu.id))
+            case ShutdownExit():
+                stop(Stop(ExitReason.SHUTDOWN, "triple fault: the guest shut down", None, True, vcpu.id))
+            case InternalErrorExit():
+                stop(Stop(ExitReason.INTERNAL_ERROR, describe_internal_error(exit), None, True, vcpu.id))
+            case FailEntryExit(reason=reason, cpu=cpu):
+                why = f"KVM could not enter the guest: hardware entry failure reason {reason:#x} on host CPU {cpu}"
+                stop(Stop(ExitReason.FAIL_ENTRY, why, None, True, vcpu.id))
+            case SystemEventExit(type=kind):
+                stop(_system_event_stop(kind, vcpu.id))
+            case OtherExit(reason=reason, hardware_reason=hardware):
+                detail = f" (hardware reason {hardware:#x})" if hardware else ""
+                why = f"unhandled exit {EXIT_NAMES.get(reason, str(reason))}{detail}"
+                stop(Stop(ExitReason.UNHANDLED, why, None, True, vcpu.id))
+
+    def _dispatch(self, bus: Bus, space: str, addr: int, size: int, count: int, is_write: bool, data: memoryview) -> None:
+        started = time.monotonic_ns()
+        with self._device_lock:
+            self.by_address[f"{space} {addr:#06x} {'write' if is_write else 'read'}"] += 1
+            for i in range(0, size * count, size):
+                if is_write:
+                    bus.write(addr, size, int.from_bytes(data[i : i + size], "little"))
+                else:
+                    data[i : i + size] = bus.read(addr, size).to_bytes(size, "little")
+            self.handler_ns += time.monotonic_ns() - started
+
+
+def _system_event_stop(kind: int, vcpu_id: int) -> Stop:
+    if kind == _SYSTEM_EVENT_SHUTDOWN:
+        return Stop(ExitReason.POWEROFF, "the guest powered off", vcpu_id=vcpu_id)
+    if kind == _SYSTEM_EVENT_RESET:
+        return Stop(ExitReason.RESET, "the guest reset the machine", vcpu_id=vcpu_id)
+    return Stop(ExitReason.UNHANDLED, f"unhandled system event {kind}", None, True, vcpu_id)
+
+
+def describe_internal_error(exit: InternalErrorExit) -> str:
+    """KVM_EXIT_INTERNAL_ERROR in words; an emulation failure names the instruction bytes."""
+    if exit.suberror != _EMULATION_SUBERROR:
+        return f"KVM internal error (suberror {exit.suberror}, data {[hex(d) for d in exit.data]})"
+    text = "emulation failure: KVM could not emulate the guest's instruction"
+    if len(exit.data) >= 3 and exit.data[0] & _EMULATION_FLAG_INSN_BYTES:
+        raw = (exit.data[1] | exit.data[2] << 64).to_bytes(16, "little")
+        length = min(raw[0], 15)
+        text += f" (bytes {raw[1 : 1 + length].hex(' ')})"
+    return text

@@ -1,0 +1,34 @@
+"""How ISA interrupts reach the in-kernel PIC and IOAPIC: QEMU's PC wiring.
+
+Guests written for QEMU expect the PIT (IRQ 0) on IOAPIC pin 2 (the firmware tables
+carry that override), every other ISA IRQ n on pin n, and pins 16-23 free.
+:func:`gsi_routes` is the routing table QEMU installs on KVM (``kvm_pc_setup_irq_routing``).
+"""
+
+from __future__ import annotations
+
+from ..native import lib
+
+ISA_IRQS = 16
+IOAPIC_PINS = 24
+PIC_CASCADE_IRQ = 2  # the slave 8259 hangs off master input 2
+PIT_IRQ = 0
+PIT_IOAPIC_PIN = 2
+COM1_IRQ = 4
+ACPI_SCI_IRQ = 9
+PIC_INPUTS = 8
+
+
+def gsi_routes() -> list[tuple[int, int, int]]:
+    """``(gsi, irqchip, pin)`` for every GSI: ISA IRQs to both 8259s and the IOAPIC, the rest to the IOAPIC."""
+    routes = []
+    for irq in range(ISA_IRQS):
+        if irq == PIC_CASCADE_IRQ:
+            continue
+        chip = lib.KVM_IRQCHIP_PIC_MASTER if irq < PIC_INPUTS else lib.KVM_IRQCHIP_PIC_SLAVE
+        routes.append((irq, chip, irq % PIC_INPUTS))
+    for gsi in range(IOAPIC_PINS):
+        if gsi == PIC_CASCADE_IRQ:
+            continue
+        routes.append((gsi, lib.KVM_IRQCHIP_IOAPIC, PIT_IOAPIC_PIN if gsi == PIT_IRQ else gsi))
+    return routes
