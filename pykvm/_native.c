@@ -228,3 +228,166 @@ int pykvm_loop_run(struct pykvm_loop *loop)
             return PYKVM_STOP_DEBUG_EXIT;
     }
 }
+
+/* ---- virtqueue descriptor chains (virtio 1.2, 2.7.5) --------------------------------
+ *
+ * pykvm_chain_walk() follows one chain of a split virtqueue and returns its buffers
+ * with their host addresses.  Every descriptor table and every buffer is checked to lie
+ * wholly inside one region of guest RAM before anything is read through it; the walk is
+ * bounded (at most queue_size hops, or the indirect table's size inside one), an
+ * indirect descriptor inside an indirect table is refused, and so is a chain whose
+ * lengths add up past 2^32 - 1.  On any violation it returns a negative PYKVM_CHAIN_*
+ * code and the device treats the request as malformed.
+ */
+#define PYKVM_MEM_REGIONS_MAX 8
+#define VIRTQ_DESC_F_NEXT 1
+#define VIRTQ_DESC_F_WRITE 2
+#define VIRTQ_DESC_F_INDIRECT 4
+#define VIRTQ_DESC_SIZE 16
+
+enum pykvm_chain_error {
+    PYKVM_CHAIN_BAD_HEAD = -1,          /* head index >= queue size */
+    PYKVM_CHAIN_BAD_TABLE = -2,         /* a descriptor table is not inside guest RAM */
+    PYKVM_CHAIN_BAD_BUFFER = -3,        /* a buffer is not inside guest RAM */
+    PYKVM_CHAIN_TOO_LONG = -4,          /* more hops than descriptors: a loop */
+    PYKVM_CHAIN_BAD_NEXT = -5,          /* a next index outside the table */
+    PYKVM_CHAIN_NESTED_INDIRECT = -6,   /* an indirect descriptor in an indirect table */
+    PYKVM_CHAIN_BAD_INDIRECT = -7,      /* indirect table length 0, not a multiple of 16, or with NEXT */
+    PYKVM_CHAIN_TOO_MANY_BUFFERS = -8,  /* more buffers than the caller has room for */
+    PYKVM_CHAIN_TOO_LARGE = -9,         /* lengths add up past 2^32 - 1 */
+    PYKVM_CHAIN_INDIRECT_NOT_NEGOTIATED = -10,
+};
+
+struct pykvm_mem_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t host;
+};
+
+struct pykvm_guest_memory {
+    uint32_t count;
+    struct pykvm_mem_region regions[PYKVM_MEM_REGIONS_MAX];
+};
+
+struct pykvm_buffer {
+    uint64_t gpa;
+    uint64_t host;
+    uint32_t len;
+    uint32_t writable;
+};
+
+struct pykvm_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+/* The host address of [gpa, gpa + len), or 0 if it is not wholly inside one region. */
+static uint64_t guest_host_address(const struct pykvm_guest_memory *mem, uint64_t gpa, uint64_t len)
+{
+    for (uint32_t i = 0; i < mem->count && i < PYKVM_MEM_REGIONS_MAX; i++) {
+        const struct pykvm_mem_region *r = &mem->regions[i];
+
+        if (gpa >= r->gpa && gpa - r->gpa <= r->size && len <= r->size - (gpa - r->gpa))
+            return r->host + (gpa - r->gpa);
+    }
+    return 0;
+}
+
+static void read_desc(uint64_t table_host, uint32_t index, struct pykvm_desc *desc)
+{
+    /* volatile: the guest may change the table under us; read each descriptor exactly once */
+    const volatile uint8_t *src = (const volatile uint8_t *)(uintptr_t)(table_host + (uint64_t)index * VIRTQ_DESC_SIZE);
+    uint8_t raw[VIRTQ_DESC_SIZE];
+
+    for (int i = 0; i < VIRTQ_DESC_SIZE; i++)
+        raw[i] = src[i];
+    memcpy(desc, raw, sizeof(*desc));
+}
+
+struct chain_walk {
+    const struct pykvm_guest_memory *mem;
+    struct pykvm_buffer *out;
+    uint32_t max_out;
+    uint32_t count;
+    uint64_t total;
+};
+
+static int add_buffer(struct chain_walk *walk, const struct pykvm_desc *desc)
+{
+    uint64_t host = guest_host_address(walk->mem, desc->addr, desc->len);
+
+    if (!host && desc->len)
+        return PYKVM_CHAIN_BAD_BUFFER;
+    if (walk->count >= walk->max_out)
+        return PYKVM_CHAIN_TOO_MANY_BUFFERS;
+    walk->total += desc->len;
+    if (walk->total > UINT32_MAX)
+        return PYKVM_CHAIN_TOO_LARGE;
+    walk->out[walk->count++] = (struct pykvm_buffer){
+        .gpa = desc->addr, .host = host, .len = desc->len,
+        .writable = (desc->flags & VIRTQ_DESC_F_WRITE) != 0,
+    };
+    return 0;
+}
+
+/* Walk the descriptors of one table from `index`, following NEXT, at most `entries` hops. */
+static int walk_table(struct chain_walk *walk, uint64_t table_host, uint32_t entries, uint32_t index,
+                      int in_indirect, int indirect_ok, uint64_t *indirect_gpa, uint32_t *indirect_len)
+{
+    for (uint32_t hops = 0;; hops++) {
+        struct pykvm_desc desc;
+        int err;
+
+        if (hops >= entries)
+            return PYKVM_CHAIN_TOO_LONG;
+        read_desc(table_host, index, &desc);
+        if (desc.flags & VIRTQ_DESC_F_INDIRECT) {
+            if (in_indirect)
+                return PYKVM_CHAIN_NESTED_INDIRECT;
+            if (!indirect_ok)
+                return PYKVM_CHAIN_INDIRECT_NOT_NEGOTIATED;
+            if ((desc.flags & VIRTQ_DESC_F_NEXT) || desc.len == 0 || desc.len % VIRTQ_DESC_SIZE)
+                return PYKVM_CHAIN_BAD_INDIRECT;
+            *indirect_gpa = desc.addr; /* the indirect table ends this chain */
+            *indirect_len = desc.len;
+            return 0;
+        }
+        err = add_buffer(walk, &desc);
+        if (err)
+            return err;
+        if (!(desc.flags & VIRTQ_DESC_F_NEXT))
+            return 0;
+        if (desc.next >= entries)
+            return PYKVM_CHAIN_BAD_NEXT;
+        index = desc.next;
+    }
+}
+
+int pykvm_chain_walk(const struct pykvm_guest_memory *mem, uint64_t desc_table, uint32_t queue_size,
+                     uint32_t head, int indirect_ok, struct pykvm_buffer *out, uint32_t max_out)
+{
+    struct chain_walk walk = { .mem = mem, .out = out, .max_out = max_out };
+    uint64_t table_host, indirect_gpa = 0;
+    uint32_t indirect_len = 0;
+    int err;
+
+    if (head >= queue_size)
+        return PYKVM_CHAIN_BAD_HEAD;
+    table_host = guest_host_address(mem, desc_table, (uint64_t)queue_size * VIRTQ_DESC_SIZE);
+    if (!table_host)
+        return PYKVM_CHAIN_BAD_TABLE;
+    err = walk_table(&walk, table_host, queue_size, head, 0, indirect_ok, &indirect_gpa, &indirect_len);
+    if (err)
+        return err;
+    if (indirect_len) {
+        table_host = guest_host_address(mem, indirect_gpa, indirect_len);
+        if (!table_host)
+            return PYKVM_CHAIN_BAD_TABLE;
+        err = walk_table(&walk, table_host, indirect_len / VIRTQ_DESC_SIZE, 0, 1, 1, &indirect_gpa, &indirect_len);
+        if (err)
+            return err;
+    }
+    return (int)walk.count;
+}

@@ -304,3 +304,34 @@ int pykvm_loop_run(struct pykvm_loop *loop);
 int pykvm_install_kick_handler(int signo);
 uint8_t *pykvm_io_data(struct kvm_run *run);
 struct kvm_regs *pykvm_sync_regs(struct kvm_run *run);
+
+/* ---- virtqueue descriptor chains ---- */
+#define PYKVM_MEM_REGIONS_MAX ...
+
+enum pykvm_chain_error {
+    PYKVM_CHAIN_BAD_HEAD, PYKVM_CHAIN_BAD_TABLE, PYKVM_CHAIN_BAD_BUFFER, PYKVM_CHAIN_TOO_LONG,
+    PYKVM_CHAIN_BAD_NEXT, PYKVM_CHAIN_NESTED_INDIRECT, PYKVM_CHAIN_BAD_INDIRECT,
+    PYKVM_CHAIN_TOO_MANY_BUFFERS, PYKVM_CHAIN_TOO_LARGE, PYKVM_CHAIN_INDIRECT_NOT_NEGOTIATED,
+    ...
+};
+
+struct pykvm_mem_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t host;
+};
+
+struct pykvm_guest_memory {
+    uint32_t count;
+    struct pykvm_mem_region regions[...];
+};
+
+struct pykvm_buffer {
+    uint64_t gpa;
+    uint64_t host;
+    uint32_t len;
+    uint32_t writable;
+};
+
+int pykvm_chain_walk(const struct pykvm_guest_memory *mem, uint64_t desc_table, uint32_t queue_size,
+                     uint32_t head, int indirect_ok, struct pykvm_buffer *out, uint32_t max_out);

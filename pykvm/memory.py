@@ -113,6 +113,16 @@ class GuestMemory:
         region, offset = self.locate(gpa, length)
         return region.host_addr + offset
 
+    def native_table(self) -> object:
+        """The regions as a ``struct pykvm_guest_memory *`` for C code that checks guest addresses."""
+        if len(self.regions) > lib.PYKVM_MEM_REGIONS_MAX:
+            raise ConfigError(f"C code handles at most {lib.PYKVM_MEM_REGIONS_MAX} memory regions")
+        table = ffi.new("struct pykvm_guest_memory *")
+        table.count = len(self.regions)
+        for entry, region in zip(table.regions, self.regions):
+            entry.gpa, entry.size, entry.host = region.gpa, region.size, region.host_addr
+        return table
+
     def discard(self, gpa: int, length: int) -> None:
         """Give whole pages back to the host (MADV_DONTNEED); the guest then reads zeros there."""
         if gpa % PAGE_SIZE or length % PAGE_SIZE:

@@ -63,3 +63,6 @@ MPTABLE_END = 0xF1000
 # The in-kernel interrupt controllers' MMIO windows (inside the MMIO hole).
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
+# virtio-mmio devices: one 4 KiB window each, from here up, in the order they are attached.
+VIRTIO_MMIO_START = 0xD000_0000
+VIRTIO_MMIO_STRIDE = 0x1000
