@@ -23,7 +23,7 @@
 
 enum pykvm_fast_kind { PYKVM_FAST_CONSTANT, PYKVM_FAST_DEBUG_EXIT, PYKVM_FAST_SERIAL_TX };
 enum pykvm_space { PYKVM_SPACE_PIO, PYKVM_SPACE_MMIO };
-enum pykvm_stop { PYKVM_STOP_EXIT, PYKVM_STOP_DEBUG_EXIT, PYKVM_STOP_INTERRUPTED };
+enum pykvm_stop { PYKVM_STOP_EXIT, PYKVM_STOP_DEBUG_EXIT, PYKVM_STOP_INTERRUPTED, PYKVM_STOP_REQUESTED };
 
 struct pykvm_fast_handler {
     uint32_t kind;
@@ -47,6 +47,7 @@ struct pykvm_fast_table {
 struct pykvm_loop {
     int vcpu_fd;
     struct kvm_run *run;
+    uint32_t stop; /* set by another thread (then immediate_exit, then a kick signal) */
     struct pykvm_fast_table *table;
     uint64_t exits[PYKVM_EXIT_REASONS];
     uint64_t fast_exits;
@@ -204,7 +205,16 @@ static int handle_fast(struct pykvm_loop *loop)
 int pykvm_loop_run(struct pykvm_loop *loop)
 {
     for (;;) {
-        uint64_t start = now_ns(), entered;
+        uint64_t start, entered;
+
+        /* Clear immediate_exit, then look at the stop flag: a thread that sets the flag and
+         * then immediate_exit cannot be missed whichever way the two interleave.  The fence
+         * keeps the load from passing the store (x86 may reorder a store with a later load). */
+        loop->run->immediate_exit = 0;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&loop->stop, __ATOMIC_RELAXED))
+            return PYKVM_STOP_REQUESTED;
+        start = now_ns();
         int ret = ioctl(loop->vcpu_fd, KVM_RUN, 0);
         int err = errno, handled;
 

@@ -36,6 +36,8 @@ typedef int... __s32;
 #define KVM_ENABLE_CAP ...
 #define KVM_IOEVENTFD ...
 #define KVM_CREATE_IRQCHIP ...
+#define KVM_IRQFD ...
+#define KVM_IRQFD_FLAG_DEASSIGN ...
 #define KVM_IRQ_LINE ...
 #define KVM_SET_GSI_ROUTING ...
 #define KVM_CREATE_PIT2 ...
@@ -212,6 +214,13 @@ struct kvm_irq_routing {
     ...;
 };
 
+struct kvm_irqfd {
+    __u32 fd;
+    __u32 gsi;
+    __u32 flags;
+    ...;
+};
+
 struct kvm_enable_cap {
     __u32 cap;
     __u32 flags;
@@ -263,6 +272,7 @@ enum pykvm_stop {
     PYKVM_STOP_EXIT,        /* an exit Python must handle: see run->exit_reason */
     PYKVM_STOP_DEBUG_EXIT,  /* a debug-exit port was written: see debug_exit_value */
     PYKVM_STOP_INTERRUPTED, /* KVM_RUN returned EINTR (a signal or immediate_exit) */
+    PYKVM_STOP_REQUESTED,   /* the loop's stop flag was set */
     ...
 };
 
@@ -289,6 +299,7 @@ struct pykvm_fast_table {
 struct pykvm_loop {
     int vcpu_fd;
     struct kvm_run *run;
+    uint32_t stop;
     struct pykvm_fast_table *table;
     uint64_t exits[...];
     uint64_t fast_exits;

@@ -11,7 +11,7 @@ from typing import NoReturn
 import click
 
 from .boot import FORMATS
-from .config import MachineConfig
+from .config import DiskConfig, MachineConfig, NetConfig
 from .console import StdinForwarder
 from .errors import PykvmError
 from .info import format_info, host_info
@@ -60,6 +60,7 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 @click.argument("guest", type=click.Path(path_type=Path, dir_okay=True))
 @click.option("-m", "--memory", default="64M", show_default=True, help="Guest RAM, e.g. 64M or 1G (a bare number is MiB).")
 @click.option("-c", "--cpus", default=1, show_default=True, type=click.IntRange(min=1), help="Number of vCPUs.")
+@click.option("--no-irqchip", is_flag=True, help="A minimal machine: no PIC/IOAPIC/LAPIC/PIT, no virtio.")
 @click.option("--cmdline", default="", help="Kernel command line.")
 @click.option("--module", "modules", multiple=True, type=click.Path(path_type=Path), help="A multiboot module (repeatable).")
 @click.option("--initrd", type=click.Path(path_type=Path), help="An initial ramdisk (Linux).")
@@ -69,11 +70,19 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 @click.option("--entry", type=_Address(), help="Entry point of a flat binary [default: its load address].")
 @click.option("--user-mode", is_flag=True, help="Enter long-mode code at CPL3.")
 @click.option("--serial", default="stdio", show_default=True, help="Serial output: stdio, none or a file path.")
+@click.option("--console", type=click.Choice(["serial", "virtio"]), default="serial", show_default=True,
+              help="Also give the guest a virtio-console (same output as the serial port).")  # fmt: skip
+@click.option("--disk", "disks", multiple=True, metavar="PATH[,ro]", help="A raw disk image as virtio-blk (repeatable).")
+@click.option("--rng", is_flag=True, help="A virtio-rng fed from the host's getrandom().")
+@click.option("--net", metavar="tap[=NAME]", help="A virtio-net on a TAP device.")
+@click.option("--virtio-notify", type=click.Choice(["ioeventfd", "sync"]), default="ioeventfd", show_default=True,
+              help="How queue notifications reach devices: an I/O thread, or synchronous MMIO exits (debugging).")  # fmt: skip
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop the guest after this many seconds (status 124).")
 @click.option("--stats", is_flag=True, help="Print exit counts and where the time went, on stderr.")
 @click.pass_obj
-def run(device: str, guest: Path, memory: str, cpus: int, cmdline: str, modules: tuple[Path, ...], initrd: Path | None, image_format: str, mode: str | None,
-        load_addr: int | None, entry: int | None, user_mode: bool, serial: str, timeout: float | None, stats: bool) -> None:  # fmt: skip
+def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdline: str, modules: tuple[Path, ...], initrd: Path | None, image_format: str, mode: str | None,
+        load_addr: int | None, entry: int | None, user_mode: bool, serial: str, console: str, disks: tuple[str, ...],
+        rng: bool, net: str | None, virtio_notify: str, timeout: float | None, stats: bool) -> None:  # fmt: skip
     """Boot GUEST (flat binary, ELF or multiboot kernel); exit with the guest's status.
 
     \b
@@ -83,7 +92,19 @@ def run(device: str, guest: Path, memory: str, cpus: int, cmdline: str, modules:
     """
     forwarder = None
     try:
-        with Machine(MachineConfig(memory=memory, cpus=cpus, serial=serial, kvm_path=device)) as vm:
+        config = MachineConfig(
+            memory=memory,
+            cpus=cpus,
+            irqchip=not no_irqchip,
+            serial=serial,
+            console=console,
+            disks=tuple(DiskConfig.parse(disk) for disk in disks),
+            rng=rng,
+            net=NetConfig.parse(net) if net else None,
+            virtio_notify=virtio_notify,
+            kvm_path=device,
+        )
+        with Machine(config) as vm:
             vm.load(guest, format=image_format, cmdline=cmdline, modules=modules, initrd=initrd, mode=mode,
                     load_addr=load_addr, entry=entry, user=user_mode)  # fmt: skip
             if serial == "stdio":

@@ -41,18 +41,61 @@ def check_memory_size(size: int) -> None:
 
 
 @dataclass(frozen=True)
+class DiskConfig:
+    """A virtio-blk disk: a raw image file, optionally read-only."""
+
+    path: str
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> DiskConfig:
+        """``PATH`` or ``PATH,ro`` (the ``--disk`` syntax)."""
+        path, _, options = text.partition(",")
+        if not path or options not in ("", "ro", "rw"):
+            raise ConfigError(f"cannot read disk {text!r}: write it as PATH or PATH,ro")
+        return cls(path, options == "ro")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """A virtio-net device on a TAP interface (``tap`` None: the kernel picks a name)."""
+
+    tap: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> NetConfig:
+        """``tap`` or ``tap=NAME`` (the ``--net`` syntax)."""
+        kind, _, name = text.partition("=")
+        if kind != "tap" or (text.startswith("tap=") and not name):
+            raise ConfigError(f"cannot read network {text!r}: write it as tap or tap=NAME")
+        return cls(name or None)
+
+
+@dataclass(frozen=True)
 class MachineConfig:
     """What a machine is made of.
 
     ``memory`` is RAM in bytes (or a size string, see :func:`parse_size`); ``cpus`` the number of vCPUs.
+    ``irqchip`` gives the in-kernel PIC, IOAPIC, LAPIC and PIT (off: a minimal machine).
     ``serial`` is where the UART's output goes: ``"stdio"``, ``"none"`` or a file path;
-    ``capture_serial`` also keeps it in the run's result.
+    ``capture_serial`` also keeps it in the run's result.  ``console="virtio"`` adds a
+    virtio-console writing to the same place; ``disks`` are virtio-blk images; ``rng``
+    adds a virtio-rng; ``net`` a virtio-net on a TAP device.
+    ``virtio_notify`` is how virtqueue notifications reach the devices: ``"ioeventfd"``
+    (an I/O thread, no exit to userspace) or ``"sync"`` (an MMIO exit handled on the
+    vCPU thread; for debugging).
     """
 
     memory: int | str = 64 * MIB
     cpus: int = 1
+    irqchip: bool = True
     serial: str = "none"
     capture_serial: bool = False
+    console: str = "serial"
+    disks: tuple[DiskConfig, ...] = ()
+    rng: bool = False
+    net: NetConfig | None = None
+    virtio_notify: str = "ioeventfd"
     kvm_path: str = DEFAULT_PATH
 
     @property
@@ -63,5 +106,11 @@ class MachineConfig:
         check_memory_size(self.memory_bytes)
         if not isinstance(self.cpus, int) or self.cpus < 1:
             raise ConfigError(f"a machine needs at least one vCPU, not {self.cpus!r}")
+        if self.cpus > 1 and not self.irqchip:
+            raise ConfigError("several vCPUs need the in-kernel irqchip (their LAPICs start the APs)")
         if not self.serial:
             raise ConfigError("serial must be 'stdio', 'none' or a file path")
+        if self.console not in ("serial", "virtio"):
+            raise ConfigError(f"console must be 'serial' or 'virtio', not {self.console!r}")
+        if self.virtio_notify not in ("ioeventfd", "sync"):
+            raise ConfigError(f"virtio_notify must be 'ioeventfd' or 'sync', not {self.virtio_notify!r}")

@@ -1,19 +1,20 @@
 """The stop request of a run, and how it reaches every vCPU thread.
 
 A vCPU thread sits in KVM_RUN for as long as its guest does not exit, so a stop
-request (the guest ended, a timeout, another vCPU failed) must kick it out: set
-its ``immediate_exit`` and send its thread :data:`KICK_SIGNAL`, whose handler
-does nothing but make KVM_RUN return EINTR.  The run loop clears
-``immediate_exit`` *before* it looks at the stop request; a kicker sets the
-request *before* ``immediate_exit``.  Whichever way the two threads interleave,
-a vCPU cannot re-enter the guest without seeing the request.
+request (the guest ended, a timeout, another vCPU failed) must get it out: the
+request sets every vCPU's stop flag and ``immediate_exit``
+(:meth:`~pykvm.kvm.Vcpu.request_stop`), then sends each running thread
+:data:`KICK_SIGNAL`, whose handler does nothing but make KVM_RUN return EINTR.  The C
+run loop clears ``immediate_exit`` before it reads the flag, so a vCPU cannot enter
+the guest again without seeing the request, and one whose thread has not started
+yet sees it at its first KVM_RUN.
 
-With the in-kernel irqchip, HLT never leaves the kernel, so a guest that halts
-with interrupts disabled would sit there for ever, as on hardware.  The run's
-monitor thread therefore probes now and then (:meth:`RunControl.probe`): every
-vCPU is kicked once and reports whether it can still run by itself.  When in two
-probe rounds in a row none can, the run stops as "halted" (two rounds, because a
-vCPU may report "waiting for SIPI" just before another one wakes it and halts).
+With the in-kernel irqchip, HLT never leaves the kernel, so a guest that halts with
+interrupts disabled would sit there for ever, as on hardware.  The run's monitor
+thread therefore probes now and then (:meth:`RunControl.probe`): every vCPU is
+interrupted once and reports whether it can still run by itself.  When in two probe
+rounds in a row none can, the run stops as "halted" (two rounds, because a vCPU may
+report "waiting for SIPI" just before another one wakes it and halts).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from .native import lib
 from .result import ExitReason
@@ -50,13 +51,16 @@ class Stop:
 class RunControl:
     """One run's stop request, the vCPU threads it must reach, and the halt probe."""
 
-    def __init__(self) -> None:
+    def __init__(self, vcpus: Sequence[Vcpu]) -> None:
         self._lock = threading.Lock()
+        self._vcpus = list(vcpus)
         self.stop: Stop | None = None
-        self._threads: dict[int, tuple[Vcpu, int]] = {}
+        self._threads: dict[int, int] = {}  # vCPU id -> the thread running it
         self._probe_round = 0
         self._halted: dict[int, int] = {}  # vCPU id -> the last probe round it reported halted in
         self._all_halted_since: int | None = None  # first probe round of an all-halted streak
+        for vcpu in self._vcpus:
+            vcpu.clear_stop()
 
     def request_stop(self, stop: Stop) -> None:
         """Ask every vCPU to stop; the first request wins."""
@@ -64,36 +68,34 @@ class RunControl:
             if self.stop is not None:
                 return
             self.stop = stop
-            self._kick_all()
+            for vcpu in self._vcpus:
+                vcpu.request_stop()
+            self._kick_threads()
 
     def enter(self, vcpu: Vcpu) -> None:
         """Register the calling thread as the one running ``vcpu``."""
         with self._lock:
-            self._threads[vcpu.id] = (vcpu, threading.get_ident())
+            self._threads[vcpu.id] = threading.get_ident()
 
     def leave(self, vcpu: Vcpu) -> None:
         with self._lock:
             self._threads.pop(vcpu.id, None)
 
-    def should_stop(self, vcpu: Vcpu) -> bool:
-        """Called before each KVM_RUN: clears ``immediate_exit``, then looks at the request."""
-        vcpu.immediate_exit = False
-        return self.stop is not None
-
     def probe(self) -> None:
-        """Start a halt probe round: kick every vCPU so that it reports its state."""
+        """Start a halt probe round: interrupt every vCPU so that it reports its state."""
         with self._lock:
             self._probe_round += 1
-            self._kick_all()
+            for vcpu in self._vcpus:
+                vcpu.interrupt()
+            self._kick_threads()
 
-    def _kick_all(self) -> None:
-        for vcpu, thread in self._threads.values():
-            vcpu.immediate_exit = True
+    def _kick_threads(self) -> None:
+        for thread in self._threads.values():
             if thread != threading.get_ident():
                 signal.pthread_kill(thread, KICK_SIGNAL)
 
     def report(self, vcpu: Vcpu) -> None:
-        """After a kick: note whether ``vcpu`` can run by itself, and stop if no vCPU can."""
+        """After an interruption: note whether ``vcpu`` can run by itself, and stop if no vCPU can."""
         halted = _cannot_run_by_itself(vcpu)
         with self._lock:
             this_round = self._probe_round
@@ -102,7 +104,7 @@ class RunControl:
                 self._all_halted_since = None
                 return
             self._halted[vcpu.id] = this_round
-            if not all(self._halted.get(vcpu_id) == this_round for vcpu_id in self._threads):
+            if not all(self._halted.get(other.id) == this_round for other in self._vcpus):
                 return
             if self._all_halted_since is None:
                 self._all_halted_since = this_round

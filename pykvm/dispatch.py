@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 from .control import RunControl, Stop
 from .devices.bus import Bus
@@ -48,7 +49,7 @@ class ExitDispatcher:
         self.pio = pio
         self.mmio = mmio
         self._device_lock = threading.Lock()
-        self.by_address: Counter[str] = Counter()
+        self.by_address: Counter[tuple[str, int, bool]] = Counter()  # (space, address, is_write)
         self.handler_ns = 0
 
     def handle(self, vcpu: Vcpu, exit: Exit, control: RunControl) -> None:
@@ -80,14 +81,15 @@ class ExitDispatcher:
                 why = f"unhandled exit {EXIT_NAMES.get(reason, str(reason))}{detail}"
                 stop(Stop(ExitReason.UNHANDLED, why, None, True, vcpu.id))
 
-    def _dispatch(self, bus: Bus, space: str, addr: int, size: int, count: int, is_write: bool, data: memoryview) -> None:
+    def _dispatch(self, bus: Bus, space: str, addr: int, size: int, count: int, is_write: bool, data: Any) -> None:
         started = time.monotonic_ns()
         with self._device_lock:
-            self.by_address[f"{space} {addr:#06x} {'write' if is_write else 'read'}"] += 1
-            for i in range(0, size * count, size):
-                if is_write:
+            self.by_address[(space, addr, is_write)] += 1
+            if is_write:
+                for i in range(0, size * count, size):
                     bus.write(addr, size, int.from_bytes(data[i : i + size], "little"))
-                else:
+            else:
+                for i in range(0, size * count, size):
                     data[i : i + size] = bus.read(addr, size).to_bytes(size, "little")
             self.handler_ns += time.monotonic_ns() - started
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import threading
 import time
 from pathlib import Path
@@ -24,23 +25,32 @@ from .config import MachineConfig
 from .console import SerialOutput
 from .control import KICK_SIGNAL, RunControl, Stop
 from .devices.bus import Bus
+from .devices.acpi_pm import AcpiPm
 from .devices.cmos import Cmos
 from .devices.debug_exit import DebugExit
+from .devices.fw_cfg import FW_CFG_IO_BASE, FwCfg, set_cmdline, standard_items
 from .devices.i8042 import I8042
 from .devices.ports import ConstantPort
 from .devices.uart import Uart16550
+from .devices.virtio.device import VirtioDevice
+from .devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY, VirtioMmioTransport
+from .devices.virtio.rng import VirtioRng
 from .dispatch import EXIT_NAMES, ExitDispatcher
 from .errors import ConfigError, GuestMemoryError, ImageError, PykvmError
+from .iothread import IoThread
 from .kvm import Kvm, Vcpu
+from .kvm.exits import StopRequested
 from .kvm.fastpath import FastKind, FastTable, Space
 from .memory import GuestMemory
 from .native import lib
 from .result import ExitReason, RunResult, RunStats, format_registers, status_of
 from .x86 import layout
+from .x86.acpi import ACPI_PM_BASE, build_acpi_tables
 from .x86.cpu import BOOT_MSRS, apply_entry, vcpu_cpuid
 from .x86.e820 import build_memory_map, ram_regions
 from .x86.entry import CpuMode
-from .x86.interrupts import COM1_IRQ, gsi_routes
+from .x86.mptable import build_mptable
+from .x86.interrupts import COM1_IRQ, VIRTIO_IRQS, gsi_routes
 
 COM1_BASE, COM1_SIZE = 0x3F8, 8
 DEBUG_EXIT_BASE, DEBUG_EXIT_SIZE = 0xF4, 4
@@ -51,8 +61,21 @@ POST_PORT = 0x80
 HALT_PROBE_INTERVAL = 0.1
 
 
+@dataclasses.dataclass
+class VirtioSlot:
+    """Where a virtio device sits: its MMIO window, its interrupt, its queue notifiers."""
+
+    base: int
+    gsi: int
+    transport: VirtioMmioTransport = dataclasses.field(init=False)
+    notifiers: dict[int, int] = dataclasses.field(default_factory=dict)  # queue index -> ioeventfd
+
+
 class Machine:
     """A virtual PC: vCPUs, guest RAM, the in-kernel PIC/IOAPIC/LAPIC/PIT and the legacy devices.
+
+    With ``irqchip=False`` the machine is minimal: no interrupt controllers, no PIT and
+    no virtio; HLT then leaves the kernel and ends the run at once.
 
     >>> with Machine(memory="64M", capture_serial=True) as vm:     # doctest: +SKIP
     ...     vm.load("guests/build/hello_real.bin")
@@ -66,7 +89,7 @@ class Machine:
         self.config = dataclasses.replace(config, **options) if options else config
         self.config.validate()
         self._closers: list[Callable[[], None]] = []
-        self._control = RunControl()
+        self._control: RunControl | None = None  # the current (or last) run's
         self._plan: BootPlan | None = None
         self._wall_ns = 0
         try:
@@ -83,11 +106,12 @@ class Machine:
         self.vm = self._closing(self.kvm.create_vm())
         self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
         self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
-        self._create_interrupt_controllers()
         ram = self.config.memory_bytes
         self.memory_map = build_memory_map(ram)
         self.memory = self._closing(GuestMemory(ram_regions(ram)))
-        self.memory.register(self.vm)
+        self.memory.register(self.vm)  # before the irqchip: afterwards each slot waits for an SRCU grace period
+        if self.config.irqchip:
+            self._create_interrupt_controllers()
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
         self.dispatch = ExitDispatcher(self.pio, self.mmio)
@@ -98,6 +122,11 @@ class Machine:
         self._attach_i8042()
         self._attach_cmos()
         self._attach_post_port()
+        self._attach_firmware()
+        self.virtio: list[VirtioSlot] = []
+        self._iothread: IoThread | None = None
+        if self.config.rng:
+            self.attach_virtio(VirtioRng())
         supported_cpuid = self.kvm.supported_cpuid()
         self.vcpus = [self._create_vcpu(i, supported_cpuid) for i in range(self.config.cpus)]
 
@@ -117,6 +146,7 @@ class Machine:
 
     def _request_stop(self, reason: ExitReason, diagnosis: str, value: int | None = None) -> None:
         """What devices call to end the run (from a vCPU thread, inside an exit)."""
+        assert self._control is not None, "devices only act while the guest runs"
         self._control.request_stop(Stop(reason, diagnosis, value))
 
     def _attach_serial(self) -> None:
@@ -127,7 +157,7 @@ class Machine:
 
         self.serial = Uart16550(
             self.serial_output.write,
-            irq=functools.partial(self.vm.irq_line, COM1_IRQ),
+            irq=functools.partial(self.vm.irq_line, COM1_IRQ) if self.config.irqchip else None,
             on_fast_transmit_change=follow_fast_path,
         )
         self.pio.register(COM1_BASE, COM1_SIZE, self.serial)
@@ -147,6 +177,84 @@ class Machine:
     def _attach_post_port(self) -> None:
         self.fast.add(FastKind.CONSTANT, Space.PIO, POST_PORT, 1, value=0xFF)
         self.pio.register(POST_PORT, 1, ConstantPort(0xFF))
+
+    def attach_virtio(self, device: VirtioDevice) -> VirtioSlot:
+        """Put ``device`` behind the next virtio-mmio window and IRQ (see :meth:`kernel_device_args`)."""
+        index = len(self.virtio)
+        if not self.config.irqchip:
+            raise ConfigError("virtio devices need the in-kernel irqchip (irqchip=True)")
+        if index >= len(VIRTIO_IRQS):
+            raise ConfigError(f"at most {len(VIRTIO_IRQS)} virtio devices fit this machine's interrupt lines")
+        slot = VirtioSlot(layout.VIRTIO_MMIO_START + index * layout.VIRTIO_MMIO_STRIDE, VIRTIO_IRQS[index])
+        slot.transport = VirtioMmioTransport(
+            device,
+            self.memory,
+            self._interrupt(slot.gsi),
+            on_activate=functools.partial(self._wire_queues, slot),
+            on_reset=functools.partial(self._unwire_queues, slot),
+        )
+        self.mmio.register(slot.base, MMIO_SIZE, slot.transport)
+        if self._iothread is None:
+            self._iothread = self._closing(IoThread())
+        for fd in device.host_fds():
+            self._iothread.add(fd, functools.partial(device.on_host_readable, fd))
+        self.virtio.append(slot)
+        return slot
+
+    def _interrupt(self, gsi: int) -> Callable[[], None]:
+        """An edge on ``gsi``: through an irqfd, or (synchronous mode) two KVM_IRQ_LINE calls."""
+        if self.config.virtio_notify == "sync":
+            return lambda: (self.vm.irq_line(gsi, True), self.vm.irq_line(gsi, False))
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._closers.append(functools.partial(os.close, fd))
+        self.vm.irqfd(fd, gsi)
+        return functools.partial(os.eventfd_write, fd, 1)
+
+    def _wire_queues(self, slot: VirtioSlot, transport: VirtioMmioTransport) -> None:
+        """DRIVER_OK: each ready queue's QueueNotify write signals an eventfd the I/O thread waits on."""
+        if self.config.virtio_notify == "sync":
+            return  # the write exits to the vCPU thread, which processes the queue itself
+        assert self._iothread is not None  # made with the first virtio device
+        for index, queue in enumerate(transport.queues):
+            if queue.ready:
+                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self.vm.ioeventfd(fd, slot.base + QUEUE_NOTIFY, 4, pio=False, datamatch=index)
+                self._iothread.add(fd, functools.partial(_notified, fd, transport, index))
+                slot.notifiers[index] = fd
+
+    def _unwire_queues(self, slot: VirtioSlot, transport: VirtioMmioTransport) -> None:
+        assert self._iothread is not None or not slot.notifiers
+        for index, fd in slot.notifiers.items():
+            self._iothread.remove(fd)
+            self.vm.ioeventfd(fd, slot.base + QUEUE_NOTIFY, 4, pio=False, datamatch=index, deassign=True)
+            os.close(fd)
+        slot.notifiers.clear()
+
+    def kernel_device_args(self) -> str:
+        """The ``virtio_mmio.device=<size>@<addr>:<irq>`` arguments that tell Linux where the devices are."""
+        return " ".join(f"virtio_mmio.device=4K@{slot.base:#x}:{slot.gsi}" for slot in self.virtio)
+
+    def _attach_firmware(self) -> None:
+        """fw_cfg; with the irqchip, the ACPI tables and MP table that describe it, and the ACPI PM block."""
+        acpi = None
+        if self.config.irqchip:
+            acpi = build_acpi_tables(self.config.cpus)
+            self.memory.write(acpi.base, acpi.blob)
+            self.memory.write(layout.MPTABLE_START, build_mptable(self.config.cpus))
+            power = AcpiPm(lambda: self._request_stop(ExitReason.POWEROFF, "the guest powered off (ACPI S5)"))
+            self.pio.register(ACPI_PM_BASE, AcpiPm.SIZE, power)
+        self.acpi = acpi
+        self.fw_cfg = FwCfg()
+        standard_items(
+            self.fw_cfg,
+            cpus=self.config.cpus,
+            max_cpus=self.config.cpus,
+            ram_size=self.config.memory_bytes,
+            cmdline="",
+            memory_map=self.memory_map,
+            acpi=acpi,
+        )
+        self.pio.register(FW_CFG_IO_BASE, FwCfg.SIZE, self.fw_cfg)
 
     def _create_vcpu(self, vcpu_id: int, supported_cpuid: list) -> Vcpu:
         vcpu = self._closing(self.vm.create_vcpu(vcpu_id))
@@ -195,6 +303,7 @@ class Machine:
             cmdline=cmdline,
             modules=tuple(Module(Path(m), read_image(Path(m)), str(m)) for m in modules),
             initrd=Module(Path(initrd), read_image(Path(initrd)), str(initrd)) if initrd is not None else None,
+            rsdp_addr=self.acpi.base if self.acpi is not None else None,
             mode=CpuMode(mode) if mode is not None else None,
             load_addr=load_addr,
             entry=entry,
@@ -211,6 +320,7 @@ class Machine:
         except GuestMemoryError as err:
             raise ImageError(str(path), f"does not fit in guest memory: {err}") from err
         apply_entry(self.vcpus[0], self.memory, entry_state)
+        set_cmdline(self.fw_cfg, cmdline)
         self._plan = plan
         return plan
 
@@ -221,7 +331,7 @@ class Machine:
             raise PykvmError("nothing to run: load a guest image first")
         if timeout is not None and timeout <= 0:
             raise ConfigError(f"timeout must be positive, not {timeout}")
-        control = self._control = RunControl()
+        control = self._control = RunControl(self.vcpus)
         capture_start = self.serial_output.captured_size()
         errors: list[BaseException] = []
         done = threading.Event()
@@ -248,9 +358,10 @@ class Machine:
 
     def _run_vcpu(self, vcpu: Vcpu, control: RunControl) -> None:
         control.enter(vcpu)
+        handle = self.dispatch.handle
         try:
-            while not control.should_stop(vcpu):
-                self.dispatch.handle(vcpu, vcpu.run(), control)
+            while not isinstance(exit := vcpu.run(), StopRequested):
+                handle(vcpu, exit, control)
         finally:
             control.leave(vcpu)
 
@@ -299,7 +410,10 @@ class Machine:
             for reason, count in vcpu.exit_counts().items():
                 name = EXIT_NAMES.get(reason, str(reason))
                 by_reason[name] = by_reason.get(name, 0) + count
-        by_address = dict(self.dispatch.by_address)
+        by_address = {
+            f"{space} {addr:#06x} {'write' if is_write else 'read'}": count
+            for (space, addr, is_write), count in self.dispatch.by_address.items()
+        }
         for handler in self.fast.handlers:
             space = "pio" if handler.space is Space.PIO else "mmio"
             for kind, count in (("read", handler.reads), ("write", handler.writes)):
@@ -313,6 +427,11 @@ class Machine:
             fast_handler_ns=sum(v.fast_ns for v in self.vcpus),
             python_handler_ns=self.dispatch.handler_ns,
         )
+
+
+def _notified(fd: int, transport: VirtioMmioTransport, queue_index: int) -> None:
+    os.eventfd_read(fd)
+    transport.notify(queue_index)
 
 
 def read_image(path: Path) -> bytes:

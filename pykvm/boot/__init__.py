@@ -1,8 +1,9 @@
 """Guest image loaders: each turns an image into a :class:`~pykvm.boot.plan.BootPlan`.
 
-One ``load(path, image, request)`` per format (flat binary, ELF, multiboot v1),
-and :func:`load_image`, which picks the loader, from the image itself when the
-format is ``"auto"``.  Loaders are pure: the caller reads the files.
+One ``load(path, image, request)`` per format (flat binary, ELF, multiboot v1,
+Linux bzImage, PVH), and :func:`load_image`, which picks the loader, from the
+image itself when the format is ``"auto"``.  Loaders are pure: the caller reads
+the files.
 """
 
 from __future__ import annotations
@@ -10,21 +11,40 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ConfigError
-from . import elf, flat, multiboot
+from ..errors import ConfigError, ImageError
+from . import elf, flat, linux, multiboot, pvh
 from .detect import detect
 from .flat import check_not_empty
 from .plan import BootPlan, LoadRequest
 
 AUTO = "auto"
-FORMATS = (AUTO, flat.FORMAT, elf.FORMAT, multiboot.FORMAT)
+FORMATS = (AUTO, flat.FORMAT, elf.FORMAT, multiboot.FORMAT, linux.FORMAT, pvh.FORMAT)
+# The formats that take an initrd (the Linux boot protocols).
+INITRD_FORMATS = (linux.FORMAT, pvh.FORMAT)
 
 Loader = Callable[[Path, bytes, LoadRequest], BootPlan]
 LOADERS: dict[str, Loader] = {
     flat.FORMAT: flat.load,
     elf.FORMAT: elf.load,
     multiboot.FORMAT: multiboot.load,
+    linux.FORMAT: linux.load,
+    pvh.FORMAT: pvh.load,
 }
+
+
+def _check_initrd(path: Path, kind: str, request: LoadRequest) -> None:
+    if request.initrd is None or kind in INITRD_FORMATS:
+        return
+    hint = (
+        "; pass the file to a multiboot kernel as a module with --module"
+        if kind == multiboot.FORMAT
+        else ""
+    )
+    raise ImageError(
+        str(path),
+        f"an initrd (--initrd {request.initrd.path}) is for Linux kernels (a bzImage or a PVH vmlinux), "
+        f"and this is a {kind} image{hint}",
+    )
 
 
 def load_image(path: Path, image: bytes, request: LoadRequest, format: str = AUTO) -> BootPlan:
@@ -32,13 +52,15 @@ def load_image(path: Path, image: bytes, request: LoadRequest, format: str = AUT
 
     A forced format is used as given and its loader still validates the image.
     Raises :class:`ConfigError` for an unknown format name and
-    :class:`~pykvm.errors.ImageError` for an image that cannot be loaded.
+    :class:`~pykvm.errors.ImageError` for an image that cannot be loaded
+    (an initrd given for a format other than ``linux`` or ``pvh`` included).
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown image format {format!r}; choose one of {', '.join(FORMATS)}")
     check_not_empty(path, image)
     kind = detect(path, image) if format == AUTO else format
+    _check_initrd(path, kind, request)
     return LOADERS[kind](path, image, request)
 
 
-__all__ = ["FORMATS", "LOADERS", "detect", "load_image"]
+__all__ = ["FORMATS", "INITRD_FORMATS", "LOADERS", "detect", "load_image"]

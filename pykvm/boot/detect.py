@@ -1,8 +1,10 @@
 """Telling what kind of guest image a file is, from its contents and then its name.
 
 The order matters: a multiboot header wins over the ELF magic (a multiboot
-kernel is usually also an ELF), and a flat binary has no signature at all, so it
-is only assumed from a file name suffix.
+kernel is usually also an ELF); an ELF with a PVH entry note
+(XEN_ELFNOTE_PHYS32_ENTRY) is a PVH kernel, other ELFs are plain ELF kernels;
+the "HdrS" magic at 0x202 makes a Linux bzImage; and a flat binary has no
+signature at all, so it is only assumed from a file name suffix.
 """
 
 from __future__ import annotations
@@ -10,18 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ImageError
-from . import elf, multiboot
+from . import elf, linux, multiboot, pvh
 from .flat import check_not_empty
-
-# The Linux boot protocol's setup header signature ("HdrS") and its file offset.
-BZIMAGE_MAGIC = b"HdrS"
-BZIMAGE_MAGIC_OFFSET = 0x202
-BZIMAGE = "bzimage"
 
 # File name suffixes taken to mean a flat binary.
 FLAT_SUFFIXES = (".bin", ".img", ".raw", ".flat", ".com")
 
-UNSUPPORTED = {BZIMAGE: "is a Linux bzImage; Linux bzImage boot is not supported yet"}
 UNKNOWN_REASON = (
     "cannot tell what kind of image this is (not ELF, multiboot or a Linux bzImage); "
     "if it is a flat binary, pass --format flat"
@@ -30,7 +26,7 @@ UNKNOWN_REASON = (
 
 def is_bzimage(image: bytes) -> bool:
     """Whether ``image`` carries the Linux boot protocol header magic."""
-    return image[BZIMAGE_MAGIC_OFFSET : BZIMAGE_MAGIC_OFFSET + len(BZIMAGE_MAGIC)] == BZIMAGE_MAGIC
+    return linux.is_bzimage(image)
 
 
 def sniff(image: bytes) -> str | None:
@@ -38,22 +34,19 @@ def sniff(image: bytes) -> str | None:
     if multiboot.find_header(image) is not None:
         return multiboot.FORMAT
     if elf.is_elf(image):
-        return elf.FORMAT
+        return pvh.FORMAT if pvh.is_pvh(image) else elf.FORMAT
     if is_bzimage(image):
-        return BZIMAGE
+        return linux.FORMAT
     return None
 
 
 def detect(path: Path, image: bytes) -> str:
-    """The loader format for ``image``: ``"multiboot"``, ``"elf"`` or ``"flat"``.
+    """The loader format for ``image``: ``"multiboot"``, ``"pvh"``, ``"elf"``, ``"linux"`` or ``"flat"``.
 
-    Raises :class:`ImageError` for an empty file, a format pykvm recognizes but
-    cannot boot yet (a Linux bzImage), and a file it cannot identify.
+    Raises :class:`ImageError` for an empty file and a file it cannot identify.
     """
     check_not_empty(path, image)
     kind = sniff(image)
-    if kind in UNSUPPORTED:
-        raise ImageError(str(path), UNSUPPORTED[kind])
     if kind is not None:
         return kind
     if Path(path).suffix.lower() in FLAT_SUFFIXES:

@@ -8,7 +8,7 @@ PIIX4 PM base), with the layout :mod:`pykvm.x86.acpi` writes into the FADT
 offset  width  register
 ======  =====  =========================================================================
 0       2      PM1_STS (4.8.4.1.1): write 1 to clear.  TMR_STS (bit 0) is set each time
-               the timer's top bit changes (section 4.8.2.1); nothing sets the others
+               the timer's top bit changes (section 4.8.3); nothing sets the others
 2       2      PM1_EN (4.8.4.1.2): the defined enable bits are stored and read back
 4       2      PM1_CNT (4.8.4.2.1): SCI_EN (bit 0) always reads 1, for the machine is
                always in ACPI mode (the FADT has no SMI_CMD); BM_RLD and SLP_TYP are
@@ -27,10 +27,12 @@ registers lie under it.  A read returns those bytes of each register's value
 as separate bytes may tear, as on hardware).  A write changes only the bytes it
 covers: the register's other bytes keep their value, and its side effects see
 the merged value, so a byte write of 0x34 to offset 5 (PM1_CNT's high byte)
-requests S5 like a 16-bit write of 0x3401 would.  (QEMU, since 2021, decodes
-byte accesses to PM1_CNT the same way: ``acpi_pm_cnt_read``/``acpi_pm_cnt_write``
-in ``hw/acpi/core.c`` shift by ``addr * 8``.)  Lanes past the range read 0xff.
-Accesses of other sizes read all ones and are dropped.
+requests S5 like a 16-bit write of 0x3401 would.  (QEMU decodes a byte write
+to PM1_CNT's high byte the same way since 2023: ``acpi_pm_cnt_write`` in
+``hw/acpi/core.c`` merges it with the stored low byte, and ``acpi_pm_cnt_read``
+shifts by ``addr * 8``; a byte write to its low byte there zeroes the high one.)
+Lanes over no register, or past the range, read 0xff.  Accesses of other sizes
+read all ones and are dropped.
 
 ``on_poweroff()`` runs on the vCPU thread in the middle of the port write: it
 should request that the machine stop, not tear it down.  The device raises no
@@ -46,8 +48,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..x86.acpi import ACPI_PM_BASE as ACPI_PM_BASE  # re-exported: where the machine registers the device
 from ..x86.acpi import (
-    ACPI_PM_BASE,
     ACPI_PM_SIZE,
     PM1A_CNT_OFFSET,
     PM1A_EVT_OFFSET,
@@ -59,8 +61,6 @@ from ..x86.acpi import (
 )
 from .ports import ACCESS_SIZES, BITS_PER_BYTE, BYTE_MASK, OPEN_BUS_BYTE, size_mask
 
-__all__ = ["ACPI_PM_BASE", "ACPI_PM_SIZE", "AcpiPm"]
-
 log = logging.getLogger(__name__)
 
 PM1_REGISTER_WIDTH = 2
@@ -68,7 +68,7 @@ PM1_STS_OFFSET = PM1A_EVT_OFFSET
 PM1_EN_OFFSET = PM1A_EVT_OFFSET + PM1_REGISTER_WIDTH
 PM1_CNT_OFFSET = PM1A_CNT_OFFSET
 
-# PM1_STS bits (section 4.8.4.1.1, table 4.16).
+# PM1_STS bits (section 4.8.4.1.1).
 TMR_STS = 1 << 0
 BM_STS = 1 << 4
 GBL_STS = 1 << 5
@@ -77,7 +77,7 @@ SLPBTN_STS = 1 << 9
 RTC_STS = 1 << 10
 PCIEXP_WAKE_STS = 1 << 14
 WAK_STS = 1 << 15
-# PM1_EN bits (section 4.8.4.1.2, table 4.17).
+# PM1_EN bits (section 4.8.4.1.2).
 TMR_EN = 1 << 0
 GBL_EN = 1 << 5
 PWRBTN_EN = 1 << 8
@@ -85,7 +85,7 @@ SLPBTN_EN = 1 << 9
 RTC_EN = 1 << 10
 PCIEXP_WAKE_DIS = 1 << 14
 PM1_EN_DEFINED = TMR_EN | GBL_EN | PWRBTN_EN | SLPBTN_EN | RTC_EN | PCIEXP_WAKE_DIS
-# PM1_CNT bits (section 4.8.4.2.1, table 4.19).
+# PM1_CNT bits (section 4.8.4.2.1).
 SCI_EN = 1 << 0
 BM_RLD = 1 << 1
 GBL_RLS = 1 << 2  # write-only: tells firmware the global lock is free
@@ -212,7 +212,7 @@ class AcpiPm:
             self._sleep((merged & SLP_TYP_MASK) >> SLP_TYP_SHIFT)
 
     def _sleep(self, sleep_type: int) -> None:
-        """SLP_EN was written with SLP_TYP ``sleep_type`` (section 4.8.2.5 / 16.1)."""
+        """SLP_EN was written with SLP_TYP ``sleep_type`` (sections 4.8.3.2 and 16.1)."""
         if sleep_type == SLP_TYP_S5:
             self.stats["poweroffs"] += 1
             log.info("ACPI PM: the guest entered S5 (soft off)")

@@ -23,6 +23,7 @@ from ..errors import BusError
 log = logging.getLogger(__name__)
 
 UNCLAIMED_ADDRESSES_KEPT = 64
+FIND_CACHE_SIZE = 4096
 OTHER_ADDRESSES = -1  # the bucket for unclaimed addresses beyond the first few
 
 
@@ -43,6 +44,7 @@ class Bus:
         self.name = name
         self._starts: list[int] = []
         self._ranges: list[tuple[int, int, Device]] = []
+        self._found: dict[int, tuple[Device, int] | None] = {}  # addresses looked up before
         self.unclaimed: Counter[tuple[int, str]] = Counter()  # (address, "read"/"write") -> count
 
     def register(self, base: int, length: int, device: Device) -> None:
@@ -55,15 +57,23 @@ class Bus:
             raise BusError(f"{self.name}: [{base:#x}, {end:#x}) overlaps a registered device")
         self._starts.insert(index, base)
         self._ranges.insert(index, (base, end, device))
+        self._found.clear()
 
     def find(self, addr: int) -> tuple[Device, int] | None:
         """The device claiming ``addr`` and the offset into its range, or None."""
+        try:
+            return self._found[addr]
+        except KeyError:
+            pass
+        found = None
         index = bisect.bisect_right(self._starts, addr) - 1
         if index >= 0:
             base, end, device = self._ranges[index]
             if addr < end:
-                return device, addr - base
-        return None
+                found = device, addr - base
+        if len(self._found) < FIND_CACHE_SIZE:  # a guest scanning addresses cannot grow it without bound
+            self._found[addr] = found
+        return found
 
     def read(self, addr: int, size: int) -> int:
         """A ``size``-byte read (1 to 8 bytes) at ``addr``."""

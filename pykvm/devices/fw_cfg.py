@@ -5,23 +5,26 @@ As QEMU describes it in ``docs/specs/fw_cfg.rst`` and implements it in
 guest writes a key to the selector and then reads the item a byte at a time.
 On x86 both registers live in one 2-byte I/O range at ``FW_CFG_IO_BASE``
 (0x510), registered here as one device of :attr:`FwCfg.SIZE` bytes.  Every
-access is decoded as QEMU's ``fw_cfg_comb_mem_ops`` does (``fw_cfg_comb_valid``
-accepts 1-byte accesses, and 2-byte writes; QEMU's memory core cuts an access
-at the end of the range, and an access it does not accept reads 0 and is
-dropped):
+access is decoded as QEMU decodes it: ``fw_cfg_comb_mem_ops`` accepts
+(``fw_cfg_comb_valid``) 1-byte accesses and 2-byte writes; QEMU's memory core
+hands an I/O access at offset 0 to the device whole, even past the end of its
+range (``address_space_translate_internal`` does not clamp I/O accesses), cuts
+one at offset 1 to a single byte (``memory_access_size`` bounds an access by its
+alignment), and turns an access the device does not accept into a read of 0
+and a dropped write (``memory_region_dispatch_read``/``_write``):
 
 ==========================  ===============================================================
 access                      effect
 ==========================  ===============================================================
-2- or 4-byte write at 0     selects the key in the low 16 bits and rewinds the offset
-                            (``fw_cfg_comb_write`` -> ``fw_cfg_select``)
+2-byte write at 0           selects the key and rewinds the offset (``fw_cfg_comb_write``
+                            -> ``fw_cfg_select``); the selector is little-endian
 1-byte read at 0 or 1       the next byte of the selected item; 0 past its end, or when
-                            the key selects nothing (``fw_cfg_data_read``: addr ignored)
+                            the key selects nothing (``fw_cfg_data_read`` ignores addr)
 1-byte write at 0 or 1      ignored: the traditional interface is read-only since QEMU
                             2.4 (``fw_cfg_write``); counted in ``stats["data_writes"]``
-2- or 4-byte read at 0      0 over the two bytes of the range (QEMU rejects a 16-bit
-                            read); counted in ``stats["rejected_reads"]``
-any access at 1             lane 0 is a 1-byte access at 1, as above
+2- or 4-byte read at 0      reads 0, consumes nothing (``stats["rejected_reads"]``)
+4-byte write at 0           dropped, selects nothing (``stats["rejected_writes"]``)
+2- or 4-byte access at 1    a 1-byte access at 1, as above, then open-bus lanes
 ==========================  ===============================================================
 
 A byte lane past the range (offset 2 on) reads 0xff like an open bus and drops
@@ -30,12 +33,13 @@ ones and are dropped (``stats["missed_reads"]`` / ``["missed_writes"]``).
 
 Keys: bit 15 (``FW_CFG_ARCH_LOCAL``) selects the architecture's items; bit 14
 (``FW_CFG_WRITE_CHANNEL``) is ignored; a key whose index is past the last file
-slot selects nothing.  Files (:meth:`FwCfg.add_file`) get keys from
-``FW_CFG_FILE_FIRST`` (0x20) in name order, for there are
-``FW_CFG_FILE_SLOTS`` (0x20) of them, as in QEMU's ``fw_cfg_add_file_callback``
-("Sort by file name"): adding a file whose name sorts first moves every other
-file's key up by one, so a guest finds files by name in the directory
-(``FW_CFG_FILE_DIR``, big-endian) rather than by a fixed key.  At reset QEMU
+slot selects nothing.  Files (:meth:`FwCfg.add_file`, at most
+``FW_CFG_FILE_SLOTS``, 0x20, as QEMU's default) get keys from
+``FW_CFG_FILE_FIRST`` (0x20) in name order, as in QEMU's
+``fw_cfg_add_file_callback`` ("Sort by file name"; the legacy order table
+applies only to old machine types): adding a file whose name sorts first
+moves every other file's key up by one, so a guest finds files by name in the
+directory (``FW_CFG_FILE_DIR``, big-endian) rather than by a fixed key.  At reset QEMU
 selects ``FW_CFG_SIGNATURE``; so does a new :class:`FwCfg`.
 """
 
@@ -128,24 +132,26 @@ class FwCfg:
         self._items: dict[int, bytes] = {}  # arch bit | index -> data, for keys below the files
         self._file_names: list[str] = []  # sorted; file i has key FW_CFG_FILE_FIRST + i
         self._file_data: list[bytes] = []
-        self._selected = b""
+        self._directory = b""  # the FW_CFG_FILE_DIR item, rebuilt by add_file
+        self._selected: int | None = None  # the selected key, None when it selects nothing
         self._offset = 0
         self.select(FW_CFG_SIGNATURE)
 
     # --- the VMM's side: items -----------------------------------------------------------------
 
-    def add_bytes(self, key: int, data: bytes) -> None:
+    def add_bytes(self, key: int, data: bytes, *, replace: bool = False) -> None:
         """Make ``data`` the item of ``key`` (a well-known or ``FW_CFG_ARCH_LOCAL`` key).
 
-        Raises :class:`ConfigError` for a key that is taken, out of range, the file
-        directory's or a file's (use :meth:`add_file`), or data of 4 GiB or more.
+        Raises :class:`ConfigError` for a key that is taken (unless ``replace``), out of
+        range, the file directory's or a file's (use :meth:`add_file`), or data of 4 GiB
+        or more.
         """
         index = key & FW_CFG_ENTRY_MASK
         if not 0 <= key <= KEY_MASK or key & FW_CFG_WRITE_CHANNEL or index >= FW_CFG_MAX_ENTRY:
             raise ConfigError(f"fw_cfg key {key:#x} is out of range")
         if not key & FW_CFG_ARCH_LOCAL and (index == FW_CFG_FILE_DIR or index >= FW_CFG_FILE_FIRST):
             raise ConfigError(f"fw_cfg key {key:#x} is the file directory's or a file's; use add_file()")
-        if key in self._items:
+        if key in self._items and not replace:
             raise ConfigError(f"fw_cfg key {key:#x} already has an item")
         self._items[key] = _checked_item(bytes(data))
 
@@ -178,6 +184,7 @@ class FwCfg:
         index = bisect.bisect(self._file_names, name)
         self._file_names.insert(index, name)
         self._file_data.insert(index, _checked_item(bytes(data)))
+        self._directory = self._build_directory()
         return FW_CFG_FILE_FIRST + index
 
     def file_key(self, name: str) -> int:
@@ -193,15 +200,15 @@ class FwCfg:
         if key & FW_CFG_ARCH_LOCAL or index < FW_CFG_FILE_DIR:
             return self._items.get((key & FW_CFG_ARCH_LOCAL) | index, b"")
         if index == FW_CFG_FILE_DIR:
-            return self._directory() if self._file_names else b""
+            return self._directory
         file_index = index - FW_CFG_FILE_FIRST
         return self._file_data[file_index] if 0 <= file_index < len(self._file_data) else b""
 
-    def _directory(self) -> bytes:
+    def _build_directory(self) -> bytes:
         """The FW_CFG_FILE_DIR item: big-endian, sized for every slot as in QEMU."""
         entries = b"".join(
             FILE_DIR_ENTRY.pack(len(data), FW_CFG_FILE_FIRST + index, 0, name.encode())
-            for index, (name, data) in enumerate(zip(self._file_names, self._file_data))
+            for index, (name, data) in enumerate(zip(self._file_names, self._file_data, strict=True))
         )
         directory = FILE_DIR_COUNT.pack(len(self._file_names)) + entries
         return directory + bytes(FILE_DIR_SIZE - len(directory))
@@ -213,16 +220,15 @@ class FwCfg:
         key &= KEY_MASK
         self.stats["selects"] += 1
         self._offset = 0
-        self._selected = self.item(key) if (key & FW_CFG_ENTRY_MASK) < FW_CFG_MAX_ENTRY else b""
-        log.debug("fw_cfg: select %#x (%d bytes)", key, len(self._selected))
+        self._selected = key if (key & FW_CFG_ENTRY_MASK) < FW_CFG_MAX_ENTRY else None
+        log.debug("fw_cfg: select %#x", key)
 
     def read(self, offset: int, size: int) -> int:
         """A ``size``-byte read at ``offset`` (0: 0x510, 1: 0x511), decoded as QEMU does."""
         if size not in ACCESS_SIZES:
             return self._miss("read", offset, size, size_mask(size))
-        if offset == FW_CFG_SELECTOR_OFFSET and size >= SELECTOR_WIDTH:
-            self.stats["rejected_reads"] += 1
-            return size_mask(size) & ~size_mask(SELECTOR_WIDTH)
+        if offset == FW_CFG_SELECTOR_OFFSET and size > 1:
+            return self._reject("read", size)
         value = 0
         for lane in range(size):
             value |= self._read_lane(offset + lane) << (BITS_PER_BYTE * lane)
@@ -232,8 +238,10 @@ class FwCfg:
         """A ``size``-byte write of ``value`` at ``offset``, decoded as QEMU does."""
         if size not in ACCESS_SIZES:
             self._miss("write", offset, size, 0)
-        elif offset == FW_CFG_SELECTOR_OFFSET and size >= SELECTOR_WIDTH:
+        elif offset == FW_CFG_SELECTOR_OFFSET and size == SELECTOR_WIDTH:
             self.select(value & size_mask(SELECTOR_WIDTH))
+        elif offset == FW_CFG_SELECTOR_OFFSET and size > 1:
+            self._reject("write", size)
         elif 0 <= offset < self.SIZE:
             self.stats["data_writes"] += 1
             log.debug("fw_cfg: %d-byte write of %#x at offset %d ignored (read-only)", size, value, offset)
@@ -243,11 +251,18 @@ class FwCfg:
     def _read_lane(self, offset: int) -> int:
         if not 0 <= offset < self.SIZE:
             return self._miss("read", offset, 1, OPEN_BUS_BYTE)
-        if self._offset >= len(self._selected):
+        data = b"" if self._selected is None else self.item(self._selected)
+        if self._offset >= len(data):
             return 0
-        byte = self._selected[self._offset]
+        byte = data[self._offset]
         self._offset += 1
         return byte
+
+    def _reject(self, kind: str, size: int) -> int:
+        """An access at offset 0 that QEMU's ``fw_cfg_comb_valid`` refuses: reads 0, does nothing."""
+        self.stats[f"rejected_{kind}s"] += 1
+        log.debug("fw_cfg: %d-byte %s of the selector refused", size, kind)
+        return 0
 
     def _miss(self, kind: str, offset: int, size: int, answer: int) -> int:
         self.stats[f"missed_{kind}s"] += 1
@@ -274,11 +289,13 @@ def standard_items(
     ``etc/e820``; and, given ``acpi``, the files ``etc/acpi/rsdp`` (the RSDP) and
     ``etc/acpi/tables`` (the whole blob, byte i of which is at ``acpi.base + i``).
 
-    There is no ``etc/table-loader``: QEMU's firmware (SeaBIOS, OVMF) follows that
-    linker script to allocate memory for the tables and patch their pointers; pykvm
-    has already written the tables at their final address (``acpi.base``), with every
-    pointer and checksum final, so there is nothing to link, and a firmware that
-    finds no loader script leaves the blob alone.
+    There is no ``etc/table-loader``.  In QEMU that linker script tells the firmware
+    (SeaBIOS, OVMF) to allocate memory for the tables, copy them there, and patch
+    their pointers and checksums.  pykvm runs no firmware: the VMM writes the blob
+    itself at ``acpi.base``, every pointer and checksum already final, so there is
+    nothing to allocate or link.  The two files let a guest (a test kernel, Linux's
+    ``qemu_fw_cfg`` sysfs driver) read the tables through fw_cfg; a QEMU firmware,
+    finding no loader script, would not install them.
     """
     if not 1 <= cpus <= max_cpus <= KEY_MASK:
         raise ConfigError(f"fw_cfg: {cpus} vCPUs of at most {max_cpus}: need 1 <= cpus <= max_cpus <= 65535")
@@ -288,13 +305,19 @@ def standard_items(
     fw_cfg.add_u16(FW_CFG_NOGRAPHIC, 1)
     fw_cfg.add_u16(FW_CFG_NB_CPUS, cpus)
     fw_cfg.add_u16(FW_CFG_MAX_CPUS, max_cpus)
-    command_line = _nul_terminated(cmdline)
-    fw_cfg.add_u32(FW_CFG_CMDLINE_SIZE, len(command_line))
-    fw_cfg.add_bytes(FW_CFG_CMDLINE_DATA, command_line)
+    set_cmdline(fw_cfg, cmdline)
     fw_cfg.add_file(E820_FILE, e820_file(memory_map))
     if acpi is not None:
         fw_cfg.add_file(ACPI_RSDP_FILE, acpi.rsdp)
         fw_cfg.add_file(ACPI_TABLES_FILE, acpi.blob)
+
+
+def set_cmdline(fw_cfg: FwCfg, cmdline: str | bytes) -> None:
+    """Set (or replace, when a kernel is loaded) the command-line items: the NUL-terminated
+    string and its size with the NUL, as QEMU's ``x86_load_linux`` does."""
+    command_line = _nul_terminated(cmdline)
+    fw_cfg.add_bytes(FW_CFG_CMDLINE_SIZE, _little_endian(len(command_line), 4), replace=True)
+    fw_cfg.add_bytes(FW_CFG_CMDLINE_DATA, command_line, replace=True)
 
 
 def e820_file(memory_map: Iterable[E820Entry]) -> bytes:

@@ -1,15 +1,17 @@
 """Decoded vCPU exits: one small record per kind of ``KVM_EXIT_*`` pykvm handles.
 
-The records of port-I/O and MMIO reads carry a writable view into ``kvm_run``:
-the answer is written there before the vCPU runs again.
+The records of port-I/O and MMIO reads carry a writable buffer over ``kvm_run``:
+the answer is written there before the vCPU runs again.  They are plain slotted
+classes because one is made per exit (a frozen dataclass costs twice as much).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class IoExit:
     """``KVM_EXIT_IO``: ``count`` accesses of ``size`` bytes to ``port``, packed in ``data``."""
 
@@ -17,32 +19,32 @@ class IoExit:
     size: int
     count: int
     is_write: bool
-    data: memoryview
+    data: Any  # a cffi buffer: slicing gives bytes, slice assignment writes kvm_run
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class MmioExit:
     """``KVM_EXIT_MMIO``: one access of ``size`` bytes at guest-physical ``addr``."""
 
     addr: int
     size: int
     is_write: bool
-    data: memoryview
+    data: Any  # a cffi buffer: slicing gives bytes, slice assignment writes kvm_run
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class HltExit:
     """``KVM_EXIT_HLT``: the guest executed HLT (only without an in-kernel irqchip)."""
 
     interrupts_enabled: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ShutdownExit:
     """``KVM_EXIT_SHUTDOWN``: a triple fault (or another shutdown condition)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InternalErrorExit:
     """``KVM_EXIT_INTERNAL_ERROR``: KVM could not emulate an instruction (or another internal error)."""
 
@@ -50,7 +52,7 @@ class InternalErrorExit:
     data: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class FailEntryExit:
     """``KVM_EXIT_FAIL_ENTRY``: the hardware refused to enter the guest."""
 
@@ -58,7 +60,7 @@ class FailEntryExit:
     cpu: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SystemEventExit:
     """``KVM_EXIT_SYSTEM_EVENT``: the guest asked for shutdown, reset or reported a crash."""
 
@@ -66,19 +68,24 @@ class SystemEventExit:
     data: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DebugPortExit:
     """A debug-exit port was written; answered by the C fast path."""
 
     value: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Interrupted:
     """KVM_RUN returned early because of a signal or ``immediate_exit``."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
+class StopRequested:
+    """The vCPU's stop flag was set (:meth:`Vcpu.request_stop`): it did not enter the guest."""
+
+
+@dataclass(slots=True)
 class OtherExit:
     """Any other exit reason, reported as is (KVM_EXIT_UNKNOWN carries the hardware reason)."""
 
@@ -88,5 +95,5 @@ class OtherExit:
 
 Exit = (
     IoExit | MmioExit | HltExit | ShutdownExit | InternalErrorExit | FailEntryExit
-    | SystemEventExit | DebugPortExit | Interrupted | OtherExit
+    | SystemEventExit | DebugPortExit | Interrupted | StopRequested | OtherExit
 )  # fmt: skip

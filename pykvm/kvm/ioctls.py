@@ -64,6 +64,7 @@ KVM_CREATE_IRQCHIP = _io("KVM_CREATE_IRQCHIP", 0x60)
 KVM_IRQ_LINE = _iow("KVM_IRQ_LINE", 0x61, "struct kvm_irq_level")
 KVM_SET_GSI_ROUTING = _iow("KVM_SET_GSI_ROUTING", 0x6A, "struct kvm_irq_routing")
 KVM_CREATE_PIT2 = _iow("KVM_CREATE_PIT2", 0x77, "struct kvm_pit_config")
+KVM_IRQFD = _iow("KVM_IRQFD", 0x76, "struct kvm_irqfd")
 KVM_IOEVENTFD = _iow("KVM_IOEVENTFD", 0x79, "struct kvm_ioeventfd")
 KVM_ENABLE_CAP = _iow("KVM_ENABLE_CAP", 0xA3, "struct kvm_enable_cap")
 # vCPU ioctls

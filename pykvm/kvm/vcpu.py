@@ -19,10 +19,16 @@ from .exits import (
     MmioExit,
     OtherExit,
     ShutdownExit,
+    StopRequested,
     SystemEventExit,
 )
 from .fastpath import FastTable
 from .state import CpuidEntry, Regs, SRegs, new_struct, to_record
+
+
+_EXIT_IO, _EXIT_MMIO, _IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_IO_OUT
+_STOP_EXIT, _STOP_INTERRUPTED = lib.PYKVM_STOP_EXIT, lib.PYKVM_STOP_INTERRUPTED
+_STOP_REQUESTED, _STOP_DEBUG_EXIT = lib.PYKVM_STOP_REQUESTED, lib.PYKVM_STOP_DEBUG_EXIT
 
 
 class Vcpu:
@@ -98,9 +104,9 @@ class Vcpu:
         cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
         cpuid.nent = len(entries)
         array = ffi.cast("struct kvm_cpuid_entry2 *", buf + header)
-        for i, entry in enumerate(entries):
-            for name, value in vars(entry).items():
-                setattr(array[i], name, value)
+        for i, e in enumerate(entries):
+            array[i] = {"function": e.function, "index": e.index, "flags": e.flags,
+                        "eax": e.eax, "ebx": e.ebx, "ecx": e.ecx, "edx": e.edx}  # fmt: skip
         self._ioctl(ioctls.KVM_SET_CPUID2, cpuid)
 
     def get_mp_state(self) -> int:
@@ -140,33 +146,48 @@ class Vcpu:
         self._table = table
         self._loop.table = table.cdata
 
-    @property
-    def immediate_exit(self) -> bool:
-        return bool(self.kvm_run.immediate_exit)
+    def request_stop(self) -> None:
+        """Make :meth:`run` return :class:`StopRequested` (from any thread; then kick the vCPU's thread).
 
-    @immediate_exit.setter
-    def immediate_exit(self, value: bool) -> None:
-        self.kvm_run.immediate_exit = int(value)
+        The flag first, then ``immediate_exit``: the C loop clears ``immediate_exit``
+        before it reads the flag, so the request is seen whatever the interleaving.
+        """
+        self._loop.stop = 1
+        self.kvm_run.immediate_exit = 1
+
+    def interrupt(self) -> None:
+        """Make the current or next KVM_RUN return :class:`Interrupted` (then kick the thread)."""
+        self.kvm_run.immediate_exit = 1
+
+    def clear_stop(self) -> None:
+        self._loop.stop = 0
 
     def run(self) -> Exit:
         """Run until an exit Python must see; returns it decoded."""
-        stop = check(lib.pykvm_loop_run(self._loop), ioctls.KVM_RUN.name)
-        if stop == lib.PYKVM_STOP_INTERRUPTED:
+        stop = lib.pykvm_loop_run(self._loop)
+        if stop == _STOP_EXIT:
+            return self._decode()
+        if stop == _STOP_INTERRUPTED:
             return Interrupted()
-        if stop == lib.PYKVM_STOP_DEBUG_EXIT:
+        if stop == _STOP_REQUESTED:
+            return StopRequested()
+        if stop == _STOP_DEBUG_EXIT:
             return DebugPortExit(int(self._loop.debug_exit_value))
-        return self._decode()
+        check(stop, ioctls.KVM_RUN.name)
+        raise AssertionError(f"pykvm_loop_run returned {stop}")
 
     def _decode(self) -> Exit:
         run = self.kvm_run
         reason = run.exit_reason
-        if reason == lib.KVM_EXIT_IO:
-            length = run.io.size * run.io.count
-            data = memoryview(ffi.buffer(lib.pykvm_io_data(run), length))
-            return IoExit(run.io.port, run.io.size, run.io.count, run.io.direction == lib.KVM_EXIT_IO_OUT, data)
-        if reason == lib.KVM_EXIT_MMIO:
-            data = memoryview(ffi.buffer(run.mmio.data, min(run.mmio.len, 8)))
-            return MmioExit(run.mmio.phys_addr, run.mmio.len, bool(run.mmio.is_write), data)
+        if reason == _EXIT_IO:
+            io = run.io
+            size, count = io.size, io.count
+            data = ffi.buffer(lib.pykvm_io_data(run), size * count)
+            return IoExit(io.port, size, count, io.direction == _IO_OUT, data)
+        if reason == _EXIT_MMIO:
+            mmio = run.mmio
+            size = mmio.len
+            return MmioExit(mmio.phys_addr, size, bool(mmio.is_write), ffi.buffer(mmio.data, min(size, 8)))
         if reason == lib.KVM_EXIT_HLT:
             return HltExit(bool(run.if_flag))
         if reason == lib.KVM_EXIT_SHUTDOWN:

@@ -98,6 +98,13 @@ class Vm:
             entry.u.irqchip.irqchip, entry.u.irqchip.pin = chip, pin
         self._ioctl(ioctls.KVM_SET_GSI_ROUTING, routing)
 
+    def irqfd(self, fd: int, gsi: int, *, deassign: bool = False) -> None:
+        """See ``KVM_IRQFD``: a write to eventfd ``fd`` raises (edge) global interrupt ``gsi``."""
+        request = ffi.new("struct kvm_irqfd *")
+        request.fd, request.gsi = fd, gsi
+        request.flags = lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        self._ioctl(ioctls.KVM_IRQFD, request, f"GSI {gsi}")
+
     def ioeventfd(
         self, fd: int, addr: int, length: int, *, pio: bool, datamatch: int | None = None, deassign: bool = False
     ) -> None:

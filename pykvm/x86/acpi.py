@@ -25,7 +25,8 @@ instead of every 4.7 seconds as QEMU's 24-bit PIIX4 timer does
 (``acpi_pm_tmr_get()`` in QEMU's ``hw/acpi/core.c`` masks with 0xffffff).
 There is no reset register (RESET_REG_SUP clear): pykvm resets through the
 i8042.  SMI_CMD is 0: the machine is always in ACPI mode, so SCI_EN always
-reads 1 and an OS never tries an SMI transition (section 4.8.2.5).
+reads 1 and an OS never tries an SMI transition (section 4.8.3.4, Legacy/ACPI
+Select and the SCI Interrupt).
 
 The FADT's FIRMWARE_CTRL points at a FACS even though nothing here needs
 one: the specification requires it unless the platform is hardware-reduced
@@ -36,7 +37,7 @@ PM1_EN, would otherwise believe in a global lock whose FACS it cannot find.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from . import layout
@@ -52,7 +53,7 @@ PM1_CNT_LEN = 2
 PM_TMR_OFFSET = 8
 PM_TMR_LEN = 4
 ACPI_PM_SIZE = PM_TMR_OFFSET + PM_TMR_LEN
-# The PM timer counts at 3.579545 MHz (section 4.8.2.1); its width follows TMR_VAL_EXT.
+# The PM timer counts at 3.579545 MHz (section 4.8.3); its width follows TMR_VAL_EXT.
 PM_TIMER_FREQUENCY = 3_579_545
 PM_TMR_BITS = 32
 # The SCI: ISA IRQ 9, level-triggered, active high (as on QEMU's PC).
@@ -112,16 +113,14 @@ DSDT_REVISION = 2  # 2 or more: AML integers are 64 bits
 #   0A 05             BytePrefix 5: SLP_TYPa for PM1a_CNT      (20.2.3)
 #   0A 05             BytePrefix 5: SLP_TYPb (there is no PM1b_CNT block)
 #   00 00             ZeroOp, ZeroOp: reserved
-# The package is what section 7.4.2 (\_Sx System States) asks of \_S5: OSPM writes
-# SLP_TYPa << 10 | SLP_EN to PM1a_CNT to turn the machine off.
-DSDT_AML = bytes(
-    [0x08, 0x5C, 0x5F, 0x53, 0x35, 0x5F, 0x12, 0x08, 0x04, 0x0A, SLP_TYP_S5, 0x0A, SLP_TYP_S5, 0x00, 0x00]
-)
+# This is the \_S5 object of chapter 7 (\_Sx, System States): to turn the machine off,
+# OSPM writes SLP_TYPa << 10 | SLP_EN to PM1a_CNT.
+DSDT_AML = bytes([0x08, 0x5C, 0x5F, 0x53, 0x35, 0x5F, 0x12, 0x08, 0x04, 0x0A, SLP_TYP_S5, 0x0A, SLP_TYP_S5, 0x00, 0x00])
 
 # --- MADT (section 5.2.12) ----------------------------------------------------------------------
 MADT_REVISION = 5  # ACPI 6.3
 MADT_PCAT_COMPAT = 1 << 0  # a dual 8259 PIC is present too
-MADT_LOCAL_APIC = 0  # entry types (section 5.2.12, table 5.45)
+MADT_LOCAL_APIC = 0  # interrupt controller structure types (section 5.2.12)
 MADT_IO_APIC = 1
 MADT_INTERRUPT_SOURCE_OVERRIDE = 2
 MADT_LOCAL_APIC_NMI = 4
@@ -129,7 +128,7 @@ LOCAL_APIC_ENABLED = 1 << 0
 ALL_PROCESSORS = 0xFF  # ACPI processor UID that means every processor
 LINT1 = 1
 ISA_BUS = 0
-# MPS INTI flags (table 5.50): polarity bits 0-1, trigger mode bits 2-3.
+# MPS INTI flags (section 5.2.12.5): polarity bits 0-1, trigger mode bits 2-3.
 MPS_INTI_CONFORMING = 0x0000
 MPS_INTI_ACTIVE_HIGH = 0x0001
 MPS_INTI_LEVEL = 0x000C
@@ -152,7 +151,7 @@ PM_PROFILE_UNSPECIFIED = 0
 P_LVL2_LAT_NO_C2 = 101  # more than 100: C2 not supported
 P_LVL3_LAT_NO_C3 = 1001  # more than 1000: C3 not supported
 RTC_CENTURY_INDEX = 0x32  # the CMOS byte holding the century (IBM PC convention)
-# Fixed feature flags (table 5.35).
+# Fixed feature flags (section 5.2.9).
 FADT_F_WBINVD = 1 << 0
 FADT_F_PROC_C1 = 1 << 2
 FADT_F_PWR_BUTTON = 1 << 4  # set: no fixed-feature power button
@@ -162,12 +161,12 @@ FADT_F_RESET_REG_SUP = 1 << 10  # clear: no reset register
 FADT_F_FORCE_APIC_CLUSTER_MODEL = 1 << 18
 FADT_F_HW_REDUCED_ACPI = 1 << 20  # clear: the fixed hardware above exists
 FLAT_LOGICAL_MAX_CPUS = 8  # xAPIC flat logical destination mode reaches 8 CPUs
-# IA-PC boot architecture flags (section 5.2.9.3, table 5.36).
+# IA-PC boot architecture flags (section 5.2.9.3).
 IAPC_BOOT_ARCH_LEGACY_DEVICES = 1 << 0
 IAPC_BOOT_ARCH_8042 = 1 << 1
 IAPC_BOOT_ARCH_VGA_NOT_PRESENT = 1 << 2
 IAPC_BOOT_ARCH = IAPC_BOOT_ARCH_LEGACY_DEVICES | IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT
-# The FADT after its header, field by field (table 5.34).  Byte offsets of the table are
+# The FADT after its header, field by field (section 5.2.9).  Byte offsets of the table are
 # 36 + the offset in this format.
 FADT_BODY = struct.Struct(
     "<"
@@ -204,7 +203,7 @@ class AcpiTables:
 
     base: int
     blob: bytes
-    tables: dict[str, int]
+    tables: dict[str, int] = field(hash=False)
 
     @property
     def rsdp(self) -> bytes:
@@ -244,7 +243,7 @@ def build_acpi_tables(cpus: int, base: int = layout.ACPI_START, pm_base: int = A
     return AcpiTables(base=base, blob=blob, tables=tables)
 
 
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | bytearray) -> int:
     """The byte that makes ``data`` plus itself sum to 0 modulo 256 (section 5.2.6)."""
     return -sum(data) & 0xFF
 
@@ -346,7 +345,7 @@ def _fadt_flags(cpus: int) -> int:
 
 
 def _fadt(cpus: int, *, dsdt: int, facs: int, pm_base: int) -> bytes:
-    """The Fixed ACPI Description Table, revision 6.3 (section 5.2.9, table 5.34)."""
+    """The Fixed ACPI Description Table, revision 6.3 (section 5.2.9)."""
     evt, cnt, tmr = pm_base + PM1A_EVT_OFFSET, pm_base + PM1A_CNT_OFFSET, pm_base + PM_TMR_OFFSET
     body = FADT_BODY.pack(
         facs, dsdt,

@@ -118,7 +118,7 @@ def build_mptable(cpus: int, base: int = layout.MPTABLE_START) -> bytes:
     return _floating_pointer(base + MP_FLOATING_POINTER.size) + config
 
 
-def _checksum(data: bytes) -> int:
+def _checksum(data: bytes | bytearray) -> int:
     return -sum(data) & 0xFF
 
 

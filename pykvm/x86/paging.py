@@ -7,6 +7,7 @@ user-accessible so guest code entered at CPL3 can run on the same tables.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from . import layout
@@ -19,8 +20,9 @@ _TABLE = PRESENT | WRITABLE | USER
 _ENTRIES = 512
 
 
-def identity_page_tables() -> list[tuple[int, bytes]]:
-    """(gpa, bytes) of every table, ready to be written into guest memory."""
+@functools.cache
+def identity_page_tables() -> tuple[tuple[int, bytes], ...]:
+    """(gpa, bytes) of every table, ready to be written into guest memory (a constant, built once)."""
     pml4 = struct.pack("<Q", layout.PDPT_START | _TABLE).ljust(layout.PAGE_SIZE, b"\0")
     directories = [layout.PD_START + i * layout.PAGE_SIZE for i in range(layout.PD_COUNT)]
     pdpt = struct.pack(f"<{len(directories)}Q", *(pd | _TABLE for pd in directories)).ljust(layout.PAGE_SIZE, b"\0")
@@ -29,4 +31,4 @@ def identity_page_tables() -> list[tuple[int, bytes]]:
         first = index * _ENTRIES * layout.HUGE_PAGE_SIZE
         pages = (first + i * layout.HUGE_PAGE_SIZE | _TABLE | PAGE_SIZE_BIT for i in range(_ENTRIES))
         tables.append((pd, struct.pack(f"<{_ENTRIES}Q", *pages)))
-    return tables
+    return tuple(tables)

@@ -80,6 +80,13 @@ class VirtioDevice:
         """Queue ``queue_index`` was notified: consume what is available."""
         raise NotImplementedError
 
+    def host_fds(self) -> list[int]:
+        """Host descriptors whose readability the I/O thread reports to :meth:`on_host_readable`."""
+        return []
+
+    def on_host_readable(self, fd: int) -> None:
+        """Host input is waiting on ``fd`` (called on the I/O thread)."""
+
     # --- helpers for subclasses ----------------------------------------------------------
     def chains(self, queue_index: int) -> Iterator[DescriptorChain]:
         """Pop available chains until the queue is empty (raises QueueError on a bad ring)."""

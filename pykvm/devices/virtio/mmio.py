@@ -195,7 +195,7 @@ class VirtioMmioTransport:
         if value & ~self.status & FEATURES_OK and not self._features_acceptable():
             value &= ~FEATURES_OK  # the driver reads it back and sees the refusal (3.1.1)
         became = value & ~self.status
-        self.status = value
+        self.status = value | (self.status & DEVICE_NEEDS_RESET)  # only a reset clears it (2.1.2)
         if became & DRIVER_OK and not value & FAILED:
             self._activate()
 

@@ -159,7 +159,9 @@ class SplitQueue:
         count = lib.pykvm_chain_walk(table, self.desc_table, self.size, head, int(self.indirect), out, self.size)
         if count < 0:
             raise QueueError(f"descriptor chain at head {head}: {_CHAIN_ERRORS.get(count, count)}")
-        return [Buffer(int(b.gpa), int(b.len), bool(b.writable)) for b in out[0:count]]
+        # A zero-length buffer carries nothing and the walk does not check its address, so it
+        # is dropped here: handed to a device, memory.view(gpa, 0) would raise for a bad gpa.
+        return [Buffer(int(b.gpa), int(b.len), bool(b.writable)) for b in out[0:count] if b.len]
 
     def _avail_event_addr(self) -> int:
         return self.used_ring + USED_HEADER + USED_ELEM_SIZE * self.size

@@ -27,9 +27,12 @@ class VirtioRng(VirtioDevice):
         self._source = source
 
     def process(self, queue_index: int) -> None:
+        completed = 0
         for chain in self.chains(queue_index):
             wanted = min(sum(b.len for b in chain.writable), MAX_REQUEST)
             written = chain.write_all(self.memory, self._source(wanted))
             self.stats["bytes"] += written
             self.complete(queue_index, chain, written)
-        self.signal(queue_index)
+            completed += 1
+        if completed:  # no used buffer, no interrupt (Linux counts those as spurious)
+            self.signal(queue_index)
