@@ -467,19 +467,22 @@ def bench_cli(s: Settings, results: dict, install_qemu: bool) -> list[Row]:
 
 # --- row 5: lifecycle ----------------------------------------------------------------------------
 def bench_lifecycle(s: Settings, tmp: str, results: dict) -> list[Row]:
+    from pykvm.kvm import Kvm
+
     image = pb.lifecycle_image(tmp)
     per_round = max(1, s.lifecycle_count // s.lifecycle_rounds)
     runs: dict[bool, list[dict]] = {False: [], True: []}
     raw_lines = []
+    kvm = Kvm()
     for irqchip in runs:
-        pb.lifecycle_once(image, irqchip)  # warm-up
+        pb.lifecycle_once(image, irqchip, kvm)  # warm-up
     for k in range(s.lifecycle_rounds):
         for who in rotated(["raw", "minimal", "platform"], k):
             if who == "raw":
                 raw_lines.append(rawkvm("lifecycle", "--count", str(2 * per_round)))
             else:
                 irqchip = who == "platform"
-                runs[irqchip].extend(pb.lifecycle_once(image, irqchip) for _ in range(per_round))
+                runs[irqchip].extend(pb.lifecycle_once(image, irqchip, kvm) for _ in range(per_round))
     progress(f"row 5 (lifecycle): {sum(map(len, runs.values()))} pykvm, {sum(x['count'] for x in raw_lines)} raw C")
     raw = statistics.median(x["median_ns"] for x in raw_lines)
     results["lifecycle"] = {"rawkvm": raw_lines, "rawkvm_median_of_rounds_ns": raw}

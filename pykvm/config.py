@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
-
-import psutil
 
 from .errors import ConfigError
 from .kvm.system import DEFAULT_PATH
@@ -32,7 +31,7 @@ def check_memory_size(size: int) -> None:
         raise ConfigError(f"guest memory of {size} bytes is too small: give at least 2M")
     if size % PAGE_SIZE:
         raise ConfigError(f"guest memory of {size} bytes is not a multiple of 4 KiB")
-    host = psutil.virtual_memory().total
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if size > host:
         raise ConfigError(
             f"guest memory of {size / MIB:.0f} MiB is more than this host's {host / MIB:.0f} MiB of RAM; "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ def _cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return "unknown"
 
 
 def host_info(kvm_path: str = "/dev/kvm") -> dict[str, Any]:
@@ -55,7 +54,7 @@ def host_info(kvm_path: str = "/dev/kvm") -> dict[str, Any]:
             "api_version": kvm.api_version(),
             "backend": backend,
             "backend_kind": BACKENDS.get(backend or "", "unknown"),
-            "host_kernel": platform.release(),
+            "host_kernel": os.uname().release,
             "cpu_model": _cpu_model(),
             "host_cpus": os.cpu_count(),
             "limits": {

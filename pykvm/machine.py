@@ -84,11 +84,17 @@ class Machine:
     (b'Hello from real mode\\n', 1)
     """
 
-    def __init__(self, config: MachineConfig | None = None, **options: object) -> None:
+    def __init__(self, config: MachineConfig | None = None, *, kvm: Kvm | None = None, **options: object) -> None:
+        """Build the machine from ``config`` (and/or keyword options of :class:`MachineConfig`).
+
+        ``kvm`` shares an open :class:`~pykvm.kvm.Kvm` between machines (the caller closes
+        it); by default each machine opens ``config.kvm_path`` itself.
+        """
         config = config or MachineConfig()
         self.config = dataclasses.replace(config, **options) if options else config
         self.config.validate()
         self._closers: list[Callable[[], None]] = []
+        self._shared_kvm = kvm
         self._control: RunControl | None = None  # the current (or last) run's
         self._plan: BootPlan | None = None
         self._wall_ns = 0
@@ -101,7 +107,7 @@ class Machine:
     # --- building -------------------------------------------------------------------
     def _build(self) -> None:
         native.check(lib.pykvm_install_kick_handler(KICK_SIGNAL), "sigaction")
-        self.kvm = self._closing(Kvm(self.config.kvm_path))
+        self.kvm = self._shared_kvm or self._closing(Kvm(self.config.kvm_path))
         self._check_cpus()
         self.vm = self._closing(self.kvm.create_vm())
         self.vm.set_tss_addr(layout.KVM_TSS_ADDR)

@@ -27,6 +27,7 @@ class Kvm:
 
     def __init__(self, path: str = DEFAULT_PATH) -> None:
         self.path = path
+        self._supported_cpuid: tuple[CpuidEntry, ...] | None = None
         self.fd = _open(path)
         try:
             try:
@@ -66,7 +67,15 @@ class Kvm:
         return self._ioctl(ioctls.KVM_GET_VCPU_MMAP_SIZE)
 
     def supported_cpuid(self) -> list[CpuidEntry]:
-        """See ``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves this host's KVM can offer."""
+        """See ``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves this host's KVM can offer.
+
+        Asked once per ``Kvm``: the answer is a property of the host.
+        """
+        if self._supported_cpuid is None:
+            self._supported_cpuid = self._get_supported_cpuid()
+        return list(self._supported_cpuid)
+
+    def _get_supported_cpuid(self) -> tuple[CpuidEntry, ...]:
         nent = _CPUID_ENTRIES_START
         while True:
             buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + nent * ffi.sizeof("struct kvm_cpuid_entry2"))
@@ -78,10 +87,10 @@ class Kvm:
                 break
             nent *= 2
         entries = ffi.cast("struct kvm_cpuid_entry2 *", buf + ffi.sizeof("struct kvm_cpuid2"))
-        return [
+        return tuple(
             CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
             for e in (entries[i] for i in range(cpuid.nent))
-        ]
+        )
 
     def msr_index_list(self) -> list[int]:
         """See ``KVM_GET_MSR_INDEX_LIST``: the MSRs KVM saves and restores."""
