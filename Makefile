@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install guests demo test bench clean
+.PHONY: install guests demo test bench clean linux-guest linux-smoke
 
 install:
 	scripts/install-deps
@@ -20,8 +20,17 @@ test: guests
 	$(PYTHON) -m pytest
 
 bench: guests
+	scripts/install-deps bench
 	$(MAKE) -C bench
 	$(PYTHON) bench/run.py
+
+# The Linux test guest (Debian's kernel + a busybox initramfs) in guests/linux/build/: see guests/linux/build.sh.
+linux-guest:
+	PYTHON=$(PYTHON) guests/linux/build.sh
+
+# Boot it to its initramfs marker and poweroff (hardware KVM hosts; skipped with the reason elsewhere).
+linux-smoke: linux-guest
+	PYTHON=$(PYTHON) guests/linux/smoke.sh
 
 clean:
 	$(MAKE) -C guests clean

@@ -594,22 +594,53 @@ def bench_compute(s: Settings, tmp: str, results: dict) -> list[Row]:
     ]
 
 
+# --- row 8: the balloon -----------------------------------------------------------------------------
+def bench_balloon(s: Settings, results: dict) -> list[Row]:
+    """Row 8: host RSS returned by inflating N MiB in a guest's balloon, and how long it takes
+    (bench/bench_balloon.py, in a fresh process: the RSS it measures is its own)."""
+    pb.guest_path("balloon.bin")
+    mib, rounds = (32, 2) if s is QUICK else (64, 5)
+    cmd = [sys.executable, str(BENCH / "bench_balloon.py"), "--mib", str(mib), "--rounds", str(rounds)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise WrongResult(f"bench_balloon.py printed no result (status {out.returncode}): {out.stderr.strip()[-500:]}")
+    data = json.loads(lines[-1])
+    if not data.get("ok"):
+        raise WrongResult(f"bench_balloon.py: {data.get('error')}")
+    progress(f"row 8 (balloon): {rounds} rounds of {mib} MiB")
+    results["balloon"] = data
+    med = data["median"]
+    size = mib * MIB
+    note = (f"8: guests/build/balloon.bin (256 MiB, all touched) inflates {mib} MiB in 1 MiB batches; RSS = psutil, "
+            f"this process; median of {rounds} rounds after a warm-up. 8b: from `vm.balloon.target = ...` until the "
+            "RSS is down by 90 % of it; 8c: until the driver's `actual` reaches it; 8d: deflating it again")
+    return [
+        Row("8a", f"balloon: host RSS returned when inflating {mib} MiB", med["returned_bytes"], size, "inflated",
+            "bytes", med["returned_bytes"] / size, "returned/inflated", ">= 0.90x", med["returned_bytes"] >= 0.9 * size,
+            note=note),
+        Row("8b", "balloon: new target -> RSS down by 90 %", med["ms_to_rss_90"], None, "", "ms"),
+        Row("8c", "balloon: new target -> `actual` reached", med["ms_to_actual"], None, "", "ms"),
+        Row("8d", f"balloon: deflate {mib} MiB -> `actual` 0", med["ms_to_deflated"], None, "", "ms"),
+    ]
+
+
 # --- main ----------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="pykvm benchmarks against a raw-C KVM floor and QEMU microvm.")
     p.add_argument("--quick", action="store_true", help="smaller N and fewer repeats: a smoke run")
     p.add_argument("--json", metavar="PATH", type=Path, default=DEFAULT_JSON,
                    help=f"where to write the figures (default {DEFAULT_JSON.relative_to(ROOT)})")
-    p.add_argument("--rows", default="1,2,3,4,5,6,7", help="comma-separated rows to run (default all)")
+    p.add_argument("--rows", default="1,2,3,4,5,6,7,8", help="comma-separated rows to run (default all)")
     p.add_argument("--install-qemu", action="store_true",
                    help="if QEMU is missing and this runs as root, apt-get install qemu-system-x86")
     args = p.parse_args(argv)
     try:
         args.row_set = {int(x) for x in args.rows.split(",") if x.strip()}
     except ValueError:
-        p.error("--rows takes numbers 1-7, e.g. --rows 1,2")
-    if not args.row_set <= set(range(1, 8)):
-        p.error("--rows takes numbers 1-7")
+        p.error("--rows takes numbers 1-8, e.g. --rows 1,2")
+    if not args.row_set <= set(range(1, 9)):
+        p.error("--rows takes numbers 1-8")
     return args
 
 
@@ -656,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         attempt(5, "VM lifecycle", lambda: bench_lifecycle(s, tmp, results))
         attempt(6, "memory overhead", lambda: bench_memory(s, results))
         attempt(7, "guest compute at CPL3", lambda: bench_compute(s, tmp, results))
+        attempt(8, "memory balloon", lambda: bench_balloon(s, results))
 
     elapsed = time.monotonic() - started
     print()

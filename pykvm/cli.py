@@ -12,6 +12,7 @@ import click
 
 from .boot import FORMATS
 from .config import DiskConfig, MachineConfig, NetConfig
+from .control_socket import format_answer, request as control_request
 from .console import StdinForwarder
 from .errors import PykvmError
 from .info import format_info, host_info
@@ -79,10 +80,14 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
               help="How queue notifications reach devices: an I/O thread, or synchronous MMIO exits (debugging).")  # fmt: skip
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop the guest after this many seconds (status 124).")
 @click.option("--stats", is_flag=True, help="Print exit counts and where the time went, on stderr.")
+@click.option("--balloon", is_flag=True, help="A virtio-balloon (set its size with `pykvm ctl PATH balloon SIZE`).")
+@click.option("--share-pages", is_flag=True, help="Let the kernel merge identical guest pages (KSM, MADV_MERGEABLE).")
+@click.option("--control", metavar="PATH", help="Serve the control socket (JSON lines, see `pykvm ctl`) at PATH.")
 @click.pass_obj
 def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdline: str, modules: tuple[Path, ...], initrd: Path | None, image_format: str, mode: str | None,
         load_addr: int | None, entry: int | None, user_mode: bool, serial: str, console: str, disks: tuple[str, ...],
-        rng: bool, net: str | None, virtio_notify: str, timeout: float | None, stats: bool) -> None:  # fmt: skip
+        rng: bool, net: str | None, virtio_notify: str, timeout: float | None, stats: bool,
+        balloon: bool, share_pages: bool, control: str | None) -> None:  # fmt: skip
     """Boot GUEST (flat binary, ELF or multiboot kernel); exit with the guest's status.
 
     \b
@@ -103,6 +108,9 @@ def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdl
             net=NetConfig.parse(net) if net else None,
             virtio_notify=virtio_notify,
             kvm_path=device,
+            balloon=balloon,
+            share_pages=share_pages,
+            control=control,
         )
         with Machine(config) as vm:
             vm.load(guest, format=image_format, cmdline=cmdline, modules=modules, initrd=initrd, mode=mode,
@@ -142,3 +150,52 @@ def info(device: str, as_json: bool) -> None:
     except PykvmError as err:
         _fail(err)
     click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
+
+
+@main.group()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.pass_context
+def ctl(ctx: click.Context, path: str) -> None:
+    """Talk to a running machine's control socket (`pykvm run ... --control PATH`)."""
+    ctx.obj = path
+
+
+def _control(path: str, message: dict, as_json: bool) -> None:
+    try:
+        answer = control_request(path, message)
+    except PykvmError as err:
+        _fail(err)
+    if as_json:
+        click.echo(json.dumps(answer))
+    if not answer.get("ok"):
+        if not as_json:
+            click.echo(f"pykvm: error: {answer.get('error', 'the machine refused the request')}", err=True)
+        sys.exit(ERROR_STATUS)
+    if not as_json:
+        click.echo(format_answer(message["cmd"], answer))
+
+
+@ctl.command("balloon")
+@click.argument("size")
+@click.option("--wait", type=click.FloatRange(min=0, max=600), default=0, help="Wait up to this many seconds for the guest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
+@click.pass_obj
+def ctl_balloon(path: str, size: str, wait: float, as_json: bool) -> None:
+    """Set the balloon to SIZE: take that much memory (32M, 1G) from the guest."""
+    _control(path, {"cmd": "balloon", "target": size, "wait": wait}, as_json)
+
+
+@ctl.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
+@click.pass_obj
+def ctl_stats(path: str, as_json: bool) -> None:
+    """The guest's balloon statistics and the host's memory."""
+    _control(path, {"cmd": "stats"}, as_json)
+
+
+@ctl.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
+@click.pass_obj
+def ctl_info(path: str, as_json: bool) -> None:
+    """What the machine is: memory, vCPUs, devices, balloon, RSS, page sharing."""
+    _control(path, {"cmd": "info"}, as_json)

@@ -96,6 +96,13 @@ class MachineConfig:
     net: NetConfig | None = None
     virtio_notify: str = "ioeventfd"
     kvm_path: str = DEFAULT_PATH
+    # Memory (pykvm/devices/virtio/balloon.py, pykvm/control_socket.py): a virtio-balloon, its
+    # optional features, KSM page sharing of guest RAM, and a control socket at this path.
+    balloon: bool = False
+    deflate_on_oom: bool = False
+    free_page_reporting: bool = False
+    share_pages: bool = False
+    control: str | None = None
 
     @property
     def memory_bytes(self) -> int:
@@ -113,3 +120,9 @@ class MachineConfig:
             raise ConfigError(f"console must be 'serial' or 'virtio', not {self.console!r}")
         if self.virtio_notify not in ("ioeventfd", "sync"):
             raise ConfigError(f"virtio_notify must be 'ioeventfd' or 'sync', not {self.virtio_notify!r}")
+        if self.balloon and not self.irqchip:
+            raise ConfigError("the balloon is a virtio device: it needs the in-kernel irqchip")
+        if (self.deflate_on_oom or self.free_page_reporting) and not self.balloon:
+            raise ConfigError("deflate_on_oom and free_page_reporting are balloon features: set balloon=True")
+        if self.control is not None and not 0 < len(os.fsencode(self.control)) < 108:
+            raise ConfigError(f"control socket path {self.control!r} must be 1 to 107 bytes (a UNIX socket address)")

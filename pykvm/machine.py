@@ -34,7 +34,12 @@ from .devices.ports import ConstantPort
 from .devices.uart import Uart16550
 from .devices.virtio.device import VirtioDevice
 from .devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY, VirtioMmioTransport
+from .devices.virtio.blk import VirtioBlock
+from .devices.virtio.console import VirtioConsole
+from .devices.virtio.net import VirtioNet
 from .devices.virtio.rng import VirtioRng
+from .devices.virtio.balloon import VirtioBalloon
+from .control_socket import ControlServer
 from .dispatch import EXIT_NAMES, ExitDispatcher
 from .errors import ConfigError, GuestMemoryError, ImageError, PykvmError
 from .iothread import IoThread
@@ -116,6 +121,8 @@ class Machine:
         self.memory_map = build_memory_map(ram)
         self.memory = self._closing(GuestMemory(ram_regions(ram)))
         self.memory.register(self.vm)  # before the irqchip: afterwards each slot waits for an SRCU grace period
+        if self.config.share_pages:
+            self.memory.merge(True)  # KSM may merge identical guest pages (while /sys/kernel/mm/ksm/run is 1)
         if self.config.irqchip:
             self._create_interrupt_controllers()
         self.pio = Bus("port I/O")
@@ -131,10 +138,17 @@ class Machine:
         self._attach_firmware()
         self.virtio: list[VirtioSlot] = []
         self._iothread: IoThread | None = None
-        if self.config.rng:
-            self.attach_virtio(VirtioRng())
+        self._attach_virtio_devices()
+        self.balloon: VirtioBalloon | None = None
+        if self.config.balloon:  # after the other virtio devices
+            self.balloon = VirtioBalloon(self.memory_map, deflate_on_oom=self.config.deflate_on_oom,
+                                         free_page_reporting=self.config.free_page_reporting)  # fmt: skip
+            self.attach_virtio(self.balloon)
         supported_cpuid = self.kvm.supported_cpuid()
         self.vcpus = [self._create_vcpu(i, supported_cpuid) for i in range(self.config.cpus)]
+        self.control_server: ControlServer | None = None
+        if self.config.control is not None:  # last: it answers for a complete machine, and closes first
+            self.control_server = self._closing(ControlServer(self.config.control, self))
 
     def _closing(self, resource):  # type: ignore[no-untyped-def]
         self._closers.append(resource.close)
@@ -184,6 +198,23 @@ class Machine:
         self.fast.add(FastKind.CONSTANT, Space.PIO, POST_PORT, 1, value=0xFF)
         self.pio.register(POST_PORT, 1, ConstantPort(0xFF))
 
+    def _attach_virtio_devices(self) -> None:
+        """The configured virtio devices, in a fixed order: console, disks, rng, net."""
+        self.virtio_console: VirtioConsole | None = None
+        if self.config.console == "virtio":
+            self.virtio_console = VirtioConsole(self.serial_output.write)
+            self.attach_virtio(self.virtio_console)
+        for disk in self.config.disks:
+            device = VirtioBlock(disk.path, read_only=disk.read_only)
+            self._closers.append(device.close)
+            self.attach_virtio(device)
+        if self.config.rng:
+            self.attach_virtio(VirtioRng())
+        if self.config.net is not None:
+            net = VirtioNet.open(self.config.net.tap)
+            self._closers.append(net.close)
+            self.attach_virtio(net)
+
     def attach_virtio(self, device: VirtioDevice) -> VirtioSlot:
         """Put ``device`` behind the next virtio-mmio window and IRQ (see :meth:`kernel_device_args`)."""
         index = len(self.virtio)
@@ -204,8 +235,17 @@ class Machine:
             self._iothread = self._closing(IoThread())
         for fd in device.host_fds():
             self._iothread.add(fd, functools.partial(device.on_host_readable, fd))
+        device.host_fd_interest = functools.partial(self._follow_host_fd, device)
         self.virtio.append(slot)
         return slot
+
+    def _follow_host_fd(self, device: VirtioDevice, fd: int, wanted: bool) -> None:
+        """A device stops (or resumes) wanting its host input, e.g. a NIC whose guest has no buffers."""
+        assert self._iothread is not None
+        if wanted:
+            self._iothread.add(fd, functools.partial(device.on_host_readable, fd))
+        else:
+            self._iothread.remove(fd)
 
     def _interrupt(self, gsi: int) -> Callable[[], None]:
         """An edge on ``gsi``: through an irqfd, or (synchronous mode) two KVM_IRQ_LINE calls."""

@@ -130,6 +130,44 @@ class GuestMemory:
         region, offset = self.locate(gpa, length)
         region.mapping.madvise(mmap.MADV_DONTNEED, region.mapping_offset + offset, length)
 
+    def merge(self, enable: bool) -> None:
+        """Opt guest RAM into the kernel's same-page merging (KSM), or back out of it.
+
+        ``MADV_MERGEABLE`` over every region (``MADV_UNMERGEABLE`` to undo: merged pages are
+        copied back first).  Merging happens only while ``/sys/kernel/mm/ksm/run`` is 1.
+        """
+        advice = mmap.MADV_MERGEABLE if enable else mmap.MADV_UNMERGEABLE
+        for region in self.regions:
+            try:
+                region.mapping.madvise(advice, region.mapping_offset, region.size)
+            except OSError as err:
+                raise ConfigError(
+                    f"cannot {'enable' if enable else 'disable'} page sharing on guest memory at {region.gpa:#x}: "
+                    f"{err.strerror} (a kernel without KSM, CONFIG_KSM?)"
+                ) from err
+
+    def resident(self) -> dict[str, int]:
+        """Bytes of guest RAM the host holds for this memory, from ``/proc/self/smaps``.
+
+        ``rss`` (resident, as counted in the process RSS), ``anon_huge`` (of which in
+        transparent huge pages) and ``ksm`` (of which merged pages, shared by KSM), summed over
+        the mappings of every region: what the guest's RAM costs inside the process's RSS.
+        """
+        spans = [(r.host_addr - r.mapping_offset, r.host_addr - r.mapping_offset + len(r.mapping)) for r in self.regions]
+        totals = {"rss": 0, "anon_huge": 0, "ksm": 0}
+        fields = {"Rss:": "rss", "AnonHugePages:": "anon_huge", "KSM:": "ksm"}
+        inside = False
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                head = line.split(None, 1)[0]
+                if head in fields:
+                    if inside:
+                        totals[fields[head]] += int(line.split()[1]) * 1024
+                elif "-" in head and not head.endswith(":"):
+                    start, end = (int(x, 16) for x in head.split("-"))
+                    inside = any(lo <= start and end <= hi for lo, hi in spans)
+        return totals
+
     def close(self) -> None:
         """Unmap guest RAM (views still held elsewhere keep their mapping alive)."""
         for region in self.regions:

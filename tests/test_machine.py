@@ -111,7 +111,7 @@ def test_close_is_idempotent_and_context_manager_closes(kvm_host) -> None:
 def test_exits_this_host_cannot_produce_map_to_their_documented_status(machine_factory, exit, reason, status, words) -> None:
     # KVM_EXIT_FAIL_ENTRY never happens on kvm_pvm (PLATFORM.md): the dispatcher is handed the decoded exit.
     machine = machine_factory()
-    control = RunControl()
+    control = RunControl(machine.vcpus)
     machine.dispatch.handle(machine.vcpus[0], exit, control)
     assert control.stop.reason is reason and status_of(reason) == status
     assert words in control.stop.diagnosis and control.stop.with_registers

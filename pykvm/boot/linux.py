@@ -70,7 +70,7 @@ LOADED_HIGH = 1 << 0
 CAN_USE_HEAP = 1 << 7
 # xloadflags.
 XLF_KERNEL_64 = 1 << 0
-XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
+XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1  # not needed: pykvm places everything below 4 GiB
 # The 64-bit entry point is this far past the start of the protected-mode kernel.
 ENTRY_64_OFFSET = 0x200
 

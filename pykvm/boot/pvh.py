@@ -42,7 +42,10 @@ PT_NOTE = 4
 XEN_NOTE_NAME = b"Xen"
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 NOTE_HEADER = struct.Struct("<III")  # namesz, descsz, type
+# Names and descriptors are padded to 4 bytes, or to 8 in a segment aligned to 8 (as the GNU
+# property notes are); Xen's and Linux's notes use 4.
 NOTE_ALIGN = 4
+WIDE_NOTE_ALIGN = 8
 DESC_SIZES = {4: struct.Struct("<I"), 8: struct.Struct("<Q")}
 
 # struct hvm_start_info, version 1, and what it points at.
@@ -75,8 +78,8 @@ def _align(value: int, alignment: int) -> int:
     return (value + alignment - 1) // alignment * alignment
 
 
-def _note_segments(image: bytes) -> Iterator[tuple[int, int]]:
-    """(file offset, size) of each PT_NOTE segment inside the file; nothing for a malformed ELF."""
+def _note_segments(image: bytes) -> Iterator[tuple[int, int, int]]:
+    """(file offset, size, note alignment) of each PT_NOTE segment inside the file; nothing for a malformed ELF."""
     if not elf.is_elf(image) or len(image) < elf.EI_NIDENT:
         return
     elf_class = elf.CLASSES.get(image[elf.EI_CLASS])
@@ -91,17 +94,17 @@ def _note_segments(image: bytes) -> Iterator[tuple[int, int]]:
             return
         phdr = dict(zip(elf_class.phdr_fields, elf_class.phdr.unpack_from(image, offset)))
         if phdr["type"] == PT_NOTE and phdr["offset"] + phdr["filesz"] <= len(image):
-            yield phdr["offset"], phdr["filesz"]
+            yield phdr["offset"], phdr["filesz"], WIDE_NOTE_ALIGN if phdr["align"] == WIDE_NOTE_ALIGN else NOTE_ALIGN
 
 
-def _notes(image: bytes, start: int, size: int) -> Iterator[tuple[int, bytes, int, bytes]]:
+def _notes(image: bytes, start: int, size: int, align: int) -> Iterator[tuple[int, bytes, int, bytes]]:
     """(offset, name, type, descriptor) of each note in [start, start+size); stops at a malformed one."""
     position, end = start, start + size
     while position + NOTE_HEADER.size <= end:
         namesz, descsz, note_type = NOTE_HEADER.unpack_from(image, position)
         name_at = position + NOTE_HEADER.size
-        desc_at = name_at + _align(namesz, NOTE_ALIGN)
-        next_at = desc_at + _align(descsz, NOTE_ALIGN)
+        desc_at = name_at + _align(namesz, align)
+        next_at = desc_at + _align(descsz, align)
         if desc_at + descsz > end:
             return
         yield position, image[name_at : name_at + namesz].rstrip(NUL), note_type, image[desc_at : desc_at + descsz]
@@ -110,8 +113,8 @@ def _notes(image: bytes, start: int, size: int) -> Iterator[tuple[int, bytes, in
 
 def find_entry_note(image: bytes) -> EntryNote | None:
     """The image's XEN_ELFNOTE_PHYS32_ENTRY note, if it is an ELF that has one (never raises)."""
-    for start, size in _note_segments(image):
-        for offset, name, note_type, desc in _notes(image, start, size):
+    for start, size, align in _note_segments(image):
+        for offset, name, note_type, desc in _notes(image, start, size, align):
             if name == XEN_NOTE_NAME and note_type == XEN_ELFNOTE_PHYS32_ENTRY:
                 return EntryNote(offset, len(desc), desc)
     return None

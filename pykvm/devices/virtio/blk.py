@@ -36,7 +36,7 @@ punch holes leaves the data, which 5.2.6.2 allows), write-zeroes is
 the file system has neither; reads of the range then return zeros.  Unknown segment
 flags, and ``unmap`` on a discard, are answered VIRTIO_BLK_S_UNSUPP (5.2.6.2).
 
-A malformed chain (no device-writable byte for the status, a device-readable buffer
+A malformed chain (its last buffer not device-writable, so no status byte; a device-readable buffer
 after a device-writable one, a header shorter than 16 bytes, data in the wrong
 direction) is answered IOERR when it has a status byte, and returned with used length
 0 when it has none; it is logged at debug level and counted, and the device goes on.
@@ -44,9 +44,11 @@ Host I/O errors (EIO, ENOSPC, ...) are answered IOERR and logged.  Used length i
 number of bytes the device wrote into the chain: the data read plus the status byte.
 
 Counters (``stats``): ``reads``, ``writes``, ``bytes_read``, ``bytes_written``,
-``flushes``, ``get_ids``, ``discards``, ``write_zeroes``, ``errors`` (every non-OK
-status), ``io_errors`` (host I/O failures), ``malformed``, ``unsupported``, and one
-``rejected_<reason>`` per bound.
+``flushes``, ``write_through_syncs``, ``get_ids``, ``discards``, ``write_zeroes``;
+``errors`` counts every non-OK status, and each is also counted by its reason:
+``malformed``, ``unsupported``, ``io_errors`` (host I/O failures, logged) and
+``rejected_<bound>`` (``out_of_range``, ``unaligned_length``, ``too_large``,
+``too_many_segments``, ``wrong_direction``, ``read_only``, ``bad_segments``).
 """
 
 from __future__ import annotations
@@ -199,6 +201,8 @@ class VirtioBlock(VirtioDevice):
         self.fd = self._open()
         try:
             info = os.fstat(self.fd)
+            if stat.S_ISDIR(info.st_mode):  # O_RDONLY opens a directory without complaint
+                raise ConfigError(f"{self.path}: is a directory, not a disk image")
             if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)):
                 raise ConfigError(f"{self.path}: not a regular file or block device")
             size = os.lseek(self.fd, 0, os.SEEK_END)

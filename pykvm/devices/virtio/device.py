@@ -12,7 +12,7 @@ DEVICE_NEEDS_RESET.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from ...memory import GuestMemory
 from .queue import DescriptorChain, SplitQueue
@@ -36,6 +36,9 @@ class VirtioDevice:
         self.driver_features = 0
         self.stats: Counter[str] = Counter()
         self._table: object = None
+        # Set by the machine: call it with (fd, False) to stop being told that a host fd is
+        # readable (no guest buffers to put the input in), and (fd, True) to resume.
+        self.host_fd_interest: Callable[[int, bool], None] | None = None
 
     def bind(self, transport: VirtioMmioTransport) -> None:
         """Called once by the transport the device sits behind."""

@@ -1,0 +1,352 @@
+"""The control socket: a machine answers small JSON requests on a UNIX stream socket.
+
+``pykvm run GUEST --control PATH`` (``MachineConfig(control=PATH)``) serves PATH from a
+thread for as long as the machine exists; ``pykvm ctl PATH ...`` is the client
+(:func:`request`).  The socket file is created mode 0600 and removed on close; a stale one
+(nobody listening) is replaced, a live one is an error.
+
+Protocol (version 1): JSON lines.  The client sends one JSON object per line, UTF-8,
+newline-terminated; the server answers each with one JSON object on one line, in order, on
+the same connection (a connection may carry any number of requests).  Every answer has
+``"ok"``: ``true`` and the command's fields, or ``false`` and ``"error"`` (a sentence).  A
+malformed request (not JSON, not an object, no or unknown ``cmd``, bad arguments, a line over
+64 KiB) gets an error answer; it never stops the server.  Sizes are bytes (integers).
+
+``{"cmd": "info"}``
+    ``pid``, ``memory`` (guest RAM), ``cpus``, ``devices`` (virtio device names),
+    ``rss`` (the pykvm process), ``guest_resident`` (guest RAM resident on the host),
+    ``share_pages`` (and ``ksm``, :func:`~pykvm.memory_policy.ksm_status`, when it is on),
+    ``balloon``: null or ``{"target", "actual", "features"}``.
+``{"cmd": "balloon", "target": "32M"}``
+    Set the balloon's size (a size string as for ``-m``, or bytes); with ``"wait": seconds``
+    wait until the driver's ``actual`` reaches it.  Answer: ``target``, ``actual``, and
+    ``reached`` when waiting.
+``{"cmd": "stats"}``
+    ``stats`` (the guest's latest balloon statistics by name, bytes), ``fresh`` (whether the
+    guest answered a request for new ones within ``"timeout"`` seconds, default 1; send
+    ``"refresh": false`` not to ask), ``stats_age`` (seconds, or null), ``target``,
+    ``actual``, ``counters`` (inflated/deflated/reported bytes, bad PFNs and buffers),
+    ``rss`` and ``guest_resident``.
+
+Example::
+
+    $ pykvm ctl /tmp/vm.sock balloon 32M --wait 10
+    balloon: target 32.0 MiB, actual 32.0 MiB
+    $ echo '{"cmd": "stats"}' | socat - UNIX-CONNECT:/tmp/vm.sock
+    {"ok": true, "stats": {"memfree": ..., "memtot": ...}, ...}
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import selectors
+import socket
+import stat
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import psutil
+
+from .config import parse_size
+from .errors import PykvmError
+from .memory_policy import ksm_status
+from .x86.layout import MIB
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MAX_LINE = 64 * 1024
+IDLE_TIMEOUT = 300.0  # a connection that sends nothing for this long is closed
+MAX_WAIT = 600.0  # the longest a request may ask the server to wait
+
+
+class ControlError(PykvmError):
+    """The control socket could not be served or reached, or it answered with an error."""
+
+
+class RequestError(Exception):
+    """A request the server answers with ``ok: false`` (the message is the answer's ``error``)."""
+
+
+# --- the server ------------------------------------------------------------------------------------
+class ControlServer:
+    """Serves the control protocol for ``machine`` at ``path`` (see the module doc) from a thread."""
+
+    def __init__(self, path: str, machine: Machine) -> None:
+        self.path = path
+        self.machine = machine
+        self._process = psutil.Process()
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._commands: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "info": self._info,
+            "balloon": self._balloon,
+            "stats": self._stats,
+        }
+        _remove_stale(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self._listener.bind(path)
+            os.chmod(path, 0o600)
+            self._listener.listen(8)
+        except OSError as err:
+            self._listener.close()
+            raise ControlError(f"cannot serve the control socket {path}: {err.strerror}") from err
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, name="pykvm-control", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving, close every connection and remove the socket file (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        os.write(self._wake_w, b"x")
+        self._thread.join()
+        with self._lock:
+            for conn in list(self._connections):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self._listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _accept_loop(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._listener, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while not self._closed:
+                for key, _ in selector.select():
+                    if key.fileobj is not self._listener:
+                        return
+                    try:
+                        conn, _ = self._listener.accept()
+                    except OSError as err:
+                        log.warning("control socket %s: accept failed: %s", self.path, err)
+                        continue
+                    conn.settimeout(IDLE_TIMEOUT)
+                    with self._lock:
+                        self._connections.add(conn)
+                    threading.Thread(target=self._serve, args=(conn,), name="pykvm-control-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buffered = b""
+        try:
+            while not self._closed:
+                newline = buffered.find(b"\n")
+                if (newline if newline >= 0 else len(buffered)) > MAX_LINE:
+                    conn.sendall(_encode({"ok": False, "error": f"request longer than {MAX_LINE} bytes"}))
+                    return
+                if newline < 0:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffered += data
+                    continue
+                line, buffered = buffered[:newline], buffered[newline + 1 :]
+                if line.strip():
+                    conn.sendall(_encode(self.handle_line(line)))
+        except OSError as err:  # the client went away, or timed out
+            log.debug("control socket %s: connection ended: %s", self.path, err)
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
+
+    # --- requests ----------------------------------------------------------------------------
+    def handle_line(self, line: bytes) -> dict[str, Any]:
+        """The answer to one request line (never raises)."""
+        try:
+            request = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as err:
+            return {"ok": False, "error": f"malformed request, not JSON: {err}"}
+        return self.handle(request)
+
+    def handle(self, request: object) -> dict[str, Any]:
+        """The answer to one decoded request (never raises)."""
+        try:
+            if not isinstance(request, dict):
+                raise RequestError("a request is a JSON object, like {\"cmd\": \"info\"}")
+            cmd = request.get("cmd")
+            command = self._commands.get(cmd) if isinstance(cmd, str) else None
+            if command is None:
+                known = ", ".join(sorted(self._commands))
+                raise RequestError(f"unknown command {cmd!r} (known: {known})" if cmd is not None else f"no 'cmd' (known: {known})")
+            return {"ok": True, **command(request)}
+        except (RequestError, PykvmError) as err:
+            return {"ok": False, "error": str(err)}
+        except Exception as err:  # a bug here must not take the server (or the guest) down
+            log.exception("control socket %s: request %r failed", self.path, request)
+            return {"ok": False, "error": f"internal error: {type(err).__name__}: {err}"}
+
+    def _balloon_device(self):  # type: ignore[no-untyped-def]
+        balloon = getattr(self.machine, "balloon", None)
+        if balloon is None:
+            raise RequestError("this machine has no balloon (start it with --balloon)")
+        return balloon
+
+    def _host_memory(self) -> dict[str, int]:
+        return {"rss": self._process.memory_info().rss, "guest_resident": self.machine.memory.resident()["rss"]}
+
+    def _info(self, request: dict[str, Any]) -> dict[str, Any]:
+        config = self.machine.config
+        balloon = getattr(self.machine, "balloon", None)
+        answer: dict[str, Any] = {
+            "protocol": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "memory": self.machine.memory.size,
+            "cpus": config.cpus,
+            "devices": [slot.transport.device.name for slot in getattr(self.machine, "virtio", [])],
+            **self._host_memory(),
+            "share_pages": bool(config.share_pages),
+            "balloon": None,
+        }
+        if config.share_pages:
+            answer["ksm"] = ksm_status()
+        if balloon is not None:
+            answer["balloon"] = {"target": balloon.target, "actual": balloon.actual, "features": balloon.negotiated}
+        return answer
+
+    def _balloon(self, request: dict[str, Any]) -> dict[str, Any]:
+        balloon = self._balloon_device()
+        if "target" not in request:
+            raise RequestError("balloon needs a 'target' (a size like \"32M\", or bytes)")
+        target = request["target"]
+        if isinstance(target, bool) or not isinstance(target, (str, int)):
+            raise RequestError(f"target must be a size string or a number of bytes, not {target!r}")
+        target = balloon.set_target(parse_size(target))
+        answer: dict[str, Any] = {"target": target}
+        wait = _seconds(request, "wait", 0.0)
+        if wait:
+            answer["reached"] = balloon.wait_actual(target, wait)
+        answer["actual"] = balloon.actual
+        return answer
+
+    def _stats(self, request: dict[str, Any]) -> dict[str, Any]:
+        balloon = self._balloon_device()
+        fresh = False
+        if request.get("refresh", True):
+            fresh = balloon.refresh_stats(_seconds(request, "timeout", 1.0))
+        updated = balloon.stats_updated_at
+        return {
+            "stats": balloon.stats(),
+            "fresh": fresh,
+            "stats_age": None if updated is None else round(time.monotonic() - updated, 3),
+            "target": balloon.target,
+            "actual": balloon.actual,
+            "counters": balloon.counters(),
+            **self._host_memory(),
+        }
+
+
+def _seconds(request: dict[str, Any], name: str, default: float) -> float:
+    value = request.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_WAIT:
+        raise RequestError(f"{name} must be a number of seconds from 0 to {MAX_WAIT:g}, not {value!r}")
+    return float(value)
+
+
+def _encode(answer: dict[str, Any]) -> bytes:
+    return json.dumps(answer, separators=(", ", ": ")).encode() + b"\n"
+
+
+def _remove_stale(path: str) -> None:
+    """Remove a socket file nobody listens on; refuse to replace a live socket or another file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ControlError(f"cannot serve the control socket {path}: it exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except OSError as err:
+        if err.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ControlError(f"cannot serve the control socket {path}: {err.strerror}") from err
+        os.unlink(path)  # stale: its server is gone
+        return
+    finally:
+        probe.close()
+    raise ControlError(f"cannot serve the control socket {path}: another pykvm is listening there")
+
+
+# --- the client ------------------------------------------------------------------------------------
+def request(path: str, message: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """Send one request to the control socket at ``path`` and return its answer.
+
+    Raises :class:`ControlError` if nobody answers (an ``ok: false`` answer is returned as is).
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            sock.sendall(_encode(message))
+            answer = b""
+            while not answer.endswith(b"\n"):
+                data = sock.recv(65536)
+                if not data:
+                    raise ControlError(f"control socket {path}: the server closed the connection without answering")
+                answer += data
+        except socket.timeout as err:
+            raise ControlError(f"control socket {path}: no answer within {timeout:g} s") from err
+        except OSError as err:
+            hint = " (is the machine running with --control?)" if err.errno in (errno.ENOENT, errno.ECONNREFUSED) else ""
+            raise ControlError(f"control socket {path}: {err.strerror}{hint}") from err
+    try:
+        decoded = json.loads(answer)
+    except ValueError as err:
+        raise ControlError(f"control socket {path}: the answer is not JSON: {err}") from err
+    if not isinstance(decoded, dict):
+        raise ControlError(f"control socket {path}: the answer is not a JSON object")
+    return decoded
+
+
+def _mib(value: object) -> str:
+    return f"{value / MIB:.1f} MiB" if isinstance(value, (int, float)) else "?"
+
+
+def format_answer(cmd: str, answer: dict[str, Any]) -> str:
+    """One line of human output for a successful answer to ``cmd``."""
+    if cmd == "balloon":
+        line = f"balloon: target {_mib(answer.get('target'))}, actual {_mib(answer.get('actual'))}"
+        if answer.get("reached") is False:
+            line += " (not reached yet)"
+        return line
+    host = f"host: RSS {_mib(answer.get('rss'))} (guest RAM resident {_mib(answer.get('guest_resident'))})"
+    if cmd == "stats":
+        stats = answer.get("stats") or {}
+        names = (("memtot", "total"), ("memfree", "free"), ("avail", "available"), ("caches", "caches"))
+        guest = ", ".join(f"{label} {_mib(stats[key])}" for key, label in names if key in stats) or "no statistics yet"
+        age = answer.get("stats_age")
+        when = "" if answer.get("fresh") or age is None else f" ({age:.1f} s old)"
+        return (f"balloon: target {_mib(answer.get('target'))}, actual {_mib(answer.get('actual'))}; "
+                f"guest: {guest}{when}; {host}")  # fmt: skip
+    if cmd == "info":
+        cpus = answer.get("cpus")
+        parts = [f"pid {answer.get('pid')}: {_mib(answer.get('memory'))} RAM, {cpus} vCPU{'s' if cpus != 1 else ''}"]
+        balloon = answer.get("balloon")
+        parts.append("no balloon" if not balloon else
+                     f"balloon target {_mib(balloon.get('target'))} actual {_mib(balloon.get('actual'))}")  # fmt: skip
+        parts.append(host)
+        ksm = answer.get("ksm") or {}
+        sharing = "page sharing off" if not answer.get("share_pages") else (
+            f"page sharing on (KSM {'running' if ksm.get('run') == 1 else 'not running'}, "
+            f"saved {_mib(ksm.get('saved_bytes', 0))} host-wide)")  # fmt: skip
+        parts.append(sharing)
+        return ", ".join(parts)
+    return json.dumps(answer)
