@@ -612,8 +612,8 @@ def bench_balloon(s: Settings, results: dict) -> list[Row]:
     results["balloon"] = data
     med = data["median"]
     size = mib * MIB
-    note = (f"8: guests/build/balloon.bin (256 MiB, all touched) inflates {mib} MiB in 1 MiB batches; RSS = psutil, "
-            f"this process; median of {rounds} rounds after a warm-up. 8b: from `vm.balloon.target = ...` until the "
+    note = (f"8: guests/build/balloon.bin (256 MiB, all touched) inflates {mib} MiB (chains of 8 x 256 PFNs); "
+            f"RSS = psutil, this process; median of {rounds} rounds after a warm-up. 8b: from `vm.balloon.target = ...` until the "
             "RSS is down by 90 % of it; 8c: until the driver's `actual` reaches it; 8d: deflating it again")
     return [
         Row("8a", f"balloon: host RSS returned when inflating {mib} MiB", med["returned_bytes"], size, "inflated",

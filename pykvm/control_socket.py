@@ -185,7 +185,8 @@ class ControlServer:
             command = self._commands.get(cmd) if isinstance(cmd, str) else None
             if command is None:
                 known = ", ".join(sorted(self._commands))
-                raise RequestError(f"unknown command {cmd!r} (known: {known})" if cmd is not None else f"no 'cmd' (known: {known})")
+                what = f"unknown command {cmd!r}" if cmd is not None else "no 'cmd'"
+                raise RequestError(f"{what} (known: {known})")
             return {"ok": True, **command(request)}
         except (RequestError, PykvmError) as err:
             return {"ok": False, "error": str(err)}

@@ -174,3 +174,15 @@ def test_pykvm_ctl_from_another_process_makes_the_running_guest_give_back_memory
     assert run.returncode == 1, out_stderr
     assert b"balloon: 16384 pages (64 MiB)\nballoon: 0 pages (0 MiB)\nballoon: bye\n" in out_stdout
     assert not sock.exists()
+
+
+def test_pykvm_run_balloon_options_fail_in_one_line() -> None:
+    out = subprocess.run([sys.executable, "-m", "pykvm", "run", str(guest("balloon.bin")), "--mode", "long", "--balloon",
+                          "--no-irqchip"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and out.stderr == "pykvm: error: the balloon is a virtio device: it needs the in-kernel irqchip\n"
+
+
+def test_pykvm_run_share_pages_runs_a_guest() -> None:
+    out = subprocess.run([sys.executable, "-m", "pykvm", "run", str(guest("hello_long.bin")), "--mode", "long",
+                          "--share-pages"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 1 and out.stdout == "Hello from long mode\n"

@@ -10,6 +10,7 @@ the loader, so the test checks the loader against the document.
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import struct
@@ -668,3 +669,34 @@ def test_forced_linux_on_an_elf() -> None:
 
 def test_request_helper_is_a_load_request() -> None:
     assert isinstance(request(), LoadRequest)
+
+
+# --- the initramfs make linux-guest builds -----------------------------------------------------
+
+
+def newc_members(archive: bytes) -> dict[str, tuple[int, bytes]]:
+    """name -> (mode, data) of a newc cpio archive, read as the kernel's buffer-format.rst says."""
+    members, position = {}, 0
+    while True:
+        header = archive[position : position + 110]
+        assert header[:6] == b"070701", f"bad newc magic at {position:#x}"
+        fields = [int(header[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        name_end = position + 110 + namesize
+        name = archive[position + 110 : name_end - 1].decode()
+        data_start = (name_end + 3) // 4 * 4
+        if name == "TRAILER!!!":
+            return members
+        members[name] = (mode, archive[data_start : data_start + size])
+        position = (data_start + size + 3) // 4 * 4
+
+
+def test_initramfs_holds_busybox_and_an_init_that_prints_the_marker() -> None:
+    members = newc_members(gzip.decompress(linux_guest_file("initramfs.cpio.gz").read_bytes()))
+    assert set(members) >= {".", "bin", "bin/busybox", "bin/sh", "dev", "dev/console", "proc", "sys", "init"}
+    init_mode, init = members["init"]
+    assert init_mode == 0o100755 and init.startswith(b"#!/bin/sh\n")
+    assert b"echo PYKVM-LINUX-GUEST-OK" in init and b"poweroff -f" in init
+    assert members["bin/sh"] == (0o120777, b"busybox")
+    assert members["bin/busybox"][1][:4] == b"\x7fELF"
+    assert members["dev/console"][0] == 0o020600

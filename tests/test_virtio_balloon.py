@@ -24,6 +24,7 @@ from pykvm.devices.virtio.balloon import (
     runs,
     usable_ranges,
 )
+from pykvm.config import MachineConfig
 from pykvm.errors import ConfigError
 from pykvm.memory import GuestMemory
 from pykvm.x86.e820 import build_memory_map, ram_regions
@@ -374,3 +375,21 @@ def test_usable_ranges_are_e820_ram_from_1mib_inside_guest_memory() -> None:
             (0x1_0000_0000, 0x1_0000_0000 + 256 * MIB),
         ]
         assert usable_ranges(memory.regions, None)[0] == (MIB, 0xC000_0000)
+
+
+def test_the_balloon_options_are_checked_in_the_config() -> None:
+    MachineConfig(balloon=True, deflate_on_oom=True, free_page_reporting=True).validate()
+    with pytest.raises(ConfigError, match="irqchip"):
+        MachineConfig(balloon=True, irqchip=False).validate()
+    for option in ("deflate_on_oom", "free_page_reporting"):
+        with pytest.raises(ConfigError, match="balloon=True"):
+            MachineConfig(**{option: True}).validate()
+
+
+@pytest.mark.kvm
+def test_a_machine_attaches_the_balloon_with_the_configured_features(machine_factory) -> None:
+    assert machine_factory(memory="16M").balloon is None
+    vm = machine_factory(memory="16M", balloon=True, deflate_on_oom=True, free_page_reporting=True)
+    assert vm.balloon.features == 1 << F_STATS_VQ | 1 << F_DEFLATE_ON_OOM | 1 << F_REPORTING
+    assert vm.virtio[-1].transport.device is vm.balloon and len(vm.virtio[-1].transport.queues) == 4
+    assert vm.balloon.usable == [(MIB, 16 * MIB)]  # e820 RAM from 1 MiB up

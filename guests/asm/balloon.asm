@@ -47,7 +47,6 @@ default rel
 org 0x100000
 
 %define CPL3_MAP_IO 0xd0000000          ; map the virtio-mmio windows (lib/cpl3.inc)
-%define CPL3_MAP_GIB 4                  ; (the same, for the older lib/cpl3.inc)
 %include "lib/serial.inc"
 %include "lib/cpl3.inc"
 %include "lib/virtio.inc"
@@ -851,80 +850,11 @@ print_line:
         pop rsi
         ret
 
-; Text into memory: each appends at RDI and leaves RDI at the NUL it writes; other registers preserved.
-; str_append: RSI -> NUL-terminated string
-str_append:
-        push rax
-        push rsi
-.copy:  mov al, [rsi]
-        mov [rdi], al
-        test al, al
-        jz .done
-        inc rsi
-        inc rdi
-        jmp .copy
-.done:  pop rsi
-        pop rax
-        ret
-
-; dec_append: RAX = unsigned value, in decimal
-dec_append:
-        push rax
-        push rbx
-        push rcx
-        push rdx
-        mov ebx, 10
-        xor ecx, ecx
-.divide:
-        xor edx, edx
-        div rbx
-        push rdx
-        inc ecx
-        test rax, rax
-        jnz .divide
-.digit: pop rax
-        add al, '0'
-        mov [rdi], al
-        inc rdi
-        dec ecx
-        jnz .digit
-        mov byte [rdi], 0
-        pop rdx
-        pop rcx
-        pop rbx
-        pop rax
-        ret
-
-; hex_append: RAX = value, CL = digits (the low CL nibbles, lowercase)
-hex_append:
-        push rax
-        push rcx
-        push rdx
-        mov rdx, rax
-        movzx ecx, cl
-        shl ecx, 2
-.digit: sub ecx, 4
-        mov rax, rdx
-        shr rax, cl
-        and eax, 0xf
-        add al, '0'
-        cmp al, '9'
-        jbe .put
-        add al, 'a' - '0' - 10
-.put:   mov [rdi], al
-        inc rdi
-        test ecx, ecx
-        jnz .digit
-        mov byte [rdi], 0
-        pop rdx
-        pop rcx
-        pop rax
-        ret
-
 ; ---- CPL0: handlers and routines --------------------------------------------------------------------
         CPL3_FAULT_HANDLERS
 
 %include "lib/serial_code.inc"
+%include "lib/format_code.inc"
 %include "lib/virtio_code.inc"
 
 ; ---- tables and strings -------------------------------------------------------------------------------

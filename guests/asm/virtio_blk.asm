@@ -356,81 +356,11 @@ print_line:
         pop rax
         ret
 
-; Text into memory (the console needs the bytes in a buffer).  Each appends at RDI, leaves RDI at the NUL
-; it writes after the text, and preserves every other register.
-; str_append: RSI -> NUL-terminated string
-str_append:
-        push rax
-        push rsi
-.copy:  mov al, [rsi]
-        mov [rdi], al
-        test al, al
-        jz .done
-        inc rsi
-        inc rdi
-        jmp .copy
-.done:  pop rsi
-        pop rax
-        ret
-
-; dec_append: RAX = unsigned value, in decimal
-dec_append:
-        push rax
-        push rbx
-        push rcx
-        push rdx
-        mov ebx, 10
-        xor ecx, ecx
-.divide:
-        xor edx, edx
-        div rbx
-        push rdx                        ; least significant digit first
-        inc ecx
-        test rax, rax
-        jnz .divide
-.digit: pop rax
-        add al, '0'
-        mov [rdi], al
-        inc rdi
-        dec ecx
-        jnz .digit
-        mov byte [rdi], 0
-        pop rdx
-        pop rcx
-        pop rbx
-        pop rax
-        ret
-
-; hex_append: RAX = value, CL = digits (the low CL nibbles, lowercase)
-hex_append:
-        push rax
-        push rcx
-        push rdx
-        mov rdx, rax
-        movzx ecx, cl
-        shl ecx, 2
-.digit: sub ecx, 4
-        mov rax, rdx
-        shr rax, cl
-        and eax, 0xf
-        add al, '0'
-        cmp al, '9'
-        jbe .put
-        add al, 'a' - '0' - 10
-.put:   mov [rdi], al
-        inc rdi
-        test ecx, ecx
-        jnz .digit
-        mov byte [rdi], 0
-        pop rdx
-        pop rcx
-        pop rax
-        ret
-
 ; ---- CPL0: handlers and routines --------------------------------------------------------------------
         CPL3_FAULT_HANDLERS
 
 %include "lib/serial_code.inc"
+%include "lib/format_code.inc"
 %include "lib/virtio_code.inc"
 
 ; ---- descriptor tables and strings ----------------------------------------------------------------

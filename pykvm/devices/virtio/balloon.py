@@ -111,6 +111,9 @@ class BalloonCounters(Counter):
     def __call__(self) -> dict[str, int]:
         return self._device.guest_stats()
 
+    def copy(self) -> Counter:  # type: ignore[override]
+        return Counter(self)
+
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (Counter, (dict(self),))
 
@@ -158,6 +161,11 @@ class VirtioBalloon(VirtioDevice):
         self._starts = [start for start, _ in self._ranges]
         top = max((end for _, end in self._ranges), default=0)
         self._held = bytearray((top >> PAGE_SHIFT) // 8 + 1)
+
+    @property
+    def usable(self) -> list[tuple[int, int]]:
+        """The guest-physical ``[start, end)`` ranges whose pages the balloon may release."""
+        return list(self._ranges)
 
     def config_bytes(self) -> bytes:
         return struct.pack("<IIII", self.num_pages, self.actual_pages, 0, 0)
@@ -331,9 +339,11 @@ class VirtioBalloon(VirtioDevice):
         for chain in chains:
             for buffer in chain.buffers:
                 if buffer.writable:
-                    self._mistake("bad_buffers", "%s: device-writable buffer at %#x (%d bytes) skipped", kind, buffer.gpa, buffer.len)
+                    self._mistake("bad_buffers", "%s: device-writable buffer at %#x (%d bytes) skipped",
+                                  kind, buffer.gpa, buffer.len)  # fmt: skip
                 elif buffer.len % PFN_BYTES:
-                    self._mistake("bad_buffers", "%s: buffer at %#x of %d bytes is not whole PFNs, skipped", kind, buffer.gpa, buffer.len)
+                    self._mistake("bad_buffers", "%s: buffer at %#x of %d bytes is not whole PFNs, skipped",
+                                  kind, buffer.gpa, buffer.len)  # fmt: skip
                 else:
                     pfns.frombytes(self.memory.read(buffer.gpa, buffer.len))
         if sys.byteorder != "little":
@@ -399,7 +409,8 @@ class VirtioBalloon(VirtioDevice):
                 data += self.memory.read(buffer.gpa, buffer.len)
             whole = len(data) - len(data) % STAT_ENTRY.size
             if whole != len(data):
-                self._mistake("bad_buffers", "stats: %d trailing bytes after %d entries ignored", len(data) - whole, whole // STAT_ENTRY.size)
+                self._mistake("bad_buffers", "stats: %d trailing bytes after %d entries ignored",
+                              len(data) - whole, whole // STAT_ENTRY.size)  # fmt: skip
             with self._changed:
                 for tag, value in STAT_ENTRY.iter_unpack(bytes(data[:whole])):
                     self._guest_stats[tag] = value
@@ -419,10 +430,12 @@ class VirtioBalloon(VirtioDevice):
         for chain in self.chains(queue_index):
             for buffer in chain.buffers:  # Linux posts them device-writable; the direction is not used
                 if buffer.gpa % PAGE or buffer.len % PAGE:
-                    self._mistake("bad_buffers", "reporting: %#x+%#x is not whole 4 KiB pages, skipped", buffer.gpa, buffer.len)
+                    self._mistake("bad_buffers", "reporting: %#x+%#x is not whole 4 KiB pages, skipped",
+                                  buffer.gpa, buffer.len)  # fmt: skip
                 elif not self._usable(buffer.gpa, buffer.len):
                     self.stats["bad_reports"] += 1
-                    self._mistake(None, "reporting: %#x+%#x is not guest RAM the balloon may take, skipped", buffer.gpa, buffer.len)
+                    self._mistake(None, "reporting: %#x+%#x is not guest RAM the balloon may take, skipped",
+                                  buffer.gpa, buffer.len)  # fmt: skip
                 else:
                     self._discard(buffer.gpa, buffer.len, "reporting")
                     self.stats["reported_bytes"] += buffer.len
