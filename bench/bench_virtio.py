@@ -14,11 +14,12 @@ its results in its parameter block (read back from guest memory here) and exits 
 
 Row 9, throughput: ``count`` sequential 64 KiB reads (mode 0) or writes (mode 1) from sector 0,
 wrapping at the capacity, on a 64 MiB image (16 MiB with ``--quick``) of random bytes in the
-temporary directory, read once before (warm page cache); count = image / 64 KiB, so every byte
-is moved once per run.  Figure: bytes / wall time of ``Machine.run()`` (guest entry to the
+temporary directory, read once before (warm page cache); reads cover the image once per run,
+writes a quarter of it.  Figure: bytes / wall time of ``Machine.run()`` (guest entry to the
 debug exit; nothing subtracted: the guest's own setup, measured apart with count 0, is
-included).  Baseline: this process reading (``os.preadv``) or writing (``os.pwritev``) the
-same file sequentially through one 64 KiB buffer, the same bytes.
+included).  Baseline: this process reading (``os.preadv``) or writing (``os.pwritev`` +
+``os.fdatasync``: the guest does not negotiate VIRTIO_BLK_F_FLUSH, so the device writes through)
+the same file sequentially through one 64 KiB buffer, the same bytes.
 
 Row 10, notifications: ``count`` 512-byte reads (mode 2), each notified and waited for, once
 with ``virtio_notify="ioeventfd"`` (KVM_IOEVENTFD: the QueueNotify write is absorbed by the
@@ -305,54 +306,70 @@ class BlkGuest:
             os.close(fd)
 
     def profile_once(self, count: int, mode: int) -> dict[str, Any]:
-        """An extra (unmeasured) run with ``VirtioBlock.process`` and its preadv/pwritev timed."""
+        """An extra (unmeasured) run with ``VirtioBlock.process``, and the preadv/pwritev and
+        write-through fdatasync inside it, timed (instance attributes wrap the methods)."""
         device = self.device
-        calls: list[tuple[int, int]] = []  # (ns in process, chains) per call
-        transfer_ns: list[int] = []
-        original_process, original_transfer = device.process, device._transfer
+        spans: list[tuple[int, int, int]] = []  # (start, end, chains) of each process() call
+        inner: dict[str, list[int]] = {"_transfer": [], "_write_through": []}
+        originals = {name: getattr(device, name) for name in ("process", *inner)}
 
         def process(queue_index: int) -> None:
             before = device.stats["reads"] + device.stats["writes"]
             t0 = time.perf_counter_ns()
             try:
-                original_process(queue_index)
+                originals["process"](queue_index)
             finally:
-                calls.append((time.perf_counter_ns() - t0, device.stats["reads"] + device.stats["writes"] - before))
+                spans.append((t0, time.perf_counter_ns(), device.stats["reads"] + device.stats["writes"] - before))
 
-        def transfer(*args: Any) -> int:
-            t0 = time.perf_counter_ns()
-            try:
-                return original_transfer(*args)
-            finally:
-                transfer_ns.append(time.perf_counter_ns() - t0)
+        def timed(name: str) -> Callable[..., Any]:
+            def call(*args: Any) -> Any:
+                t0 = time.perf_counter_ns()
+                try:
+                    return originals[name](*args)
+                finally:
+                    inner[name].append(time.perf_counter_ns() - t0)
 
-        device.process, device._transfer = process, transfer
+            return call
+
+        device.process = process
+        for name in inner:
+            setattr(device, name, timed(name))
         try:
             run = self.run_once(count, mode)
         finally:
-            del device.process, device._transfer  # back to the class's methods
-        chains = sum(c for _, c in calls)
-        in_process = sum(ns for ns, _ in calls)
+            for name in originals:
+                delattr(device, name)  # back to the class's methods
+        chains = max(sum(c for _, _, c in spans), 1)
+        calls = [end - start for start, end, _ in spans]
+        in_process, transfer, sync = sum(calls), sum(inner["_transfer"]), sum(inner["_write_through"])
+        # From the end of one process() call to the start of the next: the guest sees the used ring,
+        # checksums, enters CPL0 (int3), submits (emulated), notifies; the notification reaches process().
+        gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
         return {
             "wall_ns": run["ns"],
             "requests": count,
             "process_calls": len(calls),
             "chains": chains,
             "process_ns_total": in_process,
-            "process_ns_per_request": in_process / max(chains, 1),
-            "process_ns_median_call": statistics.median(ns for ns, _ in calls) if calls else None,
-            "transfer_ns_per_request": sum(transfer_ns) / max(len(transfer_ns), 1),
-            "python_without_transfer_ns_per_request": (in_process - sum(transfer_ns)) / max(chains, 1),
+            "process_ns_per_request": in_process / chains,
+            "process_ns_median_call": statistics.median(calls) if calls else None,
+            "transfer_ns_per_request": transfer / chains,
+            "write_through_sync_ns_per_request": sync / chains,
+            "python_ns_per_request": (in_process - transfer - sync) / chains,
             "process_share_of_wall": in_process / run["ns"],
+            "gap_ns_median": statistics.median(gaps) if gaps else None,
+            "gap_ns_mean": statistics.fmean(gaps) if gaps else None,
+            "gap_ns_p99": sorted(gaps)[int(0.99 * (len(gaps) - 1))] if gaps else None,
+            "gaps_over_1ms_share_of_wall": sum(g for g in gaps if g > 1_000_000) / run["ns"],
             "guest_ns_per_request": run["guest_ns"] / count,
             "python_handler_ns_per_request": run["python_handler_ns"] / count,
         }
 
 
 # --- the host baseline ----------------------------------------------------------------------------
-def host_pass(image: Image, count: int, write: bool) -> int:
+def host_pass(image: Image, count: int, write: bool, sync: bool = False) -> int:
     """ns for ``count`` sequential 64 KiB preadv (pwritev) calls on ``image`` through one buffer,
-    at the offsets bench_blk.bin uses."""
+    at the offsets bench_blk.bin uses; ``sync``: fdatasync after each write, as the device does."""
     offsets = [c * BIG for c in request_chunks(count, BIG, image.sectors)]
     buf = bytearray(image.data[:BIG]) if write else bytearray(BIG)
     bufs = [buf]
@@ -363,6 +380,8 @@ def host_pass(image: Image, count: int, write: bool) -> int:
         for off in offsets:
             if call(fd, bufs, off) != BIG:
                 raise WrongResult(f"host {'pwritev' if write else 'preadv'} at {off} moved a short count")
+            if sync:
+                os.fdatasync(fd)
         t1 = time.perf_counter_ns()
     finally:
         os.close(fd)
@@ -382,29 +401,35 @@ def _rotated(items: list, k: int) -> list:
 
 
 def measure_throughput(quick: bool, tmpdir: str | Path, progress: Callable[[str], None] = _stderr) -> dict:
-    """Row 9: 64 KiB sequential reads and writes, pykvm against the host, on one image each."""
+    """Row 9: 64 KiB sequential reads and writes, pykvm against the host, on one image each.
+
+    bench_blk.asm's driver accepts VIRTIO_F_VERSION_1 alone, so VIRTIO_BLK_F_FLUSH is not negotiated
+    and the device writes through (an fdatasync after every write, virtio 1.2 5.2.6.2): the write
+    baseline is pwritev + fdatasync per 64 KiB (plain pwritev is measured too, for the note).  Those
+    syncs take milliseconds, so writes cover a quarter of the image."""
     size = (16 if quick else 64) * MIB
     rounds = 2 if quick else 7
-    count = size // BIG
+    counts = {"read": size // BIG, "write": size // BIG // 4}
     guest = build_guest(tmpdir)
     images = {"read": Image(tmpdir, "blk-read.img", size), "write": Image(tmpdir, "blk-write.img", size)}
     guests: dict[str, BlkGuest] = {}
     try:
         guests = {kind: BlkGuest(guest, images[kind], "ioeventfd", tmpdir) for kind in images}
         modes = {"read": MODE_READ, "write": MODE_WRITE}
-        series = ["pykvm read", "host read", "pykvm write", "host write"]
+        series = ["pykvm read", "host read", "pykvm write", "host write", "host write-nosync"]
         samples: dict[str, list[float]] = {s: [] for s in series}
         runs: dict[str, list[dict]] = {"read": [], "write": []}
 
         def one(who: str) -> float:
             side, kind = who.split()
+            base = kind.split("-")[0]
             if side == "host":
-                ns = host_pass(images[kind], count, kind == "write")
+                ns = host_pass(images[base], counts[base], base == "write", sync=kind == "write")
             else:
-                run = guests[kind].run_once(count, modes[kind])
+                run = guests[kind].run_once(counts[kind], modes[kind])
                 runs[kind].append(run)
                 ns = run["ns"]
-            return size / MIB / (ns / 1e9)
+            return counts[base] * BIG / MIB / (ns / 1e9)
 
         for who in series:  # warm-up
             one(who)
@@ -415,7 +440,7 @@ def measure_throughput(quick: bool, tmpdir: str | Path, progress: Callable[[str]
                 samples[who].append(one(who))
             setup.append(guests["read"].run_once(0, MODE_READ)["ns"])
             progress(f"row 9 (virtio-blk throughput): round {k + 1}/{rounds}")
-        profile = {kind: guests[kind].profile_once(count, modes[kind]) for kind in guests}
+        profile = {kind: guests[kind].profile_once(counts[kind], modes[kind]) for kind in guests}
     finally:
         for g in guests.values():
             g.close()
@@ -423,7 +448,7 @@ def measure_throughput(quick: bool, tmpdir: str | Path, progress: Callable[[str]
             image.remove()
     stats = {who: _summary(v) for who, v in samples.items()}
     return {
-        "image_bytes": size, "request_bytes": BIG, "requests_per_run": count, "in_flight": 1, "rounds": rounds,
+        "image_bytes": size, "request_bytes": BIG, "requests_per_run": counts, "in_flight": 1, "rounds": rounds,
         "notify": "ioeventfd", "samples_mib_per_s": samples, "summary": stats, "runs": runs,
         "setup_ns": _summary(setup), "profile": profile, "guest": str(guest),
     }  # fmt: skip
@@ -469,26 +494,32 @@ def measure_notify(quick: bool, tmpdir: str | Path, progress: Callable[[str], No
 # --- the rows run.py prints -----------------------------------------------------------------------
 def throughput_rows(data: dict) -> list[dict]:
     """Row 9 as keyword arguments of run.py's ``Row``."""
-    st, prof = data["summary"], data["profile"]
+    st, prof, counts = data["summary"], data["profile"], data["requests_per_run"]
     mib = data["image_bytes"] // MIB
-    setup_ms = data["setup_ns"]["median"] / 1e6
-    per_req = {k: data["request_bytes"] / MIB / st[f"pykvm {k}"]["median"] * 1e6 for k in ("read", "write")}
+    us = lambda ns: f"{ns / 1e3:.0f} us"  # noqa: E731
+    per_req = {k: us(data["request_bytes"] / MIB / st[f"pykvm {k}"]["median"] * 1e9) for k in ("read", "write")}
+    pr, pw = prof["read"], prof["write"]
     note = (
-        f"9: guests/asm/bench_blk.asm, {data['requests_per_run']} x 64 KiB sequential requests ({mib} MiB image of "
-        "random bytes in the temp dir, page cache warm), one in flight (a chain of header, one 64 KiB buffer, "
-        "status; CPL3 polls the used ring; int3 -> CPL0 VSYS_SUBMIT writes the descriptors and QueueNotify, an "
-        "ioeventfd); pykvm = bytes / wall time of run(), guest entry to debug exit, nothing subtracted (it "
-        f"includes the guest's own setup: a count-0 run takes {setup_ms:.1f} ms); host = os.preadv / os.pwritev "
-        f"of the same file through one 64 KiB buffer in this process. Per request: read {per_req['read']:.0f} us, "
-        f"write {per_req['write']:.0f} us, of which VirtioBlock.process on the I/O thread "
-        f"{prof['read']['process_ns_per_request'] / 1e3:.0f} / {prof['write']['process_ns_per_request'] / 1e3:.0f} us "
-        f"(preadv {prof['read']['transfer_ns_per_request'] / 1e3:.0f} us, pwritev "
-        f"{prof['write']['transfer_ns_per_request'] / 1e3:.0f} us; an instrumented extra run). Guest checksum of "
-        "every byte read = the host's; the written image is read back and compared; median of "
+        f"9: guests/asm/bench_blk.asm at CPL3, sequential 64 KiB requests on a {mib} MiB image of random bytes in "
+        f"the temp dir, page cache warm: reads {counts['read'] * BIG // MIB} MiB, writes "
+        f"{counts['write'] * BIG // MIB} MiB per run; one request in flight (header, one 64 KiB buffer, status; int3 "
+        "-> CPL0 VSYS_SUBMIT writes 3 descriptors, the avail ring and QueueNotify (an ioeventfd); CPL3 polls the used "
+        "ring). pykvm = bytes / wall time of run(), guest entry to debug exit, nothing subtracted (a count-0 run, "
+        f"the guest's own setup, takes {data['setup_ns']['median'] / 1e6:.1f} ms). host = os.preadv / os.pwritev of "
+        "the same file into / from one 64 KiB buffer in this process; the guest's driver does not negotiate FLUSH, "
+        "so the device writes through (fdatasync after each write) and the write baseline does too (plain pwritev: "
+        f"{st['host write-nosync']['median']:.0f} MiB/s). Per request: read {per_req['read']}, write "
+        f"{per_req['write']}; in an instrumented extra run VirtioBlock.process on the I/O thread took "
+        f"{us(pr['process_ns_per_request'])} (read: preadv {us(pr['transfer_ns_per_request'])}, Python "
+        f"{us(pr['python_ns_per_request'])}) / {us(pw['process_ns_per_request'])} (write: pwritev "
+        f"{us(pw['transfer_ns_per_request'])}, fdatasync {us(pw['write_through_sync_ns_per_request'])}, Python "
+        f"{us(pw['python_ns_per_request'])}), and from one completion to the next request's process() "
+        f"{us(pr['gap_ns_median'])} (median; guest CPL0 submit + notify + I/O-thread wake-up). Checked: the guest's "
+        "checksum over every byte read = the host's; the written image is read back; device counters; median of "
         f"{data['rounds']} alternating rounds after a warm-up"
     )
     rows = []
-    for kind, letter, host in (("read", "a", "host preadv"), ("write", "b", "host pwritev")):
+    for kind, letter, host in (("read", "a", "host preadv"), ("write", "b", "host pwritev+fdatasync")):
         fig, base = st[f"pykvm {kind}"]["median"], st[f"host {kind}"]["median"]
         rows.append({"id": f"9{letter}", "what": f"virtio-blk {kind}, 64 KiB requests, 1 in flight",
                      "pykvm": fig, "baseline": base, "baseline_name": host, "unit": "MiB/s",
@@ -501,17 +532,21 @@ def notify_rows(data: dict) -> list[dict]:
     st, prof, n = data["summary"], data["profile"], data["requests_per_run"]
     io, sync = st["ioeventfd"]["median"], st["sync"]["median"]
     pi, ps = prof["ioeventfd"], prof["sync"]
+    us = lambda ns: f"{ns / 1e3:.0f} us"  # noqa: E731
     note = (
         f"10: bench_blk.bin mode 2: {n} reads of 512 bytes, each submitted (int3 -> CPL0 VSYS_SUBMIT, ending with "
         "the QueueNotify write) and polled to completion at CPL3; ioeventfd = KVM_IOEVENTFD + pykvm's I/O thread, "
-        "sync = an MMIO exit per QueueNotify handled on the vCPU thread. Per request = wall time of run() / N "
+        "sync = an MMIO exit per QueueNotify, handled on the vCPU thread. Per request = wall time of run() / N "
         f"(guest setup included: count-0 runs take {data['setup_ns']['ioeventfd']['median'] / 1e6:.1f} / "
-        f"{data['setup_ns']['sync']['median'] / 1e6:.1f} ms). VirtioBlock.process per request: ioeventfd "
-        f"{pi['process_ns_per_request'] / 1e3:.0f} us, sync {ps['process_ns_per_request'] / 1e3:.0f} us (preadv "
-        f"{pi['transfer_ns_per_request'] / 1e3:.0f} / {ps['transfer_ns_per_request'] / 1e3:.0f} us); sync: in "
-        f"KVM_RUN {ps['guest_ns_per_request'] / 1e3:.0f} us per request (CPL0 emulation of the submit, the exit), "
-        f"in Python exit handlers {ps['python_handler_ns_per_request'] / 1e3:.0f} us. QueueNotify exits checked: "
-        f"exactly 0 (ioeventfd) and N (sync); checksums checked; median of {data['rounds']} alternating rounds"
+        f"{data['setup_ns']['sync']['median'] / 1e6:.1f} ms). Instrumented extra runs, ioeventfd / sync: "
+        f"VirtioBlock.process {us(pi['process_ns_per_request'])} / {us(ps['process_ns_per_request'])} per request "
+        f"(preadv {us(pi['transfer_ns_per_request'])} / {us(ps['transfer_ns_per_request'])}); completion to the "
+        f"next process() {us(pi['gap_ns_median'])} / {us(ps['gap_ns_median'])} (median), {us(pi['gap_ns_p99'])} / "
+        f"{us(ps['gap_ns_p99'])} (99th percentile), gaps over 1 ms {pi['gaps_over_1ms_share_of_wall']:.0%} / "
+        f"{ps['gaps_over_1ms_share_of_wall']:.0%} of the wall time; sync: in KVM_RUN "
+        f"{us(ps['guest_ns_per_request'])} per request (CPL3 -> int3 -> emulated CPL0 submit -> exit), in the "
+        f"Python exit handler {us(ps['python_handler_ns_per_request'])}. Checked: QueueNotify exits exactly 0 "
+        f"(ioeventfd) and N (sync), checksums, device counters; median of {data['rounds']} alternating rounds"
     )
     mmio, at_notify = data["mmio_exits_per_run"], data["queue_notify_exits_per_run"]
     return [

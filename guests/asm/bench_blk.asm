@@ -7,8 +7,8 @@
 ; entered only through int3 for the kernel calls (VSYS_OPEN, VSYS_CONFIG64, VSYS_SUBMIT: MMIO registers,
 ; descriptors, the available ring and the QueueNotify write; VSYS_PUTS, VSYS_EXIT).  Everything else - the
 ; request headers, the spin on the used ring (virtq_wait, bounded by the TSC), the checksum, the write
-; pattern - runs at CPL3, natively on the nested kvm_pvm backend.  No interrupts (IF = 0; the queue asks
-; for none, VIRTQ_AVAIL_F_NO_INTERRUPT): the guest polls the used ring.
+; pattern, the summary line (lib/format_code.inc) - runs at CPL3, natively on the nested kvm_pvm backend.
+; No interrupts (IF = 0; the queue asks for none, VIRTQ_AVAIL_F_NO_INTERRUPT): the guest polls the used ring.
 ;
 ; One request in flight: VSYS_SUBMIT always builds the chain from descriptor 0 (lib/virtio.inc), so each
 ; request is submitted, notified and waited for before the next.  A request is one chain of three
@@ -220,7 +220,8 @@ user_main:
         lea rsi, [msg_checksum]
         call str_append
         mov rax, r15
-        call hex16_append
+        mov cl, 16
+        call hex_append
         mov word [rdi], 10              ; "\n", NUL
         lea rsi, [line]
         VCALL VSYS_PUTS
@@ -260,80 +261,12 @@ fail:   mov [r_checksum], r15
         VCALL VSYS_PUTS                 ; RSI -> the line; preserves EDI
         VCALL VSYS_EXIT
 
-; ---- text (CPL3): each appends at RDI, leaves RDI at the NUL it writes, preserves the other registers ---
-; str_append: RSI -> NUL-terminated string
-str_append:
-        push rax
-        push rsi
-.copy:  mov al, [rsi]
-        mov [rdi], al
-        test al, al
-        jz .done
-        inc rsi
-        inc rdi
-        jmp .copy
-.done:  pop rsi
-        pop rax
-        ret
-
-; dec_append: RAX = unsigned value, in decimal
-dec_append:
-        push rax
-        push rcx
-        push rdx
-        push r8
-        mov r8d, 10
-        xor ecx, ecx
-.divide:
-        xor edx, edx
-        div r8
-        push rdx                        ; least significant digit first
-        inc ecx
-        test rax, rax
-        jnz .divide
-.digit: pop rax
-        add al, '0'
-        mov [rdi], al
-        inc rdi
-        dec ecx
-        jnz .digit
-        mov byte [rdi], 0
-        pop r8
-        pop rdx
-        pop rcx
-        pop rax
-        ret
-
-; hex16_append: RAX = value, as 16 lowercase hex digits
-hex16_append:
-        push rax
-        push rcx
-        push rdx
-        mov rdx, rax
-        mov ecx, 64
-.digit: sub ecx, 4
-        mov rax, rdx
-        shr rax, cl
-        and eax, 0xf
-        add al, '0'
-        cmp al, '9'
-        jbe .put
-        add al, 'a' - '0' - 10
-.put:   mov [rdi], al
-        inc rdi
-        test ecx, ecx
-        jnz .digit
-        mov byte [rdi], 0
-        pop rdx
-        pop rcx
-        pop rax
-        ret
-
 ; ---- CPL0: handlers and routines --------------------------------------------------------------------
         CPL3_FAULT_HANDLERS
 
 %include "lib/serial_code.inc"
 %include "lib/virtio_code.inc"
+%include "lib/format_code.inc"         ; str_append, dec_append, hex_append (used at CPL3)
 
 ; ---- descriptor tables and strings ----------------------------------------------------------------
         CPL3_TABLES virtio_service

@@ -72,7 +72,8 @@ download() {  # package -> the .deb's path, downloaded into build/debs once
         local options=()
         # As root, apt downloads as the _apt user, who cannot write here: keep root for this.
         [ "$(id -u)" -eq 0 ] && options=(-o APT::Sandbox::User=root)
-        (cd "$build/debs" && apt-get download -q "${options[@]}" "$package=$version" >&2)
+        (cd "$build/debs" && apt-get download -q ${options[@]+"${options[@]}"} "$package=$version" >&2) \
+            || die "apt-get download $package=$version failed; if the package lists are stale, run 'apt-get update' (as root) and try again"
         deb=$(find "$build/debs" -maxdepth 1 -name "${package}_${version//:/%3a}_*.deb" | head -n 1)
         [ -n "$deb" ] || die "apt-get download $package=$version left no .deb in $build/debs"
     fi
