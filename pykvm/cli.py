@@ -88,7 +88,7 @@ def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdl
         load_addr: int | None, entry: int | None, user_mode: bool, serial: str, console: str, disks: tuple[str, ...],
         rng: bool, net: str | None, virtio_notify: str, timeout: float | None, stats: bool,
         balloon: bool, share_pages: bool, control: str | None) -> None:  # fmt: skip
-    """Boot GUEST (flat binary, ELF or multiboot kernel); exit with the guest's status.
+    """Boot GUEST (flat binary, ELF, multiboot, Linux bzImage or PVH kernel); exit with the guest's status.
 
     \b
     Status: 0 halted/reset; (v << 1) | 1 after the guest wrote v to port 0xf4;

@@ -339,7 +339,7 @@ class Machine:
         entry: int | None = None,
         user: bool = False,
     ) -> BootPlan:
-        """Load a guest image (flat, ELF or multiboot) and set the bootstrap processor to enter it.
+        """Load a guest image (flat, ELF, multiboot, Linux bzImage or PVH) and set the bootstrap processor to enter it.
 
         ``user`` enters long-mode code at CPL3 (with IOPL 3, so it may still do port I/O).
         """

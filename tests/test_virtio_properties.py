@@ -433,7 +433,12 @@ def test_blk_request_sequences_match_a_model_of_the_disk(requests, read_only: bo
             event(f"request type {req[0]}: status {status}")
             assert (used_head, written[-1]) == (head, status), req
             assert used_length == len(data) + 1, req
-            assert written[: len(data)] == data, req
+            if req[0] == VIRTIO_BLK_T_IN:  # bytes a discard left undefined may read as anything
+                start = req[1] * 512
+                defined = [u == 0 for u in unknown[start : start + len(data)]]
+                assert all(w == d or not k for w, d, k in zip(written, data, defined)), req
+            else:
+                assert written[: len(data)] == data, req
         assert not driver.status & mmio.DEVICE_NEEDS_RESET
         actual = _read(path)
         assert all(a == b or u for a, b, u in zip(actual, disk, unknown))

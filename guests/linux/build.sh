@@ -8,8 +8,8 @@
 #
 # Packages are fetched with `apt-get download` and unpacked with `dpkg -x`: nothing is installed.
 # A second run does nothing; `rm -rf guests/linux/build` starts over.  The apt package lists must
-# be there (`apt-get update`); when they are not, this script runs apt-get update itself as root,
-# through sudo, or stops and says so.
+# be there (`apt-get update`); when they are missing, or too old for the mirror to have what they
+# name, this script runs apt-get update itself: as root, through sudo, or it stops and says so.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -51,37 +51,49 @@ fi
 # linux-image-amd64 is a meta package: it depends on the versioned kernel package of its
 # candidate version (linux-image-6.1.0-56-amd64, say).  That one is the real, signed image; the
 # -unsigned and -dbg variants are other packages.
-kernel_package=$(apt-cache depends linux-image-amd64 \
-    | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-amd64$/ { print $2; exit }')
-[ -n "$kernel_package" ] || die "cannot tell which kernel package linux-image-amd64 depends on (apt-cache depends linux-image-amd64)"
-case "$kernel_package" in
-    *-unsigned | *-dbg) die "linux-image-amd64 resolved to $kernel_package, which is not a bootable image package" ;;
-esac
+kernel_package_name() {
+    local package
+    package=$(apt-cache depends linux-image-amd64 \
+        | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-amd64$/ { print $2; exit }')
+    [ -n "$package" ] || die "cannot tell which kernel package linux-image-amd64 depends on (apt-cache depends linux-image-amd64)"
+    case "$package" in
+        *-unsigned | *-dbg) die "linux-image-amd64 resolved to $package, which is not a bootable image package" ;;
+    esac
+    echo "$package"
+}
 
-mkdir -p "$build/debs"
-work=$(mktemp -d "$build/unpack.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-
-download() {  # package -> the .deb's path, downloaded into build/debs once
-    local package=$1 version deb
+download() {  # package -> the .deb's path, downloaded into build/debs once; fails if apt cannot
+    local package=$1 version deb options=()
     version=$(candidate "$package")
     [ -n "$version" ] && [ "$version" != "(none)" ] || die "apt knows no candidate version of $package"
     deb=$(find "$build/debs" -maxdepth 1 -name "${package}_${version//:/%3a}_*.deb" | head -n 1)
     if [ -z "$deb" ]; then
         say "downloading $package $version" >&2
-        local options=()
         # As root, apt downloads as the _apt user, who cannot write here: keep root for this.
         [ "$(id -u)" -eq 0 ] && options=(-o APT::Sandbox::User=root)
-        (cd "$build/debs" && apt-get download -q ${options[@]+"${options[@]}"} "$package=$version" >&2) \
-            || die "apt-get download $package=$version failed; if the package lists are stale, run 'apt-get update' (as root) and try again"
+        (cd "$build/debs" && apt-get download -q ${options[@]+"${options[@]}"} "$package=$version" >&2) || return 1
         deb=$(find "$build/debs" -maxdepth 1 -name "${package}_${version//:/%3a}_*.deb" | head -n 1)
         [ -n "$deb" ] || die "apt-get download $package=$version left no .deb in $build/debs"
     fi
     echo "$deb"
 }
 
-kernel_deb=$(download "$kernel_package")
-busybox_deb=$(download busybox-static)
+fetch() {  # sets kernel_package, kernel_deb, busybox_deb
+    kernel_package=$(kernel_package_name) || return 1
+    kernel_deb=$(download "$kernel_package") || return 1
+    busybox_deb=$(download busybox-static) || return 1
+}
+
+mkdir -p "$build/debs"
+work=$(mktemp -d "$build/unpack.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+if ! fetch; then
+    # Package lists older than the mirror name versions it no longer has.
+    say "downloading failed: updating the apt package lists and trying again"
+    as_root apt-get update
+    fetch || die "cannot download the packages (see apt's messages above)"
+fi
 
 say "unpacking $(basename "$kernel_deb")"
 dpkg -x "$kernel_deb" "$work/kernel"

@@ -26,7 +26,7 @@ SETUP_SECTS = 0x1F1
 HEADER_MAGIC = 0x202
 VERSION = 0x206
 PAYLOAD_OFFSET = 0x248
-PAYLOAD_LENGTH = 0x24C
+PAYLOAD_LENGTH = 0x24C  # right after payload_offset: both are read at once
 MIN_VERSION = 0x208
 ELF_MAGIC = b"\x7fELF"
 

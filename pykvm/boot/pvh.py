@@ -155,7 +155,7 @@ def entry_point(path: Path, image: bytes, kernel: elf.ElfImage) -> int:
 
 
 def place_modules(path: Path, modules: tuple[Module, ...], kernel_end: int, memory_map: tuple[E820Entry, ...]) -> tuple[int, ...]:
-    """Each module's address: page aligned, as high as it fits below 4 GiB, above the kernel and the modules before."""
+    """Each module's address: page aligned, as high as it fits below 4 GiB and the module before it, above the kernel."""
     addresses: list[int] = []
     limit = PROTECTED_MODE_ADDRESS_LIMIT
     above = _align(kernel_end, MODULE_ALIGN)
