@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from . import layout
+from .interrupts import ACPI_SCI_IRQ, PIT_IOAPIC_PIN, PIT_IRQ
 
 # --- The ACPI PM device the FADT describes (pykvm.devices.acpi_pm emulates it) -------------
 # I/O base of the PM registers: QEMU's PIIX4 PM base.
@@ -57,7 +58,7 @@ ACPI_PM_SIZE = PM_TMR_OFFSET + PM_TMR_LEN
 PM_TIMER_FREQUENCY = 3_579_545
 PM_TMR_BITS = 32
 # The SCI: ISA IRQ 9, level-triggered, active high (as on QEMU's PC).
-SCI_IRQ = 9
+SCI_IRQ = ACPI_SCI_IRQ  # the FADT's SCI_INT
 # SLP_TYP that the DSDT's \_S5_ gives for soft-off (written to PM1a_CNT with SLP_EN).
 SLP_TYP_S5 = 5
 
@@ -133,11 +134,9 @@ MPS_INTI_CONFORMING = 0x0000
 MPS_INTI_ACTIVE_HIGH = 0x0001
 MPS_INTI_LEVEL = 0x000C
 IOAPIC_GSI_BASE = 0
-PIT_IRQ = 0
-PIT_GSI = 2  # QEMU's routing: the PIT's IRQ0 arrives on IOAPIC pin 2
 # (source IRQ, GSI, flags) of every Interrupt Source Override.
 INTERRUPT_SOURCE_OVERRIDES = (
-    (PIT_IRQ, PIT_GSI, MPS_INTI_CONFORMING),
+    (PIT_IRQ, PIT_IOAPIC_PIN, MPS_INTI_CONFORMING),
     (SCI_IRQ, SCI_IRQ, MPS_INTI_LEVEL | MPS_INTI_ACTIVE_HIGH),
 )
 # xAPIC IDs are 8 bits, 0xff is the broadcast ID, and the IOAPIC takes ID N.

@@ -25,6 +25,7 @@ import struct
 
 from ..errors import ConfigError
 from . import layout
+from .interrupts import ISA_IRQS, PIC_CASCADE_IRQ, PIT_IOAPIC_PIN, PIT_IRQ
 
 # MP floating pointer structure (section 4.1): signature, physical address pointer,
 # length in 16-byte units, spec revision, checksum, feature bytes 1-5.
@@ -85,10 +86,6 @@ IRQ_FLAGS_CONFORMING = 0
 ALL_LOCAL_APICS = 0xFF
 LINTIN0 = 0
 LINTIN1 = 1
-ISA_IRQS = 16
-PIT_IRQ = 0
-PIT_INTIN = 2  # QEMU's routing: the PIT's IRQ0 arrives on IOAPIC pin 2
-CASCADE_IRQ = 2  # the slave 8259's cascade: no device behind it, and its pin is IRQ0's
 
 # xAPIC IDs are 8 bits, 0xff is the broadcast ID, and the IOAPIC takes ID N.
 MAX_CPUS = 254
@@ -148,7 +145,7 @@ def _entries(cpus: int) -> list[bytes]:
     entries = [_processor(apic_id) for apic_id in range(cpus)]
     entries.append(BUS_ENTRY.pack(MP_BUS, ISA_BUS_ID, BUS_TYPE_ISA))
     entries.append(IOAPIC_ENTRY.pack(MP_IOAPIC, ioapic_id, IOAPIC_VERSION, IOAPIC_USABLE, layout.IOAPIC_ADDR))
-    entries.extend(_io_interrupt(irq, ioapic_id) for irq in range(ISA_IRQS) if irq != CASCADE_IRQ)
+    entries.extend(_io_interrupt(irq, ioapic_id) for irq in range(ISA_IRQS) if irq != PIC_CASCADE_IRQ)
     entries.append(_local_interrupt(INT_TYPE_EXTINT, BSP_APIC_ID, LINTIN0))
     entries.append(_local_interrupt(INT_TYPE_NMI, ALL_LOCAL_APICS, LINTIN1))
     return entries
@@ -162,7 +159,7 @@ def _processor(apic_id: int) -> bytes:
 
 def _io_interrupt(irq: int, ioapic_id: int) -> bytes:
     """An I/O Interrupt Assignment entry (section 4.3.4) for ISA ``irq``."""
-    intin = PIT_INTIN if irq == PIT_IRQ else irq
+    intin = PIT_IOAPIC_PIN if irq == PIT_IRQ else irq
     return INTERRUPT_ENTRY.pack(MP_IO_INTERRUPT, INT_TYPE_INT, IRQ_FLAGS_CONFORMING, ISA_BUS_ID, irq, ioapic_id, intin)
 
 
