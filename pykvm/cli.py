@@ -12,7 +12,6 @@ import click
 
 from .boot import FORMATS
 from .config import DiskConfig, MachineConfig, NetConfig
-from .control_socket import format_answer, request as control_request
 from .console import StdinForwarder
 from .errors import PykvmError
 from .info import format_info, host_info
@@ -161,6 +160,8 @@ def ctl(ctx: click.Context, path: str) -> None:
 
 
 def _control(path: str, message: dict, as_json: bool) -> None:
+    from .control_socket import format_answer, request as control_request  # only `pykvm ctl` needs it
+
     try:
         answer = control_request(path, message)
     except PykvmError as err:

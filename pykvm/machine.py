@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import native
 from .boot import load_image
@@ -32,17 +32,8 @@ from .devices.fw_cfg import FW_CFG_IO_BASE, FwCfg, set_cmdline, standard_items
 from .devices.i8042 import I8042
 from .devices.ports import ConstantPort
 from .devices.uart import Uart16550
-from .devices.virtio.device import VirtioDevice
-from .devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY, VirtioMmioTransport
-from .devices.virtio.blk import VirtioBlock
-from .devices.virtio.console import VirtioConsole
-from .devices.virtio.net import VirtioNet
-from .devices.virtio.rng import VirtioRng
-from .devices.virtio.balloon import VirtioBalloon
-from .control_socket import ControlServer
 from .dispatch import EXIT_NAMES, ExitDispatcher
 from .errors import ConfigError, GuestMemoryError, ImageError, PykvmError
-from .iothread import IoThread
 from .kvm import Kvm, Vcpu
 from .kvm.exits import StopRequested
 from .kvm.fastpath import FastKind, FastTable, Space
@@ -56,6 +47,14 @@ from .x86.e820 import build_memory_map, ram_regions
 from .x86.entry import CpuMode
 from .x86.mptable import build_mptable
 from .x86.interrupts import COM1_IRQ, VIRTIO_IRQS, gsi_routes
+
+if TYPE_CHECKING:  # optional parts, imported where a machine first needs them (pykvm run's start-up)
+    from .control_socket import ControlServer
+    from .devices.virtio.balloon import VirtioBalloon
+    from .devices.virtio.console import VirtioConsole
+    from .devices.virtio.device import VirtioDevice
+    from .devices.virtio.mmio import VirtioMmioTransport
+    from .iothread import IoThread
 
 COM1_BASE, COM1_SIZE = 0x3F8, 8
 DEBUG_EXIT_BASE, DEBUG_EXIT_SIZE = 0xF4, 4
@@ -72,6 +71,7 @@ class VirtioSlot:
 
     base: int
     gsi: int
+    notify_addr: int  # the QueueNotify register, where the queues' ioeventfds listen
     transport: VirtioMmioTransport = dataclasses.field(init=False)
     notifiers: dict[int, int] = dataclasses.field(default_factory=dict)  # queue index -> ioeventfd
 
@@ -139,15 +139,12 @@ class Machine:
         self.virtio: list[VirtioSlot] = []
         self._iothread: IoThread | None = None
         self._attach_virtio_devices()
-        self.balloon: VirtioBalloon | None = None
-        if self.config.balloon:  # after the other virtio devices
-            self.balloon = VirtioBalloon(self.memory_map, deflate_on_oom=self.config.deflate_on_oom,
-                                         free_page_reporting=self.config.free_page_reporting)  # fmt: skip
-            self.attach_virtio(self.balloon)
         supported_cpuid = self.kvm.supported_cpuid()
         self.vcpus = [self._create_vcpu(i, supported_cpuid) for i in range(self.config.cpus)]
         self.control_server: ControlServer | None = None
         if self.config.control is not None:  # last: it answers for a complete machine, and closes first
+            from .control_socket import ControlServer
+
             self.control_server = self._closing(ControlServer(self.config.control, self))
 
     def _closing(self, resource):  # type: ignore[no-untyped-def]
@@ -199,30 +196,52 @@ class Machine:
         self.pio.register(POST_PORT, 1, ConstantPort(0xFF))
 
     def _attach_virtio_devices(self) -> None:
-        """The configured virtio devices, in a fixed order: console, disks, rng, net."""
+        """The configured virtio devices, in a fixed order: console, disks, rng, net, balloon.
+
+        Each device's module is imported when a machine has that device.
+        """
         self.virtio_console: VirtioConsole | None = None
+        self.balloon: VirtioBalloon | None = None
         if self.config.console == "virtio":
+            from .devices.virtio.console import VirtioConsole
+
             self.virtio_console = VirtioConsole(self.serial_output.write)
             self.attach_virtio(self.virtio_console)
         for disk in self.config.disks:
+            from .devices.virtio.blk import VirtioBlock
+
             device = VirtioBlock(disk.path, read_only=disk.read_only)
             self._closers.append(device.close)
             self.attach_virtio(device)
         if self.config.rng:
+            from .devices.virtio.rng import VirtioRng
+
             self.attach_virtio(VirtioRng())
         if self.config.net is not None:
+            from .devices.virtio.net import VirtioNet
+
             net = VirtioNet.open(self.config.net.tap)
             self._closers.append(net.close)
             self.attach_virtio(net)
+        if self.config.balloon:
+            from .devices.virtio.balloon import VirtioBalloon
+
+            self.balloon = VirtioBalloon(self.memory_map, deflate_on_oom=self.config.deflate_on_oom,
+                                         free_page_reporting=self.config.free_page_reporting)  # fmt: skip
+            self.attach_virtio(self.balloon)
 
     def attach_virtio(self, device: VirtioDevice) -> VirtioSlot:
         """Put ``device`` behind the next virtio-mmio window and IRQ (see :meth:`kernel_device_args`)."""
+        from .devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY, VirtioMmioTransport
+        from .iothread import IoThread
+
         index = len(self.virtio)
         if not self.config.irqchip:
             raise ConfigError("virtio devices need the in-kernel irqchip (irqchip=True)")
         if index >= len(VIRTIO_IRQS):
             raise ConfigError(f"at most {len(VIRTIO_IRQS)} virtio devices fit this machine's interrupt lines")
-        slot = VirtioSlot(layout.VIRTIO_MMIO_START + index * layout.VIRTIO_MMIO_STRIDE, VIRTIO_IRQS[index])
+        base = layout.VIRTIO_MMIO_START + index * layout.VIRTIO_MMIO_STRIDE
+        slot = VirtioSlot(base, VIRTIO_IRQS[index], base + QUEUE_NOTIFY)
         slot.transport = VirtioMmioTransport(
             device,
             self.memory,
@@ -264,7 +283,7 @@ class Machine:
         for index, queue in enumerate(transport.queues):
             if queue.ready:
                 fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-                self.vm.ioeventfd(fd, slot.base + QUEUE_NOTIFY, 4, pio=False, datamatch=index)
+                self.vm.ioeventfd(fd, slot.notify_addr, 4, pio=False, datamatch=index)
                 self._iothread.add(fd, functools.partial(_notified, fd, transport, index))
                 slot.notifiers[index] = fd
 
@@ -272,7 +291,7 @@ class Machine:
         assert self._iothread is not None or not slot.notifiers
         for index, fd in slot.notifiers.items():
             self._iothread.remove(fd)
-            self.vm.ioeventfd(fd, slot.base + QUEUE_NOTIFY, 4, pio=False, datamatch=index, deassign=True)
+            self.vm.ioeventfd(fd, slot.notify_addr, 4, pio=False, datamatch=index, deassign=True)
             os.close(fd)
         slot.notifiers.clear()
 
