@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import threading
 import time
@@ -47,6 +48,8 @@ from .x86.e820 import build_memory_map, ram_regions
 from .x86.entry import CpuMode
 from .x86.mptable import build_mptable
 from .x86.interrupts import COM1_IRQ, VIRTIO_IRQS, gsi_routes
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # optional parts, imported where a machine first needs them (pykvm run's start-up)
     from .control_socket import ControlServer
@@ -103,6 +106,7 @@ class Machine:
         self._control: RunControl | None = None  # the current (or last) run's
         self._plan: BootPlan | None = None
         self._wall_ns = 0
+        self._serial_error_reported = False
         try:
             self._build()
         except BaseException:
@@ -416,10 +420,18 @@ class Machine:
             for thread in helpers:
                 thread.join()
             self._wall_ns += time.monotonic_ns() - started
+            self._report_fast_serial_error()
         if errors:
             raise errors[0]
         assert control.stop is not None
         return self._result(control.stop, self.serial_output.captured(capture_start))
+
+    def _report_fast_serial_error(self) -> None:
+        """The C path drops a serial output fd that fails; say so once, as the Python path does."""
+        error = self.fast.serial_errno
+        if error and not self._serial_error_reported:
+            self._serial_error_reported = True
+            log.warning("serial output failed (%s); no longer writing there", os.strerror(error))
 
     def _run_vcpu(self, vcpu: Vcpu, control: RunControl) -> None:
         control.enter(vcpu)

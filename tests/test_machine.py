@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -115,3 +116,18 @@ def test_exits_this_host_cannot_produce_map_to_their_documented_status(machine_f
     machine.dispatch.handle(machine.vcpus[0], exit, control)
     assert control.stop.reason is reason and status_of(reason) == status
     assert words in control.stop.diagnosis and control.stop.with_registers
+
+
+def test_a_serial_output_that_fails_in_the_c_path_is_reported_once(kvm_host, tmp_path, caplog) -> None:
+    reader, writer = os.pipe()
+    os.close(reader)  # every write now fails with EPIPE (Python ignores SIGPIPE)
+    with Machine(serial=f"/proc/self/fd/{writer}") as machine:
+        machine.load(guest("hello_long.elf"))
+        with caplog.at_level("WARNING", logger="pykvm.machine"):
+            result = machine.run(timeout=30)
+            machine.load(guest("hello_long.elf"))
+            machine.run(timeout=30)
+    os.close(writer)
+    assert result.status == 1  # the guest is unaffected
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pykvm.machine"]
+    assert warnings == ["serial output failed (Broken pipe); no longer writing there"]
