@@ -1,12 +1,28 @@
 # pykvm: set-up, guests, tests, benchmarks.  See README.md.
-PYTHON ?= python3
-PIP ?= $(PYTHON) -m pip
+#
+# Python: inside an active virtual environment ($VIRTUAL_ENV set) pykvm is installed there;
+# otherwise into the project's own .venv, created with the system's python3 (Debian and Ubuntu
+# refuse `pip install` into the system interpreter, PEP 668).  `. .venv/bin/activate` then puts
+# `pykvm` on PATH.  PYTHON=... overrides the interpreter either way.
+ifdef VIRTUAL_ENV
+PYTHON ?= $(VIRTUAL_ENV)/bin/python
+else
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+endif
+# Reinstalled when the package's build inputs change (the C extension is built at install time).
+INSTALLED := $(dir $(PYTHON)).pykvm-installed
 
 .PHONY: install guests demo test bench clean linux-guest linux-smoke
 
-install:
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml setup.py pykvm/_native.c pykvm/_native.h pykvm/_build_native.py
 	scripts/install-deps
-	$(PIP) install -e '.[test]'
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+	@test -n "$(VIRTUAL_ENV)" || echo "pykvm is installed in $(VENV): '. $(VENV)/bin/activate' puts 'pykvm' on PATH"
 
 guests:
 	$(MAKE) -C guests
@@ -16,16 +32,16 @@ demo: install guests
 	$(PYTHON) -m pykvm run guests/build/multiboot.elf --cmdline "hello from the pykvm demo" --stats; \
 	    test $$? -eq 1
 
-test: guests
+test: install guests
 	$(PYTHON) -m pytest
 
-bench: guests
+bench: install guests
 	scripts/install-deps bench
 	$(MAKE) -C bench
 	$(PYTHON) bench/run.py
 
 # The Linux test guest (Debian's kernel + a busybox initramfs) in guests/linux/build/: see guests/linux/build.sh.
-linux-guest:
+linux-guest: install
 	PYTHON=$(PYTHON) guests/linux/build.sh
 
 # Boot it to its initramfs marker and poweroff (hardware KVM hosts; skipped with the reason elsewhere).
@@ -35,4 +51,4 @@ linux-smoke: linux-guest
 clean:
 	$(MAKE) -C guests clean
 	-$(MAKE) -C bench clean
-	rm -rf build *.egg-info pykvm/_native*.so
+	rm -rf build *.egg-info pykvm/_native*.so $(INSTALLED)
