@@ -52,7 +52,7 @@ class RunControl:
     """One run's stop request, the vCPU threads it must reach, and the halt probe."""
 
     def __init__(self, vcpus: Sequence[Vcpu]) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a stop may be requested from a signal handler
         self._vcpus = list(vcpus)
         self.stop: Stop | None = None
         self._threads: dict[int, int] = {}  # vCPU id -> the thread running it

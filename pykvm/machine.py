@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -104,6 +105,9 @@ class Machine:
         self._closers: list[Callable[[], None]] = []
         self._shared_kvm = kvm
         self._control: RunControl | None = None  # the current (or last) run's
+        self._running = False
+        self._stop_lock = threading.RLock()  # re-entrant: stop() may run in a signal handler
+        self._pending_stop: Stop | None = None  # a stop() that came while no run was going
         self._plan: BootPlan | None = None
         self._wall_ns = 0
         self._serial_error_reported = False
@@ -400,7 +404,12 @@ class Machine:
             raise PykvmError("nothing to run: load a guest image first")
         if timeout is not None and timeout <= 0:
             raise ConfigError(f"timeout must be positive, not {timeout}")
-        control = self._control = RunControl(self.vcpus)
+        control = RunControl(self.vcpus)
+        with self._stop_lock:
+            self._control, self._running = control, True
+            if self._pending_stop is not None:
+                control.request_stop(self._pending_stop)
+                self._pending_stop = None
         capture_start = self.serial_output.captured_size()
         errors: list[BaseException] = []
         done = threading.Event()
@@ -419,12 +428,30 @@ class Machine:
             done.set()
             for thread in helpers:
                 thread.join()
+            with self._stop_lock:
+                self._running = False
             self._wall_ns += time.monotonic_ns() - started
             self._report_fast_serial_error()
         if errors:
             raise errors[0]
         assert control.stop is not None
         return self._result(control.stop, self.serial_output.captured(capture_start))
+
+    def stop(self, signal_number: int | None = None) -> None:
+        """End the current run as :attr:`ExitReason.STOPPED`, from any thread or a signal handler.
+
+        Every vCPU leaves the guest at its next exit boundary (a vCPU spinning in the guest is
+        kicked out).  ``signal_number`` names the signal that asked for it: the run's status is
+        then 128 + that number, as a shell reports it (130 without one).  Called while no run
+        is going, it ends the next run before the guest executes anything.
+        """
+        name = signal.Signals(signal_number).name if signal_number else None
+        stop = Stop(ExitReason.STOPPED, f"stopped by {name}" if name else "stopped", signal_number, True)
+        with self._stop_lock:
+            if self._running and self._control is not None:
+                self._control.request_stop(stop)
+            else:
+                self._pending_stop = stop
 
     def _report_fast_serial_error(self) -> None:
         """The C path drops a serial output fd that fails; say so once, as the Python path does."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import signal
 from dataclasses import dataclass, field
 
 from .devices.debug_exit import exit_status
@@ -21,6 +22,7 @@ class ExitReason(str, enum.Enum):
     FAIL_ENTRY = "entry-failure"  # KVM_EXIT_FAIL_ENTRY
     UNHANDLED = "unhandled-exit"  # an exit reason pykvm does not handle
     TIMEOUT = "timeout"  # run(timeout=...) expired
+    STOPPED = "stopped"  # Machine.stop(): the user or a signal ended the run
 
 
 # Process statuses.  Debug-exit statuses are always odd, so every other status is even.
@@ -39,9 +41,15 @@ INTERRUPTED_STATUS = 130  # the user pressed Ctrl-C (128 + SIGINT)
 
 
 def status_of(reason: ExitReason, exit_value: int | None = None) -> int:
-    """The process status of a run that ended for ``reason``."""
+    """The process status of a run that ended for ``reason``.
+
+    A stopped run's ``exit_value`` is the signal that stopped it: 128 + its number, as a shell
+    reports a process a signal ended (130 when no signal is named, as for Ctrl-C).
+    """
     if reason is ExitReason.DEBUG_EXIT:
         return exit_status(exit_value or 0)
+    if reason is ExitReason.STOPPED:
+        return 128 + (exit_value or signal.SIGINT)
     return STATUS[reason]
 
 

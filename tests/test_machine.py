@@ -131,3 +131,25 @@ def test_a_serial_output_that_fails_in_the_c_path_is_reported_once(kvm_host, tmp
     assert result.status == 1  # the guest is unaffected
     warnings = [r.getMessage() for r in caplog.records if r.name == "pykvm.machine"]
     assert warnings == ["serial output failed (Broken pipe); no longer writing there"]
+
+
+@pytest.mark.parametrize("options", [{"mode": "long"}, {"mode": "long", "user": True}], ids=["cpl0", "cpl3"])
+def test_stop_from_another_thread_ends_a_spinning_guest(machine_factory, tmp_path, options) -> None:
+    machine = machine_factory()
+    machine.load(spin_image(tmp_path), **options)
+    stopper = threading.Timer(0.3, machine.stop)
+    stopper.start()
+    result = machine.run(timeout=60)
+    stopper.join()
+    assert (result.reason, result.status, result.diagnosis.split(" at rip")[0]) == (ExitReason.STOPPED, 130, "stopped")
+    assert result.regs is not None
+
+
+def test_stop_before_run_ends_the_next_run_at_once_with_the_signals_status(machine_factory, tmp_path) -> None:
+    machine = machine_factory()
+    machine.load(spin_image(tmp_path), mode="long")
+    machine.stop(signal_number=15)
+    result = machine.run(timeout=60)
+    assert (result.reason, result.status) == (ExitReason.STOPPED, 143)
+    assert result.diagnosis.startswith("stopped by SIGTERM")
+    assert machine.run(timeout=0.3).reason is ExitReason.TIMEOUT  # the request was used up
