@@ -64,8 +64,8 @@ def measure(mib: int, rounds: int, memory_mib: int) -> dict:
         runner = threading.Thread(target=lambda: outcome.append(vm.run(timeout=600)), name="balloon-bench")
         runner.start()
         try:
-            wait(lambda: "memtot" in vm.balloon.stats(), 60, "the guest's statistics")
-            pool = vm.balloon.stats()["avail"] + 16 * MIB
+            wait(lambda: "memtot" in vm.balloon.guest_stats(), 60, "the guest's statistics")
+            pool = vm.balloon.guest_stats()["avail"] + 16 * MIB
             if size > pool:
                 raise RuntimeError(f"{mib} MiB does not fit the guest's {pool // MIB} MiB pool: use more --memory")
             for _ in range(rounds + 1):  # the first round warms up and is not kept

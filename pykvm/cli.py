@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -109,9 +110,8 @@ def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdl
             kvm_path=device,
             balloon=balloon,
             share_pages=share_pages,
-            control=control,
         )
-        with Machine(config) as vm:
+        with Machine(config) as vm, _control_server(control, vm):
             vm.load(guest, format=image_format, cmdline=cmdline, modules=modules, initrd=initrd, mode=mode,
                     load_addr=load_addr, entry=entry, user=user_mode)  # fmt: skip
             if serial == "stdio":
@@ -128,6 +128,15 @@ def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdl
             forwarder.stop()
     _report(result, stats)
     sys.exit(result.status)
+
+
+def _control_server(path: str | None, vm: Machine) -> contextlib.AbstractContextManager[object]:
+    """The control socket at ``path`` for ``vm`` (answering for a complete machine; closed first)."""
+    if path is None:
+        return contextlib.nullcontext()
+    from .control_socket import ControlServer  # only a machine with --control needs it
+
+    return contextlib.closing(ControlServer(path, vm))
 
 
 def _report(result: RunResult, stats: bool) -> None:

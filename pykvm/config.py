@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import TypedDict
 
 from .errors import ConfigError
 from .kvm.system import DEFAULT_PATH
@@ -96,13 +97,12 @@ class MachineConfig:
     net: NetConfig | None = None
     virtio_notify: str = "ioeventfd"
     kvm_path: str = DEFAULT_PATH
-    # Memory (pykvm/devices/virtio/balloon.py, pykvm/control_socket.py): a virtio-balloon, its
-    # optional features, KSM page sharing of guest RAM, and a control socket at this path.
+    # Memory (pykvm/devices/virtio/balloon.py): a virtio-balloon, its optional features, and
+    # KSM page sharing of guest RAM.
     balloon: bool = False
     deflate_on_oom: bool = False
     free_page_reporting: bool = False
     share_pages: bool = False
-    control: str | None = None
 
     @property
     def memory_bytes(self) -> int:
@@ -124,5 +124,23 @@ class MachineConfig:
             raise ConfigError("the balloon is a virtio device: it needs the in-kernel irqchip")
         if (self.deflate_on_oom or self.free_page_reporting) and not self.balloon:
             raise ConfigError("deflate_on_oom and free_page_reporting are balloon features: set balloon=True")
-        if self.control is not None and not 0 < len(os.fsencode(self.control)) < 108:
-            raise ConfigError(f"control socket path {self.control!r} must be 1 to 107 bytes (a UNIX socket address)")
+
+
+class MachineOptions(TypedDict, total=False):
+    """:class:`MachineConfig`'s fields as keyword options of :class:`~pykvm.machine.Machine` (typed)."""
+
+    memory: int | str
+    cpus: int
+    irqchip: bool
+    serial: str
+    capture_serial: bool
+    console: str
+    disks: tuple[DiskConfig, ...]
+    rng: bool
+    net: NetConfig | None
+    virtio_notify: str
+    kvm_path: str
+    balloon: bool
+    deflate_on_oom: bool
+    free_page_reporting: bool
+    share_pages: bool

@@ -9,6 +9,12 @@ run loop clears ``immediate_exit`` before it reads the flag, so a vCPU cannot en
 the guest again without seeing the request, and one whose thread has not started
 yet sees it at its first KVM_RUN.
 
+A run can also be *paused* without ending (for a snapshot, or a debugger looking at the
+guest): :meth:`RunControl.pause` holds every vCPU, sets their stop flags and kicks them,
+and returns once every vCPU thread is parked at an exit boundary
+(:meth:`RunControl.park`); :meth:`RunControl.resume` lets all, or some, go on.  A stop
+request always wins over a pause: parked threads wake and leave.
+
 With the in-kernel irqchip, HLT never leaves the kernel, so a guest that halts with
 interrupts disabled would sit there for ever, as on hardware.  The run's monitor
 thread therefore probes now and then (:meth:`RunControl.probe`): every vCPU is
@@ -22,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import threading
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .native import lib
 from .result import ExitReason
@@ -49,13 +55,16 @@ class Stop:
 
 
 class RunControl:
-    """One run's stop request, the vCPU threads it must reach, and the halt probe."""
+    """One run's stop request, the vCPU threads it must reach, pausing, and the halt probe."""
 
     def __init__(self, vcpus: Sequence[Vcpu]) -> None:
         self._lock = threading.RLock()  # re-entrant: a stop may be requested from a signal handler
+        self._changed = threading.Condition(self._lock)
         self._vcpus = list(vcpus)
         self.stop: Stop | None = None
         self._threads: dict[int, int] = {}  # vCPU id -> the thread running it
+        self._held: set[int] = set()  # vCPUs that must park at their next exit boundary
+        self._parked: set[int] = set()
         self._probe_round = 0
         self._halted: dict[int, int] = {}  # vCPU id -> the last probe round it reported halted in
         self._all_halted_since: int | None = None  # first probe round of an all-halted streak
@@ -71,6 +80,7 @@ class RunControl:
             for vcpu in self._vcpus:
                 vcpu.request_stop()
             self._kick_threads()
+            self._changed.notify_all()  # parked threads leave
 
     def enter(self, vcpu: Vcpu) -> None:
         """Register the calling thread as the one running ``vcpu``."""
@@ -80,10 +90,60 @@ class RunControl:
     def leave(self, vcpu: Vcpu) -> None:
         with self._lock:
             self._threads.pop(vcpu.id, None)
+            self._changed.notify_all()
 
+    # --- pausing ------------------------------------------------------------------------------
+    def pause(self, timeout: float | None = None) -> bool:
+        """Hold every vCPU at its next exit boundary; wait until every vCPU thread but the
+        caller's own is parked.  False if the run ended (or ``timeout`` passed) instead."""
+        with self._changed:
+            if self.stop is not None:
+                return False
+            self._held = {vcpu.id for vcpu in self._vcpus}
+            for vcpu in self._vcpus:
+                vcpu.request_stop()
+            self._kick_threads()
+            me = threading.get_ident()
+            settled = self._changed.wait_for(
+                lambda: self.stop is not None
+                or all(vcpu_id in self._parked for vcpu_id, thread in self._threads.items() if thread != me),
+                timeout,
+            )
+            return bool(settled) and self.stop is None
+
+    def resume(self, vcpu_ids: Iterable[int] | None = None) -> None:
+        """Let every held vCPU (or those of ``vcpu_ids``) run again."""
+        with self._changed:
+            self._held = set() if vcpu_ids is None else self._held - set(vcpu_ids)
+            self._changed.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        """Whether any vCPU is held."""
+        return bool(self._held)
+
+    def park(self, vcpu: Vcpu) -> bool:
+        """On ``vcpu``'s thread, after its stop flag stopped it: wait while it is held.
+
+        True to run on; False when the run is ending (the thread leaves).
+        """
+        with self._changed:
+            if vcpu.id in self._held and self.stop is None:
+                self._parked.add(vcpu.id)
+                self._changed.notify_all()
+                self._changed.wait_for(lambda: vcpu.id not in self._held or self.stop is not None)
+                self._parked.discard(vcpu.id)
+            if self.stop is not None:
+                return False
+            vcpu.clear_stop()  # under the lock: a stop requested from now on sets it again
+            return True
+
+    # --- the halt probe ---------------------------------------------------------------------------
     def probe(self) -> None:
         """Start a halt probe round: interrupt every vCPU so that it reports its state."""
         with self._lock:
+            if self._held:
+                return  # a held vCPU does not run, so it cannot report
             self._probe_round += 1
             for vcpu in self._vcpus:
                 vcpu.interrupt()

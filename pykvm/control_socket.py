@@ -1,7 +1,7 @@
 """The control socket: a machine answers small JSON requests on a UNIX stream socket.
 
-``pykvm run GUEST --control PATH`` (``MachineConfig(control=PATH)``) serves PATH from a
-thread for as long as the machine exists; ``pykvm ctl PATH ...`` is the client
+``pykvm run GUEST --control PATH`` (``ControlServer(PATH, machine)`` in a program) serves
+PATH from a thread until it is closed; ``pykvm ctl PATH ...`` is the client
 (:func:`request`).  The socket file is created mode 0600 and removed on close; a stale one
 (nobody listening) is replaced, a live one is an error.
 
@@ -80,6 +80,8 @@ class ControlServer:
     """Serves the control protocol for ``machine`` at ``path`` (see the module doc) from a thread."""
 
     def __init__(self, path: str, machine: Machine) -> None:
+        if not 0 < len(os.fsencode(path)) < 108:
+            raise ControlError(f"control socket path {path!r} must be 1 to 107 bytes (a UNIX socket address)")
         self.path = path
         self.machine = machine
         self._process = psutil.Process()
@@ -211,7 +213,7 @@ class ControlServer:
             "pid": os.getpid(),
             "memory": self.machine.memory.size,
             "cpus": config.cpus,
-            "devices": [slot.transport.device.name for slot in getattr(self.machine, "virtio", [])],
+            "devices": [slot.device.name for slot in self.machine.devices.virtio],
             **self._host_memory(),
             "share_pages": bool(config.share_pages),
             "balloon": None,
@@ -244,7 +246,7 @@ class ControlServer:
             fresh = balloon.refresh_stats(_seconds(request, "timeout", 1.0))
         updated = balloon.stats_updated_at
         return {
-            "stats": balloon.stats(),
+            "stats": balloon.guest_stats(),
             "fresh": fresh,
             "stats_age": None if updated is None else round(time.monotonic() - updated, 3),
             "target": balloon.target,

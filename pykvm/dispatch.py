@@ -3,6 +3,10 @@
 Port I/O and MMIO go through a bus to exactly one device (one vCPU at a time:
 device models are not required to be thread-safe).  Every other exit either ends
 the run, with a reason and a diagnosis, or is ignored (an interrupted KVM_RUN).
+
+Accesses are counted by address for ``--stats``: the first :data:`ADDRESSES_KEPT`
+addresses one by one, the rest together (a guest scanning the address space cannot
+grow the table).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ EXIT_NAMES = {
     for name in dir(lib)
     if name.startswith("KVM_EXIT_") and not name.startswith("KVM_EXIT_IO_")
 }
+ADDRESSES_KEPT = 256
+OTHER_ADDRESSES = "other addresses"
 _SYSTEM_EVENT_SHUTDOWN = 1
 _SYSTEM_EVENT_RESET = 2
 _EMULATION_SUBERROR = 1
@@ -50,6 +56,7 @@ class ExitDispatcher:
         self.mmio = mmio
         self._device_lock = threading.Lock()
         self.by_address: Counter[tuple[str, int, bool]] = Counter()  # (space, address, is_write)
+        self.other_addresses = 0  # accesses beyond the first ADDRESSES_KEPT addresses
         self.handler_ns = 0
 
     def handle(self, vcpu: Vcpu, exit: Exit, control: RunControl) -> None:
@@ -68,23 +75,27 @@ class ExitDispatcher:
                 why = "with interrupts enabled, but nothing can interrupt it" if enabled else "with interrupts disabled"
                 stop(Stop(ExitReason.HALTED, f"the guest halted {why}", vcpu_id=vcpu.id))
             case ShutdownExit():
-                stop(Stop(ExitReason.SHUTDOWN, "triple fault: the guest shut down", None, True, vcpu.id))
+                stop(Stop(ExitReason.TRIPLE_FAULT, "triple fault: the guest shut down", with_registers=True, vcpu_id=vcpu.id))
             case InternalErrorExit():
-                stop(Stop(ExitReason.INTERNAL_ERROR, describe_internal_error(exit), None, True, vcpu.id))
+                stop(Stop(ExitReason.INTERNAL_ERROR, describe_internal_error(exit), with_registers=True, vcpu_id=vcpu.id))
             case FailEntryExit(reason=reason, cpu=cpu):
                 why = f"KVM could not enter the guest: hardware entry failure reason {reason:#x} on host CPU {cpu}"
-                stop(Stop(ExitReason.FAIL_ENTRY, why, None, True, vcpu.id))
+                stop(Stop(ExitReason.FAIL_ENTRY, why, with_registers=True, vcpu_id=vcpu.id))
             case SystemEventExit(type=kind):
                 stop(_system_event_stop(kind, vcpu.id))
             case OtherExit(reason=reason, hardware_reason=hardware):
                 detail = f" (hardware reason {hardware:#x})" if hardware else ""
                 why = f"unhandled exit {EXIT_NAMES.get(reason, str(reason))}{detail}"
-                stop(Stop(ExitReason.UNHANDLED, why, None, True, vcpu.id))
+                stop(Stop(ExitReason.UNHANDLED, why, with_registers=True, vcpu_id=vcpu.id))
 
     def _dispatch(self, bus: Bus, space: str, addr: int, size: int, count: int, is_write: bool, data: Any) -> None:
         started = time.monotonic_ns()
         with self._device_lock:
-            self.by_address[(space, addr, is_write)] += 1
+            key = (space, addr, is_write)
+            if key in self.by_address or len(self.by_address) < ADDRESSES_KEPT:
+                self.by_address[key] += 1
+            else:
+                self.other_addresses += 1
             if is_write:
                 for i in range(0, size * count, size):
                     bus.write(addr, size, int.from_bytes(data[i : i + size], "little"))
@@ -94,12 +105,23 @@ class ExitDispatcher:
             self.handler_ns += time.monotonic_ns() - started
 
 
+    def address_counts(self) -> dict[str, int]:
+        """Accesses by ``"<space> <address> <read|write>"``, the others under :data:`OTHER_ADDRESSES`."""
+        counts = {
+            f"{space} {addr:#06x} {'write' if is_write else 'read'}": count
+            for (space, addr, is_write), count in self.by_address.items()
+        }
+        if self.other_addresses:
+            counts[f"({OTHER_ADDRESSES}, beyond the first {ADDRESSES_KEPT})"] = self.other_addresses
+        return counts
+
+
 def _system_event_stop(kind: int, vcpu_id: int) -> Stop:
     if kind == _SYSTEM_EVENT_SHUTDOWN:
         return Stop(ExitReason.POWEROFF, "the guest powered off", vcpu_id=vcpu_id)
     if kind == _SYSTEM_EVENT_RESET:
         return Stop(ExitReason.RESET, "the guest reset the machine", vcpu_id=vcpu_id)
-    return Stop(ExitReason.UNHANDLED, f"unhandled system event {kind}", None, True, vcpu_id)
+    return Stop(ExitReason.UNHANDLED, f"unhandled system event {kind}", with_registers=True, vcpu_id=vcpu_id)
 
 
 def describe_internal_error(exit: InternalErrorExit) -> str:

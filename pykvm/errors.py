@@ -58,4 +58,13 @@ class ImageError(PykvmError):
 
 
 class BusError(PykvmError):
-    """A device was registered over an address range that is already taken or empty."""
+    """A device was registered over an address range that is already taken, reserved or empty."""
+
+
+class DeviceError(PykvmError):
+    """A device model broke its contract with the bus (e.g. a read that returned no value)."""
+
+
+class StateError(PykvmError):
+    """A saved device, vCPU or machine state cannot be restored: a field is missing, of the
+    wrong type or out of range, or does not fit the machine it is restored into."""

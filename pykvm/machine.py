@@ -1,90 +1,64 @@
-"""The machine: a typed config turned into memory, vCPUs and devices; loading; running.
+"""The machine: a virtual PC built from a typed config, loaded with a guest image, run.
 
-:class:`Machine` is built by a short recipe of named steps (Firecracker's
-``build_microvm_for_boot`` is the model): open KVM, create the VM and its
-in-kernel interrupt controllers and PIT, map guest RAM, attach the devices,
-create the vCPUs.  :meth:`Machine.load` applies a loader's boot plan to the
-bootstrap processor; :meth:`Machine.run` runs every vCPU on its own thread (the
-bootstrap processor on the caller's) until the guest stops.
+:class:`Machine` is the library's face: it owns what :func:`pykvm.builder.build` makes
+from a :class:`~pykvm.config.MachineConfig` (the VM, guest memory, the devices behind
+their :class:`~pykvm.devices.manager.DeviceManager`, the vCPUs), applies a loader's boot
+plan to the bootstrap processor (:meth:`Machine.load`) and runs the guest through a
+:class:`~pykvm.runner.Runner` (:meth:`Machine.run`, :meth:`Machine.stop`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
-import signal
-import threading
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from . import native
 from .boot import load_image
 from .boot.plan import BootPlan, LoadRequest, Module
+from .builder import build
 from .config import MachineConfig
-from .console import SerialOutput
-from .control import KICK_SIGNAL, RunControl, Stop
-from .devices.bus import Bus
-from .devices.acpi_pm import AcpiPm
-from .devices.cmos import Cmos
-from .devices.debug_exit import DebugExit
-from .devices.fw_cfg import FW_CFG_IO_BASE, FwCfg, set_cmdline, standard_items
-from .devices.i8042 import I8042
-from .devices.ports import ConstantPort
-from .devices.uart import Uart16550
+from .control import Stop
+from .devices.fw_cfg import set_cmdline
 from .dispatch import EXIT_NAMES, ExitDispatcher
 from .errors import ConfigError, GuestMemoryError, ImageError, PykvmError
-from .kvm import Kvm, Vcpu
-from .kvm.exits import StopRequested
-from .kvm.fastpath import FastKind, FastTable, Space
-from .memory import GuestMemory
-from .native import lib
-from .result import ExitReason, RunResult, RunStats, format_registers, status_of
-from .x86 import layout
-from .x86.acpi import ACPI_PM_BASE, build_acpi_tables
-from .x86.cpu import BOOT_MSRS, apply_entry, vcpu_cpuid
-from .x86.e820 import build_memory_map, ram_regions
+from .kvm import Kvm
+from .kvm.fastpath import Space
+from .result import RunResult, RunStats
+from .runner import Runner
+from .x86.cpu import apply_entry
 from .x86.entry import CpuMode
-from .x86.mptable import build_mptable
-from .x86.interrupts import COM1_IRQ, VIRTIO_IRQS, gsi_routes
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .config import MachineOptions
+    from .devices.virtio.device import VirtioDevice
+    from .devices.manager import VirtioSlot
 
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:  # optional parts, imported where a machine first needs them (pykvm run's start-up)
-    from .control_socket import ControlServer
-    from .devices.virtio.balloon import VirtioBalloon
-    from .devices.virtio.console import VirtioConsole
-    from .devices.virtio.device import VirtioDevice
-    from .devices.virtio.mmio import VirtioMmioTransport
-    from .iothread import IoThread
-
-COM1_BASE, COM1_SIZE = 0x3F8, 8
-DEBUG_EXIT_BASE, DEBUG_EXIT_SIZE = 0xF4, 4
-I8042_BASE, I8042_SIZE = 0x60, 5
-CMOS_BASE, CMOS_SIZE = 0x70, 2
-POST_PORT = 0x80
-# How often the monitor thread looks for a guest whose every vCPU halted for good.
-HALT_PROBE_INTERVAL = 0.1
-
-
-@dataclasses.dataclass
-class VirtioSlot:
-    """Where a virtio device sits: its MMIO window, its interrupt, its queue notifiers."""
-
-    base: int
-    gsi: int
-    notify_addr: int  # the QueueNotify register, where the queues' ioeventfds listen
-    transport: VirtioMmioTransport = dataclasses.field(init=False)
-    notifiers: dict[int, int] = dataclasses.field(default_factory=dict)  # queue index -> ioeventfd
-
-
 class Machine:
-    """A virtual PC: vCPUs, guest RAM, the in-kernel PIC/IOAPIC/LAPIC/PIT and the legacy devices.
+    """A virtual PC: vCPUs, guest RAM, the in-kernel PIC/IOAPIC/LAPIC/PIT and the devices.
 
-    With ``irqchip=False`` the machine is minimal: no interrupt controllers, no PIT and
-    no virtio; HLT then leaves the kernel and ends the run at once.
+    Build it from a :class:`~pykvm.config.MachineConfig` and/or its fields as keyword
+    options (``Machine(memory="64M", cpus=2, capture_serial=True)``); ``kvm`` shares an
+    open :class:`~pykvm.kvm.Kvm` between machines (the caller closes it; by default each
+    machine opens ``config.kvm_path`` itself).  With ``irqchip=False`` the machine is
+    minimal: no interrupt controllers, no PIT and no virtio; HLT then ends the run.
+
+    Attributes:
+        config: the :class:`~pykvm.config.MachineConfig` it was built from.
+        memory: guest RAM (:class:`~pykvm.memory.GuestMemory`): read and write it by
+            guest-physical address, bounds-checked.
+        vcpus: the :class:`~pykvm.kvm.Vcpu` objects, vCPU 0 the bootstrap processor.
+        pio, mmio: the port-I/O and MMIO buses (:class:`~pykvm.devices.bus.Bus`); register
+            your own device models on them (``vm.pio.register(0x3e0, 8, device)``).
+        devices: the :class:`~pykvm.devices.manager.DeviceManager` (every attached device).
+        serial: the COM1 UART (``vm.serial.receive(b"...")`` feeds it input).
+        balloon: the virtio-balloon, if ``balloon=True``; virtio_console likewise.
+        kvm, vm: the /dev/kvm and VM handles (:class:`~pykvm.kvm.Kvm`, :class:`~pykvm.kvm.Vm`).
 
     >>> with Machine(memory="64M", capture_serial=True) as vm:     # doctest: +SKIP
     ...     vm.load("guests/build/hello_real.bin")
@@ -93,256 +67,49 @@ class Machine:
     (b'Hello from real mode\\n', 1)
     """
 
-    def __init__(self, config: MachineConfig | None = None, *, kvm: Kvm | None = None, **options: object) -> None:
-        """Build the machine from ``config`` (and/or keyword options of :class:`MachineConfig`).
-
-        ``kvm`` shares an open :class:`~pykvm.kvm.Kvm` between machines (the caller closes
-        it); by default each machine opens ``config.kvm_path`` itself.
-        """
+    def __init__(
+        self, config: MachineConfig | None = None, *, kvm: Kvm | None = None, **options: Unpack[MachineOptions]
+    ) -> None:
         config = config or MachineConfig()
         self.config = dataclasses.replace(config, **options) if options else config
         self.config.validate()
         self._closers: list[Callable[[], None]] = []
-        self._shared_kvm = kvm
-        self._control: RunControl | None = None  # the current (or last) run's
-        self._running = False
-        self._stop_lock = threading.RLock()  # re-entrant: stop() may run in a signal handler
-        self._pending_stop: Stop | None = None  # a stop() that came while no run was going
+        self._closed = False
         self._plan: BootPlan | None = None
-        self._wall_ns = 0
         self._serial_error_reported = False
         try:
-            self._build()
+            parts = build(self.config, kvm, self._request_stop, self._closing)
         except BaseException:
             self.close()
             raise
-
-    # --- building -------------------------------------------------------------------
-    def _build(self) -> None:
-        native.check(lib.pykvm_install_kick_handler(KICK_SIGNAL), "sigaction")
-        self.kvm = self._shared_kvm or self._closing(Kvm(self.config.kvm_path))
-        self._check_cpus()
-        self.vm = self._closing(self.kvm.create_vm())
-        self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
-        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
-        ram = self.config.memory_bytes
-        self.memory_map = build_memory_map(ram)
-        self.memory = self._closing(GuestMemory(ram_regions(ram)))
-        self.memory.register(self.vm)  # before the irqchip: afterwards each slot waits for an SRCU grace period
-        if self.config.share_pages:
-            self.memory.merge(True)  # KSM may merge identical guest pages (while /sys/kernel/mm/ksm/run is 1)
-        if self.config.irqchip:
-            self._create_interrupt_controllers()
-        self.pio = Bus("port I/O")
-        self.mmio = Bus("MMIO")
+        self.kvm, self.vm, self.memory, self.vcpus = parts.kvm, parts.vm, parts.memory, parts.vcpus
+        self.memory_map = parts.memory_map
+        self.devices = parts.devices
+        self.pio, self.mmio = parts.devices.pio, parts.devices.mmio
+        self.serial, self.serial_output = parts.serial, parts.serial_output
+        self.fw_cfg, self.acpi = parts.fw_cfg, parts.acpi
+        self.virtio_console, self.balloon = parts.virtio_console, parts.balloon
         self.dispatch = ExitDispatcher(self.pio, self.mmio)
-        self.fast = FastTable()
-        self.serial_output = self._closing(SerialOutput(self.config.serial, self.config.capture_serial))
-        self._attach_serial()
-        self._attach_debug_exit()
-        self._attach_i8042()
-        self._attach_cmos()
-        self._attach_post_port()
-        self._attach_firmware()
-        self.virtio: list[VirtioSlot] = []
-        self._iothread: IoThread | None = None
-        self._attach_virtio_devices()
-        supported_cpuid = self.kvm.supported_cpuid()
-        self.vcpus = [self._create_vcpu(i, supported_cpuid) for i in range(self.config.cpus)]
-        self.control_server: ControlServer | None = None
-        if self.config.control is not None:  # last: it answers for a complete machine, and closes first
-            from .control_socket import ControlServer
+        self._runner = Runner(self.vcpus, self.dispatch, self.serial_output, self.stats)
 
-            self.control_server = self._closing(ControlServer(self.config.control, self))
-
-    def _closing(self, resource):  # type: ignore[no-untyped-def]
+    def _closing(self, resource: Any) -> Any:
         self._closers.append(resource.close)
         return resource
 
-    def _check_cpus(self) -> None:
-        limit = self.kvm.check_extension(lib.KVM_CAP_MAX_VCPUS) or self.kvm.check_extension(lib.KVM_CAP_NR_VCPUS)
-        if self.config.cpus > limit:
-            raise ConfigError(f"{self.config.cpus} vCPUs asked for, but this host's KVM allows at most {limit}")
-
-    def _create_interrupt_controllers(self) -> None:
-        self.vm.create_irqchip()
-        self.vm.set_gsi_routing(gsi_routes())
-        self.vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
-
-    def _request_stop(self, reason: ExitReason, diagnosis: str, value: int | None = None) -> None:
-        """What devices call to end the run (from a vCPU thread, inside an exit)."""
-        assert self._control is not None, "devices only act while the guest runs"
-        self._control.request_stop(Stop(reason, diagnosis, value))
-
-    def _attach_serial(self) -> None:
-        transmit = self.fast.add(FastKind.SERIAL_TX, Space.PIO, COM1_BASE, 1, fds=self.serial_output.fds)
-
-        def follow_fast_path(ok: bool) -> None:
-            transmit.enabled = ok
-
-        self.serial = Uart16550(
-            self.serial_output.write,
-            irq=functools.partial(self.vm.irq_line, COM1_IRQ) if self.config.irqchip else None,
-            on_fast_transmit_change=follow_fast_path,
-        )
-        self.pio.register(COM1_BASE, COM1_SIZE, self.serial)
-
-    def _attach_debug_exit(self) -> None:
-        self.fast.add(FastKind.DEBUG_EXIT, Space.PIO, DEBUG_EXIT_BASE, DEBUG_EXIT_SIZE)
-        device = DebugExit(lambda value: self._request_stop(ExitReason.DEBUG_EXIT, f"debug exit {value:#x}", value))
-        self.pio.register(DEBUG_EXIT_BASE, DEBUG_EXIT_SIZE, device)
-
-    def _attach_i8042(self) -> None:
-        device = I8042(lambda: self._request_stop(ExitReason.RESET, "the guest reset the machine (i8042)"))
-        self.pio.register(I8042_BASE, I8042_SIZE, device)
-
-    def _attach_cmos(self) -> None:
-        self.pio.register(CMOS_BASE, CMOS_SIZE, Cmos(self.config.memory_bytes))
-
-    def _attach_post_port(self) -> None:
-        self.fast.add(FastKind.CONSTANT, Space.PIO, POST_PORT, 1, value=0xFF)
-        self.pio.register(POST_PORT, 1, ConstantPort(0xFF))
-
-    def _attach_virtio_devices(self) -> None:
-        """The configured virtio devices, in a fixed order: console, disks, rng, net, balloon.
-
-        Each device's module is imported when a machine has that device.
-        """
-        self.virtio_console: VirtioConsole | None = None
-        self.balloon: VirtioBalloon | None = None
-        if self.config.console == "virtio":
-            from .devices.virtio.console import VirtioConsole
-
-            self.virtio_console = VirtioConsole(self.serial_output.write)
-            self.attach_virtio(self.virtio_console)
-        for disk in self.config.disks:
-            from .devices.virtio.blk import VirtioBlock
-
-            device = VirtioBlock(disk.path, read_only=disk.read_only)
-            self._closers.append(device.close)
-            self.attach_virtio(device)
-        if self.config.rng:
-            from .devices.virtio.rng import VirtioRng
-
-            self.attach_virtio(VirtioRng())
-        if self.config.net is not None:
-            from .devices.virtio.net import VirtioNet
-
-            net = VirtioNet.open(self.config.net.tap)
-            self._closers.append(net.close)
-            self.attach_virtio(net)
-        if self.config.balloon:
-            from .devices.virtio.balloon import VirtioBalloon
-
-            self.balloon = VirtioBalloon(self.memory_map, deflate_on_oom=self.config.deflate_on_oom,
-                                         free_page_reporting=self.config.free_page_reporting)  # fmt: skip
-            self.attach_virtio(self.balloon)
+    def _request_stop(self, stop: Stop) -> None:
+        self._runner.request_stop(stop)
 
     def attach_virtio(self, device: VirtioDevice) -> VirtioSlot:
         """Put ``device`` behind the next virtio-mmio window and IRQ (see :meth:`kernel_device_args`)."""
-        from .devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY, VirtioMmioTransport
-        from .iothread import IoThread
-
-        index = len(self.virtio)
-        if not self.config.irqchip:
-            raise ConfigError("virtio devices need the in-kernel irqchip (irqchip=True)")
-        if index >= len(VIRTIO_IRQS):
-            raise ConfigError(f"at most {len(VIRTIO_IRQS)} virtio devices fit this machine's interrupt lines")
-        base = layout.VIRTIO_MMIO_START + index * layout.VIRTIO_MMIO_STRIDE
-        slot = VirtioSlot(base, VIRTIO_IRQS[index], base + QUEUE_NOTIFY)
-        slot.transport = VirtioMmioTransport(
-            device,
-            self.memory,
-            self._interrupt(slot.gsi),
-            on_activate=functools.partial(self._wire_queues, slot),
-            on_reset=functools.partial(self._unwire_queues, slot),
-        )
-        self.mmio.register(slot.base, MMIO_SIZE, slot.transport)
-        if self._iothread is None:
-            self._iothread = self._closing(IoThread())
-        for fd in device.host_fds():
-            self._iothread.add(fd, functools.partial(device.on_host_readable, fd))
-        device.host_fd_interest = functools.partial(self._follow_host_fd, device)
-        self.virtio.append(slot)
-        return slot
-
-    def _follow_host_fd(self, device: VirtioDevice, fd: int, wanted: bool) -> None:
-        """A device stops (or resumes) wanting its host input, e.g. a NIC whose guest has no buffers."""
-        assert self._iothread is not None
-        if wanted:
-            self._iothread.add(fd, functools.partial(device.on_host_readable, fd))
-        else:
-            self._iothread.remove(fd)
-
-    def _interrupt(self, gsi: int) -> Callable[[], None]:
-        """An edge on ``gsi``: through an irqfd, or (synchronous mode) two KVM_IRQ_LINE calls."""
-        if self.config.virtio_notify == "sync":
-            return lambda: (self.vm.irq_line(gsi, True), self.vm.irq_line(gsi, False))
-        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._closers.append(functools.partial(os.close, fd))
-        self.vm.irqfd(fd, gsi)
-        return functools.partial(os.eventfd_write, fd, 1)
-
-    def _wire_queues(self, slot: VirtioSlot, transport: VirtioMmioTransport) -> None:
-        """DRIVER_OK: each ready queue's QueueNotify write signals an eventfd the I/O thread waits on."""
-        if self.config.virtio_notify == "sync":
-            return  # the write exits to the vCPU thread, which processes the queue itself
-        assert self._iothread is not None  # made with the first virtio device
-        for index, queue in enumerate(transport.queues):
-            if queue.ready:
-                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-                self.vm.ioeventfd(fd, slot.notify_addr, 4, pio=False, datamatch=index)
-                self._iothread.add(fd, functools.partial(_notified, fd, transport, index))
-                slot.notifiers[index] = fd
-
-    def _unwire_queues(self, slot: VirtioSlot, transport: VirtioMmioTransport) -> None:
-        assert self._iothread is not None or not slot.notifiers
-        for index, fd in slot.notifiers.items():
-            self._iothread.remove(fd)
-            self.vm.ioeventfd(fd, slot.notify_addr, 4, pio=False, datamatch=index, deassign=True)
-            os.close(fd)
-        slot.notifiers.clear()
+        return self.devices.attach_virtio(device)
 
     def kernel_device_args(self) -> str:
         """The ``virtio_mmio.device=<size>@<addr>:<irq>`` arguments that tell Linux where the devices are."""
-        return " ".join(f"virtio_mmio.device=4K@{slot.base:#x}:{slot.gsi}" for slot in self.virtio)
-
-    def _attach_firmware(self) -> None:
-        """fw_cfg; with the irqchip, the ACPI tables and MP table that describe it, and the ACPI PM block."""
-        acpi = None
-        if self.config.irqchip:
-            acpi = build_acpi_tables(self.config.cpus)
-            self.memory.write(acpi.base, acpi.blob)
-            self.memory.write(layout.MPTABLE_START, build_mptable(self.config.cpus))
-            power = AcpiPm(lambda: self._request_stop(ExitReason.POWEROFF, "the guest powered off (ACPI S5)"))
-            self.pio.register(ACPI_PM_BASE, AcpiPm.SIZE, power)
-        self.acpi = acpi
-        self.fw_cfg = FwCfg()
-        standard_items(
-            self.fw_cfg,
-            cpus=self.config.cpus,
-            max_cpus=self.config.cpus,
-            ram_size=self.config.memory_bytes,
-            cmdline="",
-            memory_map=self.memory_map,
-            acpi=acpi,
-        )
-        self.pio.register(FW_CFG_IO_BASE, FwCfg.SIZE, self.fw_cfg)
-
-    def _create_vcpu(self, vcpu_id: int, supported_cpuid: list) -> Vcpu:
-        vcpu = self._closing(self.vm.create_vcpu(vcpu_id))
-        vcpu.set_cpuid2(vcpu_cpuid(supported_cpuid, vcpu_id))
-        accepted = vcpu.set_msrs(BOOT_MSRS)
-        if accepted != len(BOOT_MSRS):
-            msr = list(BOOT_MSRS)[accepted]
-            raise PykvmError(f"KVM_SET_MSRS refused MSR {msr:#x}, which the boot state needs")
-        if self.kvm.check_extension(lib.KVM_CAP_SYNC_REGS) & lib.KVM_SYNC_X86_REGS:
-            vcpu.enable_sync_regs()
-        vcpu.attach_fast_table(self.fast)
-        return vcpu
+        return self.devices.kernel_device_args()
 
     def close(self) -> None:
-        """Release the vCPUs, the VM, guest memory and /dev/kvm (idempotent)."""
+        """Release the vCPUs, the devices, guest memory, the VM and /dev/kvm (idempotent)."""
+        self._closed = True
         while self._closers:
             self._closers.pop()()
 
@@ -400,42 +167,23 @@ class Machine:
     # --- running --------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> RunResult:
         """Run the guest until it stops (or ``timeout`` seconds pass) and say how it ended."""
+        if self._closed:
+            raise PykvmError("this machine is closed")
         if self._plan is None:
             raise PykvmError("nothing to run: load a guest image first")
-        if timeout is not None and timeout <= 0:
+        if timeout is not None and not timeout > 0:
             raise ConfigError(f"timeout must be positive, not {timeout}")
-        control = RunControl(self.vcpus)
-        with self._stop_lock:
-            self._control, self._running = control, True
-            if self._pending_stop is not None:
-                control.request_stop(self._pending_stop)
-                self._pending_stop = None
-        capture_start = self.serial_output.captured_size()
-        errors: list[BaseException] = []
-        done = threading.Event()
-        helpers = [threading.Thread(target=self._monitor, args=(control, timeout, done), name="pykvm-monitor")]
-        helpers += [
-            threading.Thread(target=self._run_ap, args=(vcpu, control, errors), name=f"pykvm-vcpu{vcpu.id}")
-            for vcpu in self.vcpus[1:]
-        ]
-        started = time.monotonic_ns()
-        for thread in helpers:
-            thread.start()
         try:
-            self._run_vcpu(self.vcpus[0], control)
+            return self._runner.run(timeout)
         finally:
-            control.request_stop(Stop(ExitReason.UNHANDLED, "the run was abandoned"))  # no-op if already stopping
-            done.set()
-            for thread in helpers:
-                thread.join()
-            with self._stop_lock:
-                self._running = False
-            self._wall_ns += time.monotonic_ns() - started
             self._report_fast_serial_error()
-        if errors:
-            raise errors[0]
-        assert control.stop is not None
-        return self._result(control.stop, self.serial_output.captured(capture_start))
+
+    def _report_fast_serial_error(self) -> None:
+        """The C path drops a serial output fd that fails; say so once, as the Python path does."""
+        error = self.devices.fast.serial_errno
+        if error and not self._serial_error_reported:
+            self._serial_error_reported = True
+            log.warning("serial output failed (%s); no longer writing there", os.strerror(error))
 
     def stop(self, signal_number: int | None = None) -> None:
         """End the current run as :attr:`ExitReason.STOPPED`, from any thread or a signal handler.
@@ -445,67 +193,12 @@ class Machine:
         then 128 + that number, as a shell reports it (130 without one).  Called while no run
         is going, it ends the next run before the guest executes anything.
         """
-        name = signal.Signals(signal_number).name if signal_number else None
-        stop = Stop(ExitReason.STOPPED, f"stopped by {name}" if name else "stopped", signal_number, True)
-        with self._stop_lock:
-            if self._running and self._control is not None:
-                self._control.request_stop(stop)
-            else:
-                self._pending_stop = stop
+        self._runner.stop(signal_number)
 
-    def _report_fast_serial_error(self) -> None:
-        """The C path drops a serial output fd that fails; say so once, as the Python path does."""
-        error = self.fast.serial_errno
-        if error and not self._serial_error_reported:
-            self._serial_error_reported = True
-            log.warning("serial output failed (%s); no longer writing there", os.strerror(error))
-
-    def _run_vcpu(self, vcpu: Vcpu, control: RunControl) -> None:
-        control.enter(vcpu)
-        handle = self.dispatch.handle
-        try:
-            while not isinstance(exit := vcpu.run(), StopRequested):
-                handle(vcpu, exit, control)
-        finally:
-            control.leave(vcpu)
-
-    def _run_ap(self, vcpu: Vcpu, control: RunControl, errors: list[BaseException]) -> None:
-        try:
-            self._run_vcpu(vcpu, control)
-        except BaseException as err:  # reported by run() on the caller's thread
-            errors.append(err)
-            control.request_stop(Stop(ExitReason.UNHANDLED, f"vCPU {vcpu.id} failed: {err}"))
-
-    def _monitor(self, control: RunControl, timeout: float | None, done: threading.Event) -> None:
-        """The run's watchdog: the timeout, and the periodic halt probe."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait = HALT_PROBE_INTERVAL if deadline is None else min(HALT_PROBE_INTERVAL, deadline - time.monotonic())
-            if done.wait(max(wait, 0)):
-                return
-            if deadline is not None and time.monotonic() >= deadline:
-                control.request_stop(Stop(ExitReason.TIMEOUT, f"still running after {timeout:g} s", None, True))
-                return
-            control.probe()
-
-    def _result(self, stop: Stop, serial: bytes | None) -> RunResult:
-        regs = sregs = None
-        diagnosis = stop.diagnosis
-        if stop.with_registers:
-            vcpu = self.vcpus[stop.vcpu_id]
-            regs, sregs = vcpu.exit_regs(), vcpu.get_sregs()
-            where = f" on vCPU {vcpu.id}" if len(self.vcpus) > 1 else ""
-            diagnosis = f"{diagnosis} at rip {regs.rip:#x}{where}\n{format_registers(regs, sregs)}"
-        return RunResult(
-            reason=stop.reason,
-            status=status_of(stop.reason, stop.value),
-            diagnosis=diagnosis,
-            exit_value=stop.value,
-            serial=serial,
-            regs=regs,
-            sregs=sregs,
-            stats=self.stats(),
-        )
+    @property
+    def running(self) -> bool:
+        """Whether :meth:`run` is going (on some thread)."""
+        return self._runner.running
 
     def stats(self) -> RunStats:
         """Exit counts and time, since the machine was created."""
@@ -514,11 +207,8 @@ class Machine:
             for reason, count in vcpu.exit_counts().items():
                 name = EXIT_NAMES.get(reason, str(reason))
                 by_reason[name] = by_reason.get(name, 0) + count
-        by_address = {
-            f"{space} {addr:#06x} {'write' if is_write else 'read'}": count
-            for (space, addr, is_write), count in self.dispatch.by_address.items()
-        }
-        for handler in self.fast.handlers:
+        by_address = self.dispatch.address_counts()
+        for handler in self.devices.fast.handlers:
             space = "pio" if handler.space is Space.PIO else "mmio"
             for kind, count in (("read", handler.reads), ("write", handler.writes)):
                 if count:
@@ -526,16 +216,11 @@ class Machine:
         return RunStats(
             exits_by_reason=by_reason,
             exits_by_address=by_address,
-            wall_ns=self._wall_ns,
+            wall_ns=self._runner.wall_ns,
             guest_ns=sum(v.guest_ns for v in self.vcpus),
             fast_handler_ns=sum(v.fast_ns for v in self.vcpus),
             python_handler_ns=self.dispatch.handler_ns,
         )
-
-
-def _notified(fd: int, transport: VirtioMmioTransport, queue_index: int) -> None:
-    os.eventfd_read(fd)
-    transport.notify(queue_index)
 
 
 def read_image(path: Path) -> bytes:

@@ -5,13 +5,18 @@ RAM costs nothing until the guest touches it), aligned to 2 MiB inside a slightl
 larger mapping and advised for transparent huge pages.  Every access by
 guest-physical address goes through :meth:`GuestMemory.locate`, the one bounds
 check; an access that is not wholly inside one region raises
-:class:`~pykvm.errors.GuestMemoryError`.
+:class:`~pykvm.errors.GuestMemoryError`.  Integers in guest memory are
+little-endian (x86, and every structure a guest shares with pykvm: virtqueues,
+boot information), read and written with the typed accessors ``read_u16`` ...
+``write_u64``.  C code that checks guest addresses itself (the virtqueue chain
+walk) gets the regions as one ``struct pykvm_guest_memory``: :attr:`GuestMemory.table`.
 """
 
 from __future__ import annotations
 
 import logging
 import mmap
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
@@ -56,6 +61,9 @@ def _map_region(gpa: int, size: int) -> MemoryRegion:
     return MemoryRegion(gpa, size, base + offset, memoryview(mapping)[offset : offset + size], mapping, offset)
 
 
+_U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+
+
 class GuestMemory:
     """The guest's RAM: sorted, non-overlapping regions of page-aligned size.
 
@@ -69,6 +77,7 @@ class GuestMemory:
         ranges = list(ranges)
         _validate(ranges)
         self.regions: list[MemoryRegion] = []
+        self.table = ffi.new("struct pykvm_guest_memory *")  # filled once the regions are mapped
         try:
             for gpa, size in ranges:
                 self.regions.append(_map_region(gpa, size))
@@ -76,6 +85,7 @@ class GuestMemory:
             self.close()
             total = sum(size for _, size in ranges)
             raise ConfigError(f"cannot reserve {total} bytes of guest memory: {err.strerror}") from err
+        self._fill_table()
 
     @property
     def size(self) -> int:
@@ -108,20 +118,42 @@ class GuestMemory:
         """Copy ``data`` to ``gpa``."""
         self.view(gpa, len(data))[:] = data
 
+    def read_u16(self, gpa: int) -> int:
+        region, offset = self.locate(gpa, 2)
+        return _U16.unpack_from(region.view, offset)[0]
+
+    def read_u32(self, gpa: int) -> int:
+        region, offset = self.locate(gpa, 4)
+        return _U32.unpack_from(region.view, offset)[0]
+
+    def read_u64(self, gpa: int) -> int:
+        region, offset = self.locate(gpa, 8)
+        return _U64.unpack_from(region.view, offset)[0]
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        region, offset = self.locate(gpa, 2)
+        _U16.pack_into(region.view, offset, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        region, offset = self.locate(gpa, 4)
+        _U32.pack_into(region.view, offset, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        region, offset = self.locate(gpa, 8)
+        _U64.pack_into(region.view, offset, value)
+
     def host_address(self, gpa: int, length: int = 1) -> int:
         """The host virtual address of ``gpa`` (for C code and syscalls)."""
         region, offset = self.locate(gpa, length)
         return region.host_addr + offset
 
-    def native_table(self) -> object:
-        """The regions as a ``struct pykvm_guest_memory *`` for C code that checks guest addresses."""
+    def _fill_table(self) -> None:
         if len(self.regions) > lib.PYKVM_MEM_REGIONS_MAX:
+            self.close()
             raise ConfigError(f"C code handles at most {lib.PYKVM_MEM_REGIONS_MAX} memory regions")
-        table = ffi.new("struct pykvm_guest_memory *")
-        table.count = len(self.regions)
-        for entry, region in zip(table.regions, self.regions):
+        for entry, region in zip(self.table.regions, self.regions):
             entry.gpa, entry.size, entry.host = region.gpa, region.size, region.host_addr
-        return table
+        self.table.count = len(self.regions)
 
     def discard(self, gpa: int, length: int) -> None:
         """Give whole pages back to the host (MADV_DONTNEED); the guest then reads zeros there."""
@@ -170,6 +202,7 @@ class GuestMemory:
 
     def close(self) -> None:
         """Unmap guest RAM (views still held elsewhere keep their mapping alive)."""
+        self.table.count = 0  # C code sees no memory from now on
         for region in self.regions:
             region.view.release()
             try:

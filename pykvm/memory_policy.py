@@ -189,7 +189,7 @@ class MemoryManager:
                     vm.balloon.wait_stats(before[vm.name], self.stats_timeout)
         observed = []
         for vm in vms:
-            vm.active = active_memory(vm.balloon.stats(), vm.ram)
+            vm.active = active_memory(vm.balloon.guest_stats(), vm.ram)
             observed.append(VmMemory(vm.name, vm.ram, vm.active, vm.shares, min(self.min_memory, vm.ram)))
         return observed
 

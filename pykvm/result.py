@@ -17,7 +17,7 @@ class ExitReason(str, enum.Enum):
     POWEROFF = "poweroff"  # the guest asked KVM for a shutdown system event
     RESET = "reset"  # i8042 reset or a KVM reset system event
     DEBUG_EXIT = "debug-exit"  # a write to the debug-exit port: status (v << 1) | 1
-    SHUTDOWN = "triple-fault"  # KVM_EXIT_SHUTDOWN
+    TRIPLE_FAULT = "triple-fault"  # KVM_EXIT_SHUTDOWN
     INTERNAL_ERROR = "emulation-failure"  # KVM_EXIT_INTERNAL_ERROR
     FAIL_ENTRY = "entry-failure"  # KVM_EXIT_FAIL_ENTRY
     UNHANDLED = "unhandled-exit"  # an exit reason pykvm does not handle
@@ -31,7 +31,7 @@ STATUS = {
     ExitReason.POWEROFF: 0,
     ExitReason.RESET: 0,
     ExitReason.UNHANDLED: 112,
-    ExitReason.SHUTDOWN: 114,
+    ExitReason.TRIPLE_FAULT: 114,
     ExitReason.INTERNAL_ERROR: 116,
     ExitReason.FAIL_ENTRY: 118,
     ExitReason.TIMEOUT: 124,

@@ -67,7 +67,7 @@ def start_guest(machine_factory) -> Callable[..., Running]:  # type: ignore[no-u
         vm.load(guest("balloon.bin"), mode="long", cmdline=cmdline)
         running = Running(vm)
         started.append(running)
-        wait_for(lambda: "memtot" in vm.balloon.stats(), 30, "the guest's first statistics")
+        wait_for(lambda: "memtot" in vm.balloon.guest_stats(), 30, "the guest's first statistics")
         return running
 
     yield start
@@ -94,7 +94,7 @@ def test_the_guest_inflates_to_the_target_and_rss_falls_by_90_percent_then_defla
     assert vm.balloon.counters()["held_bytes"] == INFLATE
 
     assert vm.balloon.refresh_stats(5)
-    stats = vm.balloon.stats()
+    stats = vm.balloon.guest_stats()
     assert stats["memtot"] == RAM - INFLATE
     assert stats["memtot"] - stats["avail"] == 18 * MIB  # the 2 MiB below the pool + the 16 MiB working set
 
@@ -125,10 +125,10 @@ def test_a_target_beyond_the_guests_pool_fills_it_and_says_so(start_guest) -> No
 def test_the_statistics_follow_the_working_set(start_guest) -> None:
     running = start_guest("ws=16")
     vm = running.vm
-    first = vm.balloon.stats()
+    first = vm.balloon.guest_stats()
     assert first == {"memfree": 0, "memtot": RAM, "avail": POOL - 16 * MIB, "caches": POOL - 16 * MIB}
     vm.serial.receive(b"w48\n")
-    wait_for(lambda: vm.balloon.refresh_stats(1) and vm.balloon.stats()["avail"] == POOL - 48 * MIB, 30,
+    wait_for(lambda: vm.balloon.refresh_stats(1) and vm.balloon.guest_stats()["avail"] == POOL - 48 * MIB, 30,
              "the statistics of the new working set")  # fmt: skip
     assert vm.balloon.stats_generation >= 2
     running.quit()

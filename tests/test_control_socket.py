@@ -22,7 +22,6 @@ from pykvm.config import MachineConfig
 from pykvm.control_socket import MAX_LINE, ControlError, ControlServer, format_answer, request
 from pykvm.devices.virtio import mmio
 from pykvm.devices.virtio.balloon import F_STATS_VQ, VirtioBalloon
-from pykvm.errors import ConfigError
 from pykvm.memory import GuestMemory
 from pykvm.x86.layout import MIB
 
@@ -39,7 +38,7 @@ def machine():  # type: ignore[no-untyped-def]
         config=MachineConfig(memory=64 * MIB, balloon=True),
         memory=memory,
         balloon=balloon,
-        virtio=[SimpleNamespace(transport=driver.transport)],
+        devices=SimpleNamespace(virtio=[SimpleNamespace(device=balloon)]),
         driver=driver,
     )
     yield stand_in
@@ -207,11 +206,11 @@ def test_close_ends_open_connections(server) -> None:
     sock.close()
 
 
-def test_the_control_path_must_fit_a_unix_socket_address() -> None:
-    with pytest.raises(ConfigError, match="1 to 107 bytes"):
-        MachineConfig(control="/tmp/" + "x" * 200).validate()
-    with pytest.raises(ConfigError):
-        MachineConfig(control="").validate()
+def test_the_control_path_must_fit_a_unix_socket_address(machine) -> None:
+    with pytest.raises(ControlError, match="1 to 107 bytes"):
+        ControlServer("/tmp/" + "x" * 200, machine)
+    with pytest.raises(ControlError, match="1 to 107 bytes"):
+        ControlServer("", machine)
 
 
 # --- human output -------------------------------------------------------------------------------
@@ -227,20 +226,21 @@ def test_format_answer_is_one_line_per_command() -> None:
 
 # --- with KVM: the machine serves it, `pykvm ctl` talks to it ----------------------------------------
 @pytest.mark.kvm
-def test_a_machine_serves_its_control_socket_until_closed(machine_factory, tmp_path: Path) -> None:
+def test_a_server_answers_for_a_real_machine_until_closed(machine_factory, tmp_path: Path) -> None:
     path = tmp_path / "m.sock"
-    vm = machine_factory(memory="32M", balloon=True, control=str(path))
+    vm = machine_factory(memory="32M", balloon=True)
+    server = ControlServer(str(path), vm)
     answer = request(str(path), {"cmd": "info"})
     assert answer["memory"] == 32 * MIB and answer["devices"] == ["balloon"]
     assert request(str(path), {"cmd": "balloon", "target": "4M"})["target"] == 4 * MIB and vm.balloon.target == 4 * MIB
-    vm.close()
+    server.close()
     assert not path.exists()
 
 
 @pytest.mark.kvm
 def test_pykvm_ctl_prints_one_line_or_json_and_fails_in_one_line(machine_factory, tmp_path: Path) -> None:
     path = tmp_path / "m.sock"
-    machine_factory(memory="32M", balloon=True, control=str(path))
+    server = ControlServer(str(path), machine_factory(memory="32M", balloon=True))
 
     def ctl(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "pykvm", "ctl", str(path), *args], capture_output=True, text=True, timeout=60)
@@ -256,3 +256,4 @@ def test_pykvm_ctl_prints_one_line_or_json_and_fails_in_one_line(machine_factory
     out = subprocess.run([sys.executable, "-m", "pykvm", "ctl", str(tmp_path / "none"), "info"], capture_output=True,
                          text=True, timeout=60)  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.count("\n") == 1
+    server.close()

@@ -104,7 +104,7 @@ def test_hlt_with_interrupts_disabled_ends_cleanly(run_guest) -> None:
 def test_triple_fault_is_diagnosed_with_registers(run_guest) -> None:
     result = run_guest(guest("triple_fault.bin"), mode="long")
     assert result.serial == b"faulting\n"
-    assert (result.reason, result.status) == (ExitReason.SHUTDOWN, 114)
+    assert (result.reason, result.status) == (ExitReason.TRIPLE_FAULT, 114)
     assert "triple fault" in result.diagnosis and "rip=" in result.diagnosis
     assert result.regs is not None and result.sregs is not None and result.sregs.cs.l == 1
 
@@ -131,7 +131,7 @@ def test_fast_path_and_python_path_print_the_same_bytes(machine_factory) -> None
     for fast in (True, False):
         machine = machine_factory()
         machine.load(guest("hello_long.elf"))
-        for handler in machine.fast.handlers:
+        for handler in machine.devices.fast.handlers:
             handler.enabled = handler.enabled and fast
         result = machine.run(timeout=30)
         outputs.append((result.serial, result.status))

@@ -173,7 +173,7 @@ def test_the_policy_moves_memory_between_guests_as_their_working_sets_change(mac
     process = psutil.Process()
     try:
         for name, machine in machines.items():
-            wait_for(lambda m=machine: "memtot" in m.balloon.stats(), 30, f"{name}'s first statistics")
+            wait_for(lambda m=machine: "memtot" in m.balloon.guest_stats(), 30, f"{name}'s first statistics")
         rss_full = process.memory_info().rss
         manager = MemoryManager("160M", tax_rate=0.75)
         for name, machine in machines.items():
@@ -188,7 +188,7 @@ def test_the_policy_moves_memory_between_guests_as_their_working_sets_change(mac
         machines["a"].serial.receive(b"w16\n")  # the working sets swap
         machines["b"].serial.receive(b"w72\n")
         wait_for(lambda: machines["a"].balloon.refresh_stats(1) and
-                 active_memory(machines["a"].balloon.stats(), RAM) < 24 * M, 30, "a's smaller working set")  # fmt: skip
+                 active_memory(machines["a"].balloon.guest_stats(), RAM) < 24 * M, 30, "a's smaller working set")  # fmt: skip
         # b's working set cannot grow into its balloon: its statistics show it pressed against it
         # (all of its memory active), the policy gives it more, it grows, and so on: a few rounds.
         rounds, previous, second = 0, first, {}

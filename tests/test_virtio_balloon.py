@@ -27,7 +27,7 @@ from pykvm.devices.virtio.balloon import (
 from pykvm.config import MachineConfig
 from pykvm.errors import ConfigError
 from pykvm.memory import GuestMemory
-from pykvm.x86.e820 import build_memory_map, ram_regions
+from pykvm.x86.e820 import E820Type, build_memory_map, ram_regions
 from pykvm.x86.layout import MIB
 
 from virtio_driver import Driver, connect
@@ -280,14 +280,14 @@ def test_stats_are_kept_by_name_and_the_buffer_is_held_until_the_host_wants_more
     driver.post(STATS, [stats_buffer({5: 64 * MIB, 4: 40 * MIB, 6: 50 * MIB, 42: 7})], [])
     driver.notify(STATS)
     assert driver.used(STATS) == []  # held
-    assert device.stats() == {"memfree": 40 * MIB, "memtot": 64 * MIB, "avail": 50 * MIB, "tag_42": 7}
+    assert device.guest_stats() == {"memfree": 40 * MIB, "memtot": 64 * MIB, "avail": 50 * MIB, "tag_42": 7}
     assert device.stats["unknown_stat_tags"] == 1
     assert device.request_stats()
     assert len(driver.used(STATS)) == 1  # "send me fresh statistics"
     assert not device.request_stats()  # nothing held until the driver posts again
     driver.post(STATS, [stats_buffer({4: 30 * MIB})], [])
     driver.notify(STATS)
-    assert device.stats()["memfree"] == 30 * MIB and device.stats()["memtot"] == 64 * MIB
+    assert device.guest_stats()["memfree"] == 30 * MIB and device.guest_stats()["memtot"] == 64 * MIB
     assert device.stats_generation == 2
 
 
@@ -295,7 +295,7 @@ def test_rule_stats_trailing_bytes_are_ignored_and_the_whole_entries_kept(memory
     device, driver = balloon_driver(memory)
     driver.post(STATS, [stats_buffer({5: 1, 4: 2}) + b"\x06\x00\x01"], [])
     driver.notify(STATS)
-    assert device.stats() == {"memfree": 2, "memtot": 1} and device.stats["bad_buffers"] == 1
+    assert device.guest_stats() == {"memfree": 2, "memtot": 1} and device.stats["bad_buffers"] == 1
 
 
 def test_a_second_stats_buffer_returns_the_first(memory) -> None:
@@ -304,12 +304,12 @@ def test_a_second_stats_buffer_returns_the_first(memory) -> None:
     driver.notify(STATS)
     driver.post(STATS, [stats_buffer({4: 2})], [])
     driver.notify(STATS)
-    assert [head for head, _ in driver.used(STATS)] == [first] and device.stats()["memfree"] == 2
+    assert [head for head, _ in driver.used(STATS)] == [first] and device.guest_stats()["memfree"] == 2
 
 
 def test_without_stats_negotiated_there_is_nothing_to_request(memory) -> None:
     device, _ = balloon_driver(memory, VERSION_1)
-    assert not device.request_stats() and device.stats() == {}
+    assert not device.request_stats() and device.guest_stats() == {}
 
 
 def test_the_counters_are_still_a_counter(memory) -> None:
@@ -367,14 +367,11 @@ def test_runs_merge_consecutive_numbers() -> None:
     assert list(runs([])) == []
 
 
-def test_usable_ranges_are_e820_ram_from_1mib_inside_guest_memory() -> None:
+def test_usable_ranges_are_e820_ram_from_1mib_in_whole_pages() -> None:
     ram = 3 * 1024 * MIB + 256 * MIB
-    with GuestMemory(ram_regions(ram)) as memory:
-        assert usable_ranges(memory.regions, build_memory_map(ram)) == [
-            (MIB, 0xC000_0000),
-            (0x1_0000_0000, 0x1_0000_0000 + 256 * MIB),
-        ]
-        assert usable_ranges(memory.regions, None)[0] == (MIB, 0xC000_0000)
+    e820_ram = [(e.addr, e.end) for e in build_memory_map(ram) if e.type is E820Type.RAM]
+    assert usable_ranges(e820_ram) == [(MIB, 0xC000_0000), (0x1_0000_0000, 0x1_0000_0000 + 256 * MIB)]
+    assert usable_ranges([(0, 2 * MIB + 100)]) == [(MIB, 2 * MIB)]
 
 
 def test_the_balloon_options_are_checked_in_the_config() -> None:
@@ -391,5 +388,5 @@ def test_a_machine_attaches_the_balloon_with_the_configured_features(machine_fac
     assert machine_factory(memory="16M").balloon is None
     vm = machine_factory(memory="16M", balloon=True, deflate_on_oom=True, free_page_reporting=True)
     assert vm.balloon.features == 1 << F_STATS_VQ | 1 << F_DEFLATE_ON_OOM | 1 << F_REPORTING
-    assert vm.virtio[-1].transport.device is vm.balloon and len(vm.virtio[-1].transport.queues) == 4
+    assert vm.devices.virtio[-1].transport.device is vm.balloon and len(vm.devices.virtio[-1].transport.queues) == 4
     assert vm.balloon.usable == [(MIB, 16 * MIB)]  # e820 RAM from 1 MiB up

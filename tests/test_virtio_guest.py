@@ -45,7 +45,7 @@ def test_the_guest_writes_flushes_reads_back_and_reports_on_the_virtio_console(m
     assert len(re.findall(r"virtio-blk: id pykvm-[0-9a-f]+\n", text)) == 2
     assert (result.exit_value, result.status) == (0, 1)
     assert image.read_bytes()[:PATTERN_BYTES] == guest_pattern()  # the data really reached the file
-    console = machine.virtio[0].transport
+    console = machine.devices.virtio[0].transport
     assert console.stats["notifications"] > 0 and console.stats["needs_reset"] == 0
     if notify == "ioeventfd":  # notifications never exited to pykvm
         assert not [key for key in result.stats.exits_by_address if key.startswith("mmio 0xd000") and "0050" in key]

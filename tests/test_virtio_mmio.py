@@ -336,7 +336,7 @@ def test_configuration_change_bumps_the_generation_and_interrupts(memory: GuestM
     driver.negotiate()
     before = driver.read_reg(mmio.CONFIG_GENERATION)
     assert driver.read_reg(mmio.CONFIG_GENERATION) == before  # stable while nothing changes
-    driver.transport.config_changed()
+    driver.transport.signal_config()
     assert driver.read_reg(mmio.CONFIG_GENERATION) != before
     assert driver.interrupt_status() == mmio.INTERRUPT_CONFIG_CHANGE and driver.interrupts == 1
 

@@ -25,10 +25,10 @@ from __future__ import annotations
 import contextlib
 import struct
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from pykvm.devices.virtio import mmio
-from pykvm.devices.virtio.device import VirtioDevice
+from pykvm.devices.virtio.device import VirtioDevice, VirtioInterrupt
 from pykvm.devices.virtio.mmio import VirtioMmioTransport
 from pykvm.devices.virtio.queue import DescriptorChain, QueueError, SplitQueue
 from pykvm.memory import GuestMemory
@@ -140,13 +140,13 @@ class Driver:
         self.features = 0
         self._alloc_start = self._alloc_end = self._alloc_next = 0
         self.reset_reasons: list[str] = []  # why the device asked for a reset, in order
-        ask_for_reset = transport.needs_reset
+        ask_for_reset = transport.signal_needs_reset
 
         def needs_reset(reason: str) -> None:
             self.reset_reasons.append(reason)
             ask_for_reset(reason)
 
-        transport.needs_reset = needs_reset  # type: ignore[method-assign]
+        transport.signal_needs_reset = needs_reset  # type: ignore[method-assign]
 
     # --- registers ------------------------------------------------------------------
     def read_reg(self, offset: int, size: int = 4) -> int:
@@ -450,8 +450,8 @@ class RecordingDevice(VirtioDevice):
         self.chains_seen: list[DescriptorChain] = []
         self.activations = 0
 
-    def activate(self, driver_features: int) -> None:
-        super().activate(driver_features)
+    def activate(self, memory: GuestMemory, queues: Sequence[SplitQueue], interrupt: VirtioInterrupt) -> None:
+        super().activate(memory, queues, interrupt)
         self.activations += 1
 
     def process(self, queue_index: int) -> None:
@@ -539,17 +539,17 @@ def record_pops(transport: VirtioMmioTransport) -> Iterator[list[PopRecord]]:
     for queue in transport.queues:
         original = queue.pop
 
-        def pop(memory: GuestMemory, table: object, _queue: SplitQueue = queue, _original=original) -> DescriptorChain | None:
+        def pop(memory: GuestMemory, _queue: SplitQueue = queue, _original=original) -> DescriptorChain | None:
             head = expected = None
             try:
                 if _queue.pending(memory):
                     slot = _queue.avail_ring + 4 + 2 * (_queue.next_avail % _queue.size)
-                    head = struct.unpack("<H", memory.read(slot, 2))[0]
+                    head = memory.read_u16(slot)
                     expected = reference_walk(memory, _queue.desc_table, _queue.size, head, _queue.indirect, _queue.size)
             except QueueError:
                 pass
             try:
-                chain = _original(memory, table)
+                chain = _original(memory)
             except QueueError as err:
                 records.append(PopRecord(head, expected, f"QueueError: {err}"))
                 raise

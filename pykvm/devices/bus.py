@@ -16,9 +16,9 @@ from __future__ import annotations
 import bisect
 import logging
 from collections import Counter
-from typing import Protocol
+from typing import Protocol, Sequence
 
-from ..errors import BusError
+from ..errors import BusError, DeviceError
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,15 @@ class Device(Protocol):
 
 
 class Bus:
-    """Non-overlapping address ranges, each served by one device."""
+    """Non-overlapping address ranges, each served by one device.
 
-    def __init__(self, name: str) -> None:
+    ``reserved`` are ranges no device may claim, each with the reason (guest RAM, where a
+    guest's accesses never leave KVM; the in-kernel LAPIC and IOAPIC windows).
+    """
+
+    def __init__(self, name: str, reserved: Sequence[tuple[int, int, str]] = ()) -> None:
         self.name = name
+        self.reserved = tuple(reserved)
         self._starts: list[int] = []
         self._ranges: list[tuple[int, int, Device]] = []
         self._found: dict[int, tuple[Device, int] | None] = {}  # addresses looked up before
@@ -51,8 +56,12 @@ class Bus:
         """Claim ``[base, base+length)`` for ``device``; raise :class:`BusError` on overlap."""
         if length <= 0:
             raise BusError(f"{self.name}: empty range at {base:#x}")
-        index = bisect.bisect_left(self._starts, base)
         end = base + length
+        for start, stop, what in self.reserved:
+            if base < stop and start < end:
+                raise BusError(f"{self.name}: [{base:#x}, {end:#x}) overlaps {what} at [{start:#x}, {stop:#x}); "
+                               "the guest's accesses there never reach a device")  # fmt: skip
+        index = bisect.bisect_left(self._starts, base)
         if index > 0 and self._ranges[index - 1][1] > base or index < len(self._ranges) and self._starts[index] < end:
             raise BusError(f"{self.name}: [{base:#x}, {end:#x}) overlaps a registered device")
         self._starts.insert(index, base)
@@ -83,7 +92,11 @@ class Bus:
             self._unclaimed(addr, size, "read")
             return mask
         device, offset = found
-        return device.read(offset, size) & mask
+        value = device.read(offset, size)
+        if type(value) is not int:
+            raise DeviceError(f"{self.name}: {type(device).__name__}.read({offset:#x}, {size}) at {addr:#x} "
+                              f"returned {value!r:.40}, not an int")  # fmt: skip
+        return value & mask
 
     def write(self, addr: int, size: int, value: int) -> None:
         """A ``size``-byte write (1 to 8 bytes) of ``value`` at ``addr``."""

@@ -66,3 +66,13 @@ LAPIC_ADDR = 0xFEE0_0000
 # virtio-mmio devices: one 4 KiB window each, from here up, in the order they are attached.
 VIRTIO_MMIO_START = 0xD000_0000
 VIRTIO_MMIO_STRIDE = 0x1000
+
+# --- the port map: where the legacy devices answer (QEMU's PC addresses) --------------------
+# The PIC (0x20, 0xa0), the PIT (0x40-0x43) and the speaker port (0x61) are KVM's own.
+I8042_PORT, I8042_PORTS = 0x60, 5  # data 0x60, status/command 0x64
+CMOS_PORT, CMOS_PORTS = 0x70, 2  # index, data
+POST_PORT = 0x80  # POST codes: written by firmware and some kernels as an I/O delay
+DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS = 0xF4, 4  # QEMU's isa-debug-exit
+COM1_PORT, COM1_PORTS = 0x3F8, 8  # the 16550A UART's eight registers
+FW_CFG_PORT, FW_CFG_PORTS = 0x510, 2  # selector, data
+ACPI_PM_PORT, ACPI_PM_PORTS = 0x600, 12  # PM1a event and control blocks, PM timer

@@ -13,31 +13,37 @@ offers a queue for every feature it may negotiate and maps indices to roles at D
 
 What the device does with each queue:
 
-* **inflateq**: every PFN is checked (inside guest RAM, in an e820 RAM range, not below
+* **inflateq**: a chain carries at most :data:`MAX_PFNS_PER_CHAIN` page numbers (read from
+  guest memory in pieces; a longer chain is skipped, counted and completed: Linux sends 256
+  per buffer); every PFN is checked (inside guest RAM, in an e820 RAM range, not below
   1 MiB where the VMM keeps its boot structures and the BIOS area) and the good ones are
   released to the host with ``madvise(MADV_DONTNEED)`` (:meth:`GuestMemory.discard
   <pykvm.memory.GuestMemory.discard>`): the process RSS falls and the guest reads zeros there
   if it touches the pages again.  All chains available at one notification are gathered,
-  sorted and merged into runs first, so that contiguous pages go in one call (a run that
-  covers a whole 2 MiB transparent huge page frees it at once; a smaller one splits it).
+  sorted and merged into runs first (in batches of at most :data:`MAX_PFNS_PER_CHAIN` pages),
+  so that contiguous pages go in one call (a run that covers a whole 2 MiB transparent huge
+  page frees it at once; a smaller one splits it).
 * **deflateq**: PFNs are checked and recorded; nothing else (the pages fault back in, zeroed).
-* **statsq**: the driver posts one buffer of 10-byte ``{le16 tag, le64 value}`` entries; the
-  device keeps the latest value of each tag (unknown tags by number) and *holds* the buffer.
+* **statsq**: the driver posts one buffer of 10-byte ``{le16 tag, le64 value}`` entries (the
+  first :data:`MAX_STAT_ENTRIES` are read, the rest counted); the device keeps the latest
+  value of each tag (unknown tags by number) and *holds* the buffer.
   Completing it is how the device asks for fresh statistics (5.5.6.3): :meth:`request_stats`.
 * **reporting_vq**: each buffer *is* free guest memory (Linux posts them device-writable,
   2 MiB blocks); whole 4 KiB-aligned ranges that pass the same checks are discarded, and the
   chain is completed with length 0.
 
-Guest mistakes are skipped, logged and counted (Firecracker's rule), never trusted: a PFN
-outside RAM (``bad_pfns``), a buffer whose length is not a multiple of 4 (or, for reports,
-of 4 KiB) or whose direction is wrong (``bad_buffers``).  The chain is still completed.
+Guest mistakes are skipped, logged (a few a minute) and counted (Firecracker's rule), never
+trusted: a PFN outside RAM (``bad_pfns``), a buffer whose length is not a multiple of 4 (or,
+for reports, of 4 KiB) or whose direction is wrong, a PFN array longer than any driver
+needs (``bad_buffers``).  The chain is still completed.
 
 Library use (``Machine(balloon=True)`` attaches one as ``vm.balloon``)::
 
     vm.balloon.target = "32M"      # the balloon's size: take 32 MiB from the guest
     vm.balloon.actual              # bytes the driver says it holds (config "actual")
-    vm.balloon.stats()             # {"memtot": ..., "memfree": ..., "avail": ...}, bytes
+    vm.balloon.guest_stats()       # {"memtot": ..., "memfree": ..., "avail": ...}, bytes
     vm.balloon.counters()          # inflated/deflated/reported bytes, bad PFNs and buffers
+    vm.balloon.stats               # the device's own counters, as every device keeps them
 """
 
 from __future__ import annotations
@@ -49,15 +55,18 @@ import struct
 import sys
 import threading
 import time
-from collections import Counter
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from ...config import parse_size
-from ...errors import ConfigError, GuestMemoryError
+from ...errors import ConfigError, GuestMemoryError, StateError
+from ...logs import RateLimitedLog
+from ...memory import GuestMemory
 from ...x86.e820 import E820Entry, E820Type
 from ...x86.layout import HIMEM_START
-from .device import VirtioDevice
-from .queue import DescriptorChain
+from ..state import check_bytes, check_int, check_type
+from .device import VirtioDevice, VirtioInterrupt
+from .queue import Buffer, DescriptorChain, SplitQueue
 
 log = logging.getLogger(__name__)
 
@@ -92,30 +101,27 @@ STAT_NAMES = {
     9: "hugetlb_failures",
 }
 STAT_ENTRY = struct.Struct("<HQ")  # packed: 10 bytes
-
-# Log the first few guest mistakes at warning level, the rest at debug (a guest controls the rate).
+MAX_STAT_ENTRIES = 64  # the spec defines 10 tags; a longer buffer is read this far
+# Page numbers one inflate or deflate chain may carry (256 MiB of guest pages; Linux sends
+# 256 per buffer): more is no driver's need, and would make the host hold a guest-sized array.
+MAX_PFNS_PER_CHAIN = 1 << 16
+PFN_PIECE = 4096  # page numbers read from guest memory at a time
+MAX_HELD_BYTES = 1 << 32  # a held-page bitmap for 128 TiB of RAM: more is not a machine's
+# Guest mistakes logged per minute; the rest are counted (a guest controls the rate).
 LOUD_MISTAKES = 10
 
 
-class BalloonCounters(Counter):
-    """The device's counters (``balloon.stats["bad_pfns"]``), as every device keeps them.
+@dataclass(frozen=True)
+class BalloonState:
+    """What the balloon keeps across a snapshot: the target, the driver's ``actual``, the pages
+    it holds (one bit per page frame), the guest's statistics and the statistics buffer it
+    holds (head and buffers, to complete it when fresh statistics are wanted)."""
 
-    Calling it, ``balloon.stats()``, gives the guest's latest memory statistics instead: a
-    dict by name (``memtot``, ``memfree``, ``avail``, ...; unknown tags as ``tag_<n>``).
-    """
-
-    def __init__(self, device: VirtioBalloon) -> None:
-        super().__init__()
-        self._device = device
-
-    def __call__(self) -> dict[str, int]:
-        return self._device.guest_stats()
-
-    def copy(self) -> Counter:  # type: ignore[override]
-        return Counter(self)
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (Counter, (dict(self),))
+    num_pages: int
+    actual_pages: int
+    held: bytes
+    guest_stats: tuple[tuple[int, int], ...]
+    stats_chain: tuple[int, tuple[tuple[int, int, bool], ...]] | None
 
 
 class VirtioBalloon(VirtioDevice):
@@ -123,7 +129,7 @@ class VirtioBalloon(VirtioDevice):
 
     ``memory_map`` (the machine's e820 map) says which pages may be released: only
     :attr:`~pykvm.x86.e820.E820Type.RAM` pages at or above 1 MiB.  Without one, every page of
-    guest memory at or above 1 MiB qualifies.
+    guest memory at or above 1 MiB qualifies.  ``ram_size`` (guest RAM) bounds the target.
     """
 
     name = "balloon"
@@ -135,16 +141,19 @@ class VirtioBalloon(VirtioDevice):
         *,
         deflate_on_oom: bool = False,
         free_page_reporting: bool = False,
+        ram_size: int | None = None,
     ) -> None:
         super().__init__()
         self.features = (1 << F_STATS_VQ) | (deflate_on_oom << F_DEFLATE_ON_OOM) | (free_page_reporting << F_REPORTING)
         # One queue per role that may be negotiated (inflate, deflate, stats, reporting).
         self.queue_max_sizes = (QUEUE_SIZE,) * (3 + free_page_reporting)
-        self.stats = BalloonCounters(self)
         self._memory_map = tuple(memory_map) if memory_map is not None else None
         self._ranges: list[tuple[int, int]] = []  # usable [start, end), sorted
         self._starts: list[int] = []
         self._held = bytearray()  # one bit per PFN: pages the host believes are in the balloon
+        self._ram_size = ram_size  # the largest target; learnt at activation when not given
+        if self._memory_map is not None:
+            self._learn_ranges(usable_ranges((e.addr, e.end) for e in self._memory_map if e.type is E820Type.RAM))
         self._roles: dict[int, str] = {}
         self.num_pages = 0  # the target, in pages
         self.actual_pages = 0  # what the driver wrote to "actual"
@@ -153,14 +162,15 @@ class VirtioBalloon(VirtioDevice):
         self._stats_queue: int | None = None
         self.stats_updated_at: float | None = None  # time.monotonic() of the last update
         self._changed = threading.Condition()  # actual written, statistics updated
+        self._mistakes = RateLimitedLog(log, LOUD_MISTAKES, 60.0)
 
-    # --- binding and configuration -----------------------------------------------------
-    def bind(self, transport) -> None:  # type: ignore[no-untyped-def]
-        super().bind(transport)
-        self._ranges = usable_ranges(self.memory.regions, self._memory_map)
-        self._starts = [start for start, _ in self._ranges]
-        top = max((end for _, end in self._ranges), default=0)
-        self._held = bytearray((top >> PAGE_SHIFT) // 8 + 1)
+    def _learn_ranges(self, ranges: list[tuple[int, int]]) -> None:
+        """Which pages may be released, and room for one held bit per page up to the top one."""
+        self._ranges = ranges
+        self._starts = [start for start, _ in ranges]
+        top = max((end for _, end in ranges), default=0)
+        if len(self._held) != (top >> PAGE_SHIFT) // 8 + 1:
+            self._held = bytearray((top >> PAGE_SHIFT) // 8 + 1)
 
     @property
     def usable(self) -> list[tuple[int, int]]:
@@ -199,17 +209,16 @@ class VirtioBalloon(VirtioDevice):
     def set_target(self, size: str | int) -> int:
         """Set the target (see :attr:`target`); returns it in bytes."""
         wanted = parse_size(size)
-        ram = self.memory.size if self.transport is not None else None
+        ram = self._ram_size
         if wanted < 0 or (ram is not None and wanted > ram):
             limit = f" (guest RAM is {ram} bytes)" if ram is not None else ""
             raise ConfigError(f"a balloon of {wanted} bytes is out of range{limit}")
         pages = wanted >> PAGE_SHIFT
-        assert self.transport is not None, "the balloon is not attached to a machine"
-        with self.transport.lock:
+        with self.lock:
             if pages != self.num_pages:
                 self.num_pages = pages
                 self.stats["target_changes"] += 1
-                self.transport.config_changed()
+                self.config_changed()
         return pages * PAGE
 
     @property
@@ -238,10 +247,9 @@ class VirtioBalloon(VirtioDevice):
 
         False if there is no buffer to return (no STATS_VQ, or the driver has not posted one).
         """
-        assert self.transport is not None
-        with self.transport.lock:
+        with self.lock:
             chain, queue = self._stats_chain, self._stats_queue
-            if chain is None or queue is None or not self.transport.active:
+            if chain is None or queue is None or not self.active:
                 return False
             self._stats_chain = None
             self.complete(queue, chain, 0)
@@ -263,7 +271,7 @@ class VirtioBalloon(VirtioDevice):
 
     def stats_expected(self) -> bool:
         """Whether the driver negotiated statistics on a live device (so a buffer will come)."""
-        return self.transport is not None and self.transport.active and self._stats_queue is not None
+        return self.active and self._stats_queue is not None
 
     def wait_stats(self, generation: int, timeout: float) -> bool:
         """Wait until :attr:`stats_generation` passes ``generation``; False on timeout."""
@@ -296,12 +304,16 @@ class VirtioBalloon(VirtioDevice):
         }
 
     # --- lifecycle --------------------------------------------------------------------
-    def activate(self, driver_features: int) -> None:
-        super().activate(driver_features)
+    def activate(self, memory: GuestMemory, queues: Sequence[SplitQueue], interrupt: VirtioInterrupt) -> None:
+        super().activate(memory, queues, interrupt)
+        if self._memory_map is None:  # no e820 map: every page of guest RAM from 1 MiB up
+            self._learn_ranges(usable_ranges((region.gpa, region.end) for region in memory.regions))
+        if self._ram_size is None:
+            self._ram_size = memory.size
         roles = ["inflate", "deflate"]
-        if driver_features >> F_STATS_VQ & 1:
+        if self.driver_features >> F_STATS_VQ & 1:
             roles.append("stats")
-        if driver_features >> F_REPORTING & 1:
+        if self.driver_features >> F_REPORTING & 1:
             roles.append("reporting")
         self._roles = dict(enumerate(roles))
         self._stats_queue = roles.index("stats") if "stats" in roles else None
@@ -331,23 +343,21 @@ class VirtioBalloon(VirtioDevice):
 
     # --- inflate and deflate ------------------------------------------------------------
     def _process_pfns(self, queue_index: int, inflate: bool) -> None:
+        """Gather the chains' page numbers, in batches of at most :data:`MAX_PFNS_PER_CHAIN`,
+        then release (or record) each batch's sorted, merged runs and complete its chains."""
         kind = "inflate" if inflate else "deflate"
-        chains = list(self.chains(queue_index))
-        if not chains:
-            return
-        pfns = array.array("I")
-        for chain in chains:
-            for buffer in chain.buffers:
-                if buffer.writable:
-                    self._mistake("bad_buffers", "%s: device-writable buffer at %#x (%d bytes) skipped",
-                                  kind, buffer.gpa, buffer.len)  # fmt: skip
-                elif buffer.len % PFN_BYTES:
-                    self._mistake("bad_buffers", "%s: buffer at %#x of %d bytes is not whole PFNs, skipped",
-                                  kind, buffer.gpa, buffer.len)  # fmt: skip
-                else:
-                    pfns.frombytes(self.memory.read(buffer.gpa, buffer.len))
-        if sys.byteorder != "little":
-            pfns.byteswap()
+        batch, pfns = [], array.array("I")
+        for chain in self.chains(queue_index):
+            pfns.extend(self._pfns(chain, kind))
+            batch.append(chain)
+            if len(pfns) >= MAX_PFNS_PER_CHAIN:
+                self._settle(queue_index, batch, pfns, inflate)
+                batch, pfns = [], array.array("I")
+        if batch:
+            self._settle(queue_index, batch, pfns, inflate)
+
+    def _settle(self, queue_index: int, chains: list[DescriptorChain], pfns: array.array[int], inflate: bool) -> None:
+        kind = "inflate" if inflate else "deflate"
         pages = self._checked(sorted(set(pfns)), kind)
         for start, count in runs(pages):
             if inflate:
@@ -357,6 +367,28 @@ class VirtioBalloon(VirtioDevice):
         for chain in chains:
             self.complete(queue_index, chain, 0)
         self.signal(queue_index)
+
+    def _pfns(self, chain: DescriptorChain, kind: str) -> array.array[int]:
+        """The page numbers a chain carries, read in pieces; none from a malformed buffer."""
+        pfns = array.array("I")
+        if sum(b.len for b in chain.readable) > MAX_PFNS_PER_CHAIN * PFN_BYTES:
+            self._mistake("bad_buffers", "%s: chain at head %d carries more than %d page numbers, skipped",
+                          kind, chain.head, MAX_PFNS_PER_CHAIN)  # fmt: skip
+            return pfns
+        for buffer in chain.buffers:
+            if buffer.writable:
+                self._mistake("bad_buffers", "%s: device-writable buffer at %#x (%d bytes) skipped",
+                              kind, buffer.gpa, buffer.len)  # fmt: skip
+            elif buffer.len % PFN_BYTES:
+                self._mistake("bad_buffers", "%s: buffer at %#x of %d bytes is not whole PFNs, skipped",
+                              kind, buffer.gpa, buffer.len)  # fmt: skip
+            else:
+                for offset in range(0, buffer.len, PFN_PIECE * PFN_BYTES):
+                    length = min(PFN_PIECE * PFN_BYTES, buffer.len - offset)
+                    pfns.frombytes(self.memory.view(buffer.gpa + offset, length))
+        if sys.byteorder != "little":
+            pfns.byteswap()
+        return pfns
 
     def _checked(self, pfns: list[int], kind: str) -> list[int]:
         """Of the sorted ``pfns``, those that name a page the balloon may take; the rest are
@@ -401,12 +433,7 @@ class VirtioBalloon(VirtioDevice):
     # --- statistics -----------------------------------------------------------------------
     def _process_stats(self, queue_index: int) -> None:
         for chain in self.chains(queue_index):
-            data = bytearray()
-            for buffer in chain.buffers:
-                if buffer.writable:
-                    self._mistake("bad_buffers", "stats: device-writable buffer at %#x skipped", buffer.gpa)
-                    continue
-                data += self.memory.read(buffer.gpa, buffer.len)
+            data = self._stats_bytes(chain)
             whole = len(data) - len(data) % STAT_ENTRY.size
             if whole != len(data):
                 self._mistake("bad_buffers", "stats: %d trailing bytes after %d entries ignored",
@@ -423,6 +450,21 @@ class VirtioBalloon(VirtioDevice):
                 self.complete(queue_index, self._stats_chain, 0)
                 self.signal(queue_index)
             self._stats_chain = chain  # held until the host wants fresh numbers
+
+    def _stats_bytes(self, chain: DescriptorChain) -> bytes:
+        """The chain's readable bytes, up to :data:`MAX_STAT_ENTRIES` entries."""
+        room = MAX_STAT_ENTRIES * STAT_ENTRY.size
+        data = bytearray()
+        for buffer in chain.buffers:
+            if buffer.writable:
+                self._mistake("bad_buffers", "stats: device-writable buffer at %#x skipped", buffer.gpa)
+                continue
+            take = min(buffer.len, room - len(data))
+            data += self.memory.view(buffer.gpa, take)
+            if take < buffer.len:
+                self._mistake("bad_buffers", "stats: more than %d entries; the rest ignored", MAX_STAT_ENTRIES)
+                break
+        return bytes(data)
 
     # --- free page reporting --------------------------------------------------------------
     def _process_reports(self, queue_index: int) -> None:
@@ -448,26 +490,70 @@ class VirtioBalloon(VirtioDevice):
         if counter is not None:
             self.stats[counter] += 1
         self.stats["guest_mistakes"] += 1
-        level = logging.WARNING if self.stats["guest_mistakes"] <= LOUD_MISTAKES else logging.DEBUG
-        log.log(level, "virtio-balloon " + message, *args)
+        self._mistakes.warning("virtio-balloon " + message, *args)
+
+    # --- state ------------------------------------------------------------------------------
+    def save_state(self) -> BalloonState:
+        with self.lock, self._changed:
+            chain = self._stats_chain
+            held_chain = None if chain is None else (chain.head, tuple((b.gpa, b.len, b.writable) for b in chain.buffers))
+            return BalloonState(self.num_pages, self.actual_pages, bytes(self._held),
+                                tuple(sorted(self._guest_stats.items())), held_chain)  # fmt: skip
+
+    def restore_state(self, state: object | None) -> None:
+        """Take ``state`` after the transport restored (and so activated) the device."""
+        if not isinstance(state, BalloonState):
+            raise StateError(f"virtio balloon: expected a BalloonState, not {type(state).__name__}")
+        check_int(state, "num_pages", 0, 0xFFFFFFFF)
+        check_int(state, "actual_pages", 0, 0xFFFFFFFF)
+        held = check_bytes(state, "held", MAX_HELD_BYTES)
+        if len(held) != len(self._held) and any(held):
+            raise StateError(f"BalloonState.held covers {len(held)} bytes of page bits, this machine's RAM {len(self._held)}")
+        stats = check_type(state, "guest_stats", tuple)
+        if len(stats) > len(STAT_NAMES) + MAX_STAT_ENTRIES or not all(
+            isinstance(pair, tuple) and len(pair) == 2 and all(type(n) is int and 0 <= n < 1 << 64 for n in pair)
+            for pair in stats
+        ):
+            raise StateError("BalloonState.guest_stats is not a short list of (tag, value) pairs")
+        chain = self._restored_stats_chain(state.stats_chain)
+        with self.lock, self._changed:
+            self.num_pages, self.actual_pages = state.num_pages, state.actual_pages
+            if len(held) == len(self._held):
+                self._held[:] = held
+            self._guest_stats = dict(stats)
+            self._stats_chain = chain
+            self._changed.notify_all()
+
+    def _restored_stats_chain(self, saved: object) -> DescriptorChain | None:
+        if saved is None:
+            return None
+        if self._stats_queue is None or not isinstance(saved, tuple) or len(saved) != 2:
+            raise StateError("BalloonState.stats_chain does not fit the negotiated features")
+        head, buffers = saved
+        queue = self.queues[self._stats_queue]
+        if type(head) is not int or not 0 <= head < queue.size or not isinstance(buffers, tuple) or len(buffers) > queue.size:
+            raise StateError("BalloonState.stats_chain is not a chain of the statistics queue")
+        checked = []
+        for buffer in buffers:
+            if not (isinstance(buffer, tuple) and len(buffer) == 3 and type(buffer[0]) is int
+                    and type(buffer[1]) is int and isinstance(buffer[2], bool)):  # fmt: skip
+                raise StateError("BalloonState.stats_chain has a malformed buffer")
+            try:
+                self.memory.locate(buffer[0], buffer[1])
+            except GuestMemoryError as err:
+                raise StateError(f"BalloonState.stats_chain: {err}") from err
+            checked.append(Buffer(*buffer))
+        return DescriptorChain(head, checked)
 
 
-def usable_ranges(regions: Sequence[object], memory_map: Sequence[E820Entry] | None) -> list[tuple[int, int]]:
-    """The guest-physical ``[start, end)`` ranges whose pages a balloon may release: e820 RAM
-    (every region when there is no map) inside guest memory, from 1 MiB up, page aligned."""
-    if memory_map is None:
-        candidates = [(r.gpa, r.end) for r in regions]  # type: ignore[attr-defined]
-    else:
-        candidates = [(e.addr, e.end) for e in memory_map if e.type is E820Type.RAM]
+def usable_ranges(ram: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Of the RAM ranges ``[start, end)``, what a balloon may release: from 1 MiB up, whole pages."""
     ranges = []
-    for start, end in candidates:
-        for region in regions:
-            lo = max(start, region.gpa, HIMEM_START)  # type: ignore[attr-defined]
-            hi = min(end, region.end)  # type: ignore[attr-defined]
-            lo = -(-lo // PAGE) * PAGE
-            hi = hi // PAGE * PAGE
-            if hi > lo:
-                ranges.append((lo, hi))
+    for start, end in ram:
+        lo = -(-max(start, HIMEM_START) // PAGE) * PAGE
+        hi = end // PAGE * PAGE
+        if hi > lo:
+            ranges.append((lo, hi))
     return sorted(ranges)
 
 

@@ -8,7 +8,7 @@ device makes no assumption about how those bytes are split into descriptors (2.6
 the header may share a descriptor with OUT data, the status byte with IN data.
 
 Host input: none (:meth:`host_fds` stays empty); every request is handled when the
-queue is notified, synchronously, under the transport lock.
+queue is notified, synchronously, under the device's lock.
 
 I/O goes straight between the file and guest memory: ``os.preadv`` / ``os.pwritev``
 on views of guest RAM, looping on short transfers.  A request is answered only when
@@ -418,14 +418,15 @@ class VirtioBlock(VirtioDevice):
             raise _Reject(VIRTIO_BLK_S_IOERR, "rejected_read_only")
         if request.in_data:
             raise _Reject(VIRTIO_BLK_S_IOERR, "rejected_wrong_direction")
-        raw = b"".join(self.memory.read(gpa, length) for gpa, length in request.out_data)
         max_segments, max_sectors = (
             (MAX_WRITE_ZEROES_SEG, MAX_WRITE_ZEROES_SECTORS) if zero else (MAX_DISCARD_SEG, MAX_DISCARD_SECTORS)
         )
-        if not raw or len(raw) % SEGMENT.size:
+        length = request.out_len  # checked before anything is read: the guest chose it
+        if not length or length % SEGMENT.size:
             raise _Reject(VIRTIO_BLK_S_IOERR, "rejected_bad_segments")
-        if len(raw) // SEGMENT.size > max_segments:
+        if length // SEGMENT.size > max_segments:
             raise _Reject(VIRTIO_BLK_S_IOERR, "rejected_too_many_segments")
+        raw = b"".join(self.memory.read(gpa, n) for gpa, n in request.out_data)
         segments = [SEGMENT.unpack_from(raw, i) for i in range(0, len(raw), SEGMENT.size)]
         for sector, count, flags in segments:  # check them all before touching the file
             if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (not zero and flags):

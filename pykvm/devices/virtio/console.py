@@ -9,7 +9,7 @@ is set up (5.3.5.1).
 Host input:
 
 - :meth:`VirtioConsole.receive` may be called from any thread (the machine's stdin
-  forwarder); it takes ``transport.lock``.  Input is never dropped: it waits in an
+  forwarder); it takes the device's lock.  Input is never dropped: it waits in an
   unbounded host-side queue and is copied into receiveq buffers as the driver makes
   them available (a buffer may be filled partly; its used length is the bytes
   written).  A notification of queue 0 (new receive buffers) delivers what waits.
@@ -27,8 +27,11 @@ import logging
 import struct
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
+from ...errors import StateError
+from ..state import check_bytes
 from .device import VirtioDevice
 from .queue import DescriptorChain, QueueError
 
@@ -43,6 +46,7 @@ VIRTIO_CONSOLE_F_EMERG_WRITE = 1 << 2
 CONFIG = struct.Struct("<HHII")  # cols, rows, max_nr_ports, emerg_wr (5.3.4)
 EMERG_WR_OFFSET = 8
 OUTPUT_PIECE = 64 * 1024
+MAX_RESTORED_INPUT = 64 << 20  # host input a saved state may carry
 
 
 class _HostInput:
@@ -78,6 +82,18 @@ class _HostInput:
     def __bool__(self) -> bool:
         return self.size > 0
 
+    def peek(self) -> bytes:
+        """Everything waiting, without taking it."""
+        with self._lock:
+            return b"".join(bytes(chunk) for chunk in self._chunks)
+
+
+@dataclass(frozen=True)
+class ConsoleState:
+    """Host input the driver has not taken yet."""
+
+    pending_input: bytes
+
 
 class VirtioConsole(VirtioDevice):
     """One console port: ``output`` receives what the guest writes; :meth:`receive` feeds it."""
@@ -101,6 +117,17 @@ class VirtioConsole(VirtioDevice):
     def config_bytes(self) -> bytes:
         return CONFIG.pack(0, 0, 1, 0)
 
+    # --- state ---------------------------------------------------------------------------------
+    def save_state(self) -> ConsoleState:
+        return ConsoleState(self._input.peek())
+
+    def restore_state(self, state: object | None) -> None:
+        if not isinstance(state, ConsoleState):
+            raise StateError(f"virtio console: expected a ConsoleState, not {type(state).__name__}")
+        pending = check_bytes(state, "pending_input", MAX_RESTORED_INPUT)
+        self._input.take(self._input.size)
+        self._input.append(pending)
+
     def write_config(self, offset: int, size: int, value: int) -> None:
         if offset == EMERG_WR_OFFSET:  # allowed at any time, even unconfigured (5.3.5.1)
             self.stats["emergency_writes"] += 1
@@ -112,25 +139,22 @@ class VirtioConsole(VirtioDevice):
     def receive(self, data: bytes) -> None:
         """Host input for the guest (any thread): queued, then delivered as buffers allow."""
         self._input.append(data)
-        self.stats["received_bytes"] += len(data)
-        if self.transport is None:
-            return
-        with self.transport.lock:
+        with self.lock:
+            self.stats["received_bytes"] += len(data)
             try:
                 self._deliver()
             except QueueError as err:
-                self.transport.needs_reset(str(err))
+                self.broken(err)
 
     def _deliver(self) -> None:
-        """Copy waiting input into receive buffers while there are both (transport lock held)."""
-        assert self.transport is not None
-        queue = self.queue(RECEIVEQ)
-        if not self.transport.active or not queue.ready:
+        """Copy waiting input into receive buffers while there are both (lock held)."""
+        if not self.active or not self.queues[RECEIVEQ].ready:
             return
+        queue, memory = self.queues[RECEIVEQ], self.memory
         completed = 0
         try:
-            while self._input and queue.pending(self.memory):
-                chain = queue.pop(self.memory, self._table)
+            while self._input and queue.pending(memory):
+                chain = queue.pop(memory)
                 if chain is None:
                     break
                 self.complete(RECEIVEQ, chain, self._fill(chain))
@@ -144,11 +168,11 @@ class VirtioConsole(VirtioDevice):
             self.stats["receive_chains_malformed"] += 1
             log.debug("virtio console: device-readable buffer in the receiveq (head %d), skipped", chain.head)
             return 0
-        written = 0
+        written, memory = 0, self.memory
         for buffer in chain.writable:
             offset = 0
             for piece in self._input.take(buffer.len):
-                self.memory.view(buffer.gpa + offset, len(piece))[:] = piece
+                memory.view(buffer.gpa + offset, len(piece))[:] = piece
                 offset += len(piece)
             written += offset
             if offset < buffer.len:
@@ -164,7 +188,7 @@ class VirtioConsole(VirtioDevice):
             self._transmit()
 
     def _transmit(self) -> None:
-        completed = 0
+        completed, memory = 0, self.memory
         try:
             for chain in self.chains(TRANSMITQ):
                 if chain.writable:
@@ -173,7 +197,7 @@ class VirtioConsole(VirtioDevice):
                 for buffer in chain.readable:
                     for start in range(0, buffer.len, OUTPUT_PIECE):
                         length = min(OUTPUT_PIECE, buffer.len - start)
-                        self._emit(bytes(self.memory.view(buffer.gpa + start, length)))
+                        self._emit(bytes(memory.view(buffer.gpa + start, length)))
                 self.complete(TRANSMITQ, chain, 0)
                 completed += 1
         finally:

@@ -4,23 +4,29 @@ The transport owns the register file: magic and version, feature pages, the stat
 state machine (including FAILED, DEVICE_NEEDS_RESET and reset by writing 0), queue
 selection and configuration, the interrupt status and its acknowledgement, and the
 configuration generation.  A device (:class:`~pykvm.devices.virtio.device.VirtioDevice`)
-offers its id, features, configuration bytes and queue sizes, and is activated when
-the driver sets DRIVER_OK.  Queue fields may only change while the driver is setting
-the device up (FEATURES_OK set, DRIVER_OK not) and the queue is not ready, as
-rust-vmm's virtio-device requires.  Accesses the spec forbids are ignored, counted in
-``stats`` and logged at debug level; nothing a driver writes raises.
+offers its id, features, configuration bytes and queue sizes; it is told the accepted
+features at FEATURES_OK and activated at DRIVER_OK with the guest memory, the queues
+and the transport itself as its :class:`~pykvm.devices.virtio.device.VirtioInterrupt`.
+Queue fields may only change while the driver is setting the device up (FEATURES_OK
+set, DRIVER_OK not) and the queue is not ready, as rust-vmm's virtio-device requires.
+Accesses the spec forbids are ignored, counted in ``stats`` and logged at debug level;
+nothing a driver writes raises.  A driver that keeps breaking the protocol is logged a
+few times, then counted (:data:`LOUD_RESETS`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
+from ...errors import StateError
+from ...logs import RateLimitedLog
 from ...memory import GuestMemory
+from ..state import check_int
 from .device import VirtioDevice
-from .queue import QueueError, SplitQueue
+from .queue import QueueError, QueueState, SplitQueue
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +66,29 @@ _QUEUE_ADDRESS_FIELDS = {
     QUEUE_DEVICE_HIGH: ("used_ring", 32),
 }
 _WORD = 0xFFFFFFFF
+# How many "needs a reset" warnings a device logs per minute; the rest are counted.
+LOUD_RESETS = 5
+
+
+@dataclass(frozen=True)
+class TransportState:
+    """The register file as plain data (the queues with it; the device keeps its own state)."""
+
+    status: int
+    device_features_sel: int
+    driver_features_sel: int
+    driver_features: int
+    queue_sel: int
+    interrupt_status: int
+    config_generation: int
+    queues: tuple[QueueState, ...]
 
 
 class VirtioMmioTransport:
     """The virtio-mmio register file in front of one device; registered on the MMIO bus.
 
     ``interrupt`` raises the device's interrupt line (an edge, e.g. an irqfd write);
-    ``on_activate`` / ``on_reset`` let the machine wire and unwire queue notifications.
+    ``on_activate`` / ``on_reset`` let the device manager wire and unwire queue notifications.
     """
 
     def __init__(
@@ -82,12 +104,12 @@ class VirtioMmioTransport:
         self._interrupt = interrupt
         self._on_activate = on_activate
         self._on_reset = on_reset
-        self.lock = threading.RLock()  # register accesses (vCPU) and queue work (I/O thread)
+        self.lock = device.lock  # register accesses (vCPU) and queue work (I/O thread)
         self.stats: Counter[str] = Counter()
         self.queues = [SplitQueue(size) for size in device.queue_max_sizes]
         self.config_generation = 0
+        self._reset_log = RateLimitedLog(log, LOUD_RESETS, 60.0)
         self._reset_state()
-        device.bind(self)
 
     def _reset_state(self) -> None:
         self.status = 0
@@ -196,6 +218,8 @@ class VirtioMmioTransport:
             value &= ~FEATURES_OK  # the driver reads it back and sees the refusal (3.1.1)
         became = value & ~self.status
         self.status = value | (self.status & DEVICE_NEEDS_RESET)  # only a reset clears it (2.1.2)
+        if became & FEATURES_OK and value & FEATURES_OK:
+            self.device.acknowledge(self.driver_features)
         if became & DRIVER_OK and not value & FAILED:
             self._activate()
 
@@ -211,9 +235,12 @@ class VirtioMmioTransport:
                 try:
                     queue.check(self.memory)
                 except QueueError as err:
-                    self.needs_reset(f"cannot activate: {err}")
+                    self.signal_needs_reset(f"cannot activate: {err}")
                     return
-        self.device.activate(self.driver_features)
+        self._start_device()
+
+    def _start_device(self) -> None:
+        self.device.activate(self.memory, self.queues, self)
         if self._on_activate is not None:
             self._on_activate(self)
 
@@ -254,27 +281,61 @@ class VirtioMmioTransport:
             try:
                 self.device.process(queue_index)
             except QueueError as err:
-                self.needs_reset(str(err))
+                self.signal_needs_reset(str(err))
 
-    # --- from the device ---------------------------------------------------------------
-    def used(self, queue_index: int) -> None:
-        """The device put buffers in the used ring: interrupt, unless the driver suppressed it."""
-        if self.queues[queue_index].needs_interrupt(self.memory):
-            self.interrupt_status |= INTERRUPT_USED_BUFFER
-            self.stats["interrupts"] += 1
-            self._interrupt()
+    # --- from the device (VirtioInterrupt) -------------------------------------------
+    def signal_used(self, queue_index: int) -> None:
+        """The device used buffers the driver wants an interrupt for."""
+        self.interrupt_status |= INTERRUPT_USED_BUFFER
+        self.stats["interrupts"] += 1
+        self._interrupt()
 
-    def config_changed(self) -> None:
+    def signal_config(self) -> None:
         """The device's configuration changed: new generation, configuration change interrupt."""
         self.config_generation = (self.config_generation + 1) & _WORD
         self.interrupt_status |= INTERRUPT_CONFIG_CHANGE
         if self.status & DRIVER_OK:
             self._interrupt()
 
-    def needs_reset(self, reason: str) -> None:
+    def signal_needs_reset(self, reason: str) -> None:
         """The driver broke the protocol: DEVICE_NEEDS_RESET, and tell it (2.1.2)."""
-        log.warning("virtio %s: %s; the device needs a reset", self.device.name, reason)
+        self._reset_log.warning("virtio %s: %s; the device needs a reset", self.device.name, reason)
         self.stats["needs_reset"] += 1
         self.status |= DEVICE_NEEDS_RESET
         self.device.reset()
-        self.config_changed()
+        self.signal_config()
+
+    # --- state ---------------------------------------------------------------------------
+    def save_state(self) -> TransportState:
+        with self.lock:
+            return TransportState(
+                self.status, self.device_features_sel, self.driver_features_sel, self.driver_features,
+                self.queue_sel, self.interrupt_status, self.config_generation,
+                tuple(queue.save_state() for queue in self.queues),
+            )  # fmt: skip
+
+    def restore_state(self, state: TransportState) -> None:
+        """Take ``state`` into a transport fresh from its device manager; an active device is
+        activated again (its queues checked as at DRIVER_OK, its notifications wired)."""
+        for name in ("status", "device_features_sel", "driver_features_sel", "queue_sel",
+                     "interrupt_status", "config_generation"):  # fmt: skip
+            check_int(state, name, 0, _WORD)
+        check_int(state, "driver_features", 0, (1 << 64) - 1)
+        if not isinstance(state.queues, tuple) or len(state.queues) != len(self.queues):
+            raise StateError(f"virtio {self.device.name}: the state has {len(state.queues)} queues, "
+                             f"the device {len(self.queues)}")  # fmt: skip
+        if state.driver_features & ~self.offered_features:
+            raise StateError(f"virtio {self.device.name}: the state's driver features "
+                             f"{state.driver_features:#x} were never offered by this device")  # fmt: skip
+        with self.lock:
+            self.reset()
+            for queue, queue_state in zip(self.queues, state.queues):
+                queue.restore_state(queue_state, self.memory)
+            self.status, self.driver_features = state.status, state.driver_features
+            self.device_features_sel, self.driver_features_sel = state.device_features_sel, state.driver_features_sel
+            self.queue_sel, self.interrupt_status = state.queue_sel, state.interrupt_status
+            self.config_generation = state.config_generation
+            if self.status & FEATURES_OK:
+                self.device.acknowledge(self.driver_features)
+            if self.active:
+                self._start_device()

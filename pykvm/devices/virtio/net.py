@@ -28,7 +28,7 @@ included, 5.1.6).  The TAP (see :mod:`.tap`) was opened with ``IFF_VNET_HDR`` an
 Host input contract (for the machine's I/O thread):
 
 - :meth:`VirtioNet.host_fds` is ``[tap_fd]``; when it is readable, call
-  :meth:`VirtioNet.on_host_readable` (any thread: it takes ``transport.lock``).  It
+  :meth:`VirtioNet.on_host_readable` (any thread: it takes the device's lock).  It
   reads at most :data:`RX_BUDGET` frames per call, so a level-triggered loop
   (epoll/select) is expected.
 - Back-pressure: while a frame waits for a receive chain, the TAP should not be
@@ -38,7 +38,7 @@ Host input contract (for the machine's I/O thread):
   ``host_fd_interest(fd, True)`` when it wants it again (after the driver added
   receive buffers, or after a reset).  Calls come in strict alternation, starting
   with False, from whichever thread runs the device (I/O or vCPU thread).
-- Queue notifications are ``transport.notify(q)``; a notification of queue 0 delivers
+- Queue notifications reach :meth:`VirtioNet.process` through the transport; a notification of queue 0 delivers
   the waiting frame and resumes reading the TAP.
 """
 
@@ -123,12 +123,11 @@ class VirtioNet(VirtioDevice):
 
     def on_host_readable(self, fd: int) -> None:
         """The TAP is readable: move frames to the guest (any thread)."""
-        assert self.transport is not None
-        with self.transport.lock:
+        with self.lock:
             try:
                 self._receive()
             except QueueError as err:
-                self.transport.needs_reset(str(err))
+                self.broken(err)
 
     def _want_input(self, wanted: bool) -> None:
         if wanted != self._watching:
@@ -151,12 +150,11 @@ class VirtioNet(VirtioDevice):
         return memoryview(self._rx_buffer)[:length]
 
     def _receive(self) -> None:
-        """Move frames from the TAP into receive chains (transport lock held)."""
-        assert self.transport is not None
-        queue = self.queue(RX)
-        if not self.transport.active or not queue.ready:
+        """Move frames from the TAP into receive chains (lock held)."""
+        if not self.active or not self.queues[RX].ready:
             self._drain()
             return
+        queue, memory = self.queues[RX], self.memory
         completed = 0
         try:
             for _ in range(RX_BUDGET):
@@ -167,13 +165,13 @@ class VirtioNet(VirtioDevice):
                     self._waiting = None
                     self.stats["rx_dropped_malformed"] += 1  # not made by a TAP without offloads
                     continue
-                if not queue.pending(self.memory):
+                if not queue.pending(memory):
                     if self._waiting is None:
                         self._waiting = bytes(frame)  # the read buffer is reused: keep a copy
                     self.stats["rx_waits_for_buffers"] += 1
                     self._want_input(False)
                     return
-                chain = queue.pop(self.memory, self._table)
+                chain = queue.pop(memory)
                 self._waiting = None
                 if chain is None:
                     break
@@ -230,7 +228,8 @@ class VirtioNet(VirtioDevice):
             self.stats["tx_dropped"] += 1
             log.debug("virtio-net: dropped a malformed transmit chain (head %d, %d bytes)", chain.head, total)
             return
-        views = [self.memory.view(b.gpa, b.len) for b in chain.readable]
+        memory = self.memory
+        views = [memory.view(b.gpa, b.len) for b in chain.readable]
         try:
             sent = os.writev(self.tap_fd, views)
         except OSError as err:

@@ -12,10 +12,10 @@ a reset (DEVICE_NEEDS_RESET) or answers with its error status.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 
-from ...errors import GuestMemoryError, PykvmError
+from ...errors import GuestMemoryError, PykvmError, StateError
+from ..state import check_int
 from ...memory import GuestMemory
 from ...native import ffi, lib
 
@@ -26,7 +26,6 @@ USED_ELEM_SIZE = 8  # id, len
 DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
-MAX_QUEUE_SIZE = 32768
 
 _CHAIN_ERRORS = {
     lib.PYKVM_CHAIN_BAD_HEAD: "head index outside the queue",
@@ -70,10 +69,6 @@ class DescriptorChain:
     def writable(self) -> list[Buffer]:
         return [b for b in self.buffers if b.writable]
 
-    def read_all(self, memory: GuestMemory) -> bytes:
-        """The concatenated device-readable buffers."""
-        return b"".join(memory.read(b.gpa, b.len) for b in self.readable)
-
     def write_all(self, memory: GuestMemory, data: bytes) -> int:
         """Fill the device-writable buffers with ``data`` in order; returns the bytes written."""
         done = 0
@@ -84,6 +79,22 @@ class DescriptorChain:
             memory.write(buffer.gpa, part)
             done += len(part)
         return done
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """A split queue as plain data: the driver's configuration and the device's positions."""
+
+    size: int
+    ready: bool
+    desc_table: int
+    avail_ring: int
+    used_ring: int
+    event_idx: bool
+    indirect: bool
+    next_avail: int
+    next_used: int
+    signalled_used: int | None
 
 
 @dataclass
@@ -108,7 +119,12 @@ class SplitQueue:
 
     def reset(self) -> None:
         """Back to the state after a device reset (size back to the maximum)."""
-        self.__init__(self.max_size)  # type: ignore[misc]
+        self.size, self.ready = self.max_size, False
+        self.desc_table = self.avail_ring = self.used_ring = 0
+        self.event_idx = self.indirect = False
+        self.next_avail = self.next_used = 0
+        self._signalled_used = None
+        self._buffers = None
 
     def check(self, memory: GuestMemory) -> None:
         """Validate the driver's configuration before use (raises :class:`QueueError`)."""
@@ -130,33 +146,29 @@ class SplitQueue:
         self._buffers = ffi.new("struct pykvm_buffer[]", self.size)
 
     # --- the available ring ------------------------------------------------------------
-    def _avail_idx(self, memory: GuestMemory) -> int:
-        return int.from_bytes(memory.view(self.avail_ring + 2, 2), "little")
-
     def pending(self, memory: GuestMemory) -> int:
         """How many chains the driver made available that the device has not popped."""
-        pending = (self._avail_idx(memory) - self.next_avail) & 0xFFFF
+        pending = (memory.read_u16(self.avail_ring + 2) - self.next_avail) & 0xFFFF
         if pending > self.size:
             raise QueueError(f"available index moved by {pending}, more than the queue size {self.size}")
         return pending
 
-    def pop(self, memory: GuestMemory, table: object) -> DescriptorChain | None:
-        """The next available chain, or None.  ``table`` is ``memory.native_table()``."""
+    def pop(self, memory: GuestMemory) -> DescriptorChain | None:
+        """The next available chain, or None."""
         if not self.pending(memory):
             return None
-        slot = self.avail_ring + AVAIL_HEADER + 2 * (self.next_avail % self.size)
-        head = int.from_bytes(memory.view(slot, 2), "little")
+        head = memory.read_u16(self.avail_ring + AVAIL_HEADER + 2 * (self.next_avail % self.size))
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         if self.event_idx:  # avail_event: "notify me when you make the next one available"
-            memory.write(self._avail_event_addr(), struct.pack("<H", self.next_avail))
-        return DescriptorChain(head, self._walk(table, head))
+            memory.write_u16(self._avail_event_addr(), self.next_avail)
+        return DescriptorChain(head, self._walk(memory, head))
 
-    def _walk(self, table: object, head: int) -> list[Buffer]:
+    def _walk(self, memory: GuestMemory, head: int) -> list[Buffer]:
         """The buffers of the chain at ``head``, walked and checked in C."""
         if self._buffers is None:
             raise QueueError("the queue was used before it was checked")
         out = self._buffers
-        count = lib.pykvm_chain_walk(table, self.desc_table, self.size, head, int(self.indirect), out, self.size)
+        count = lib.pykvm_chain_walk(memory.table, self.desc_table, self.size, head, int(self.indirect), out, self.size)
         if count < 0:
             raise QueueError(f"descriptor chain at head {head}: {_CHAIN_ERRORS.get(count, count)}")
         # A zero-length buffer carries nothing and the walk does not check its address, so it
@@ -170,17 +182,43 @@ class SplitQueue:
     def add_used(self, memory: GuestMemory, head: int, length: int) -> None:
         """Return chain ``head`` with ``length`` bytes written by the device."""
         slot = self.used_ring + USED_HEADER + USED_ELEM_SIZE * (self.next_used % self.size)
-        memory.write(slot, struct.pack("<II", head, length))
+        memory.write_u32(slot, head)
+        memory.write_u32(slot + 4, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
-        memory.write(self.used_ring + 2, struct.pack("<H", self.next_used))  # after the element (x86: TSO)
+        memory.write_u16(self.used_ring + 2, self.next_used)  # after the element (x86: TSO)
 
     def needs_interrupt(self, memory: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for what was used since the last one."""
         if not self.event_idx:
-            flags = int.from_bytes(memory.view(self.avail_ring, 2), "little")
-            return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
-        used_event = int.from_bytes(memory.view(self.avail_ring + AVAIL_HEADER + 2 * self.size, 2), "little")
+            return not memory.read_u16(self.avail_ring) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        used_event = memory.read_u16(self.avail_ring + AVAIL_HEADER + 2 * self.size)
         old, new = self._signalled_used, self.next_used
         self._signalled_used = new
         # As QEMU's virtio_split_should_notify(): always the first time, then vring_need_event().
         return old is None or (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+    # --- state ---------------------------------------------------------------------------
+    def save_state(self) -> QueueState:
+        return QueueState(
+            self.size, self.ready, self.desc_table, self.avail_ring, self.used_ring, self.event_idx,
+            self.indirect, self.next_avail, self.next_used, self._signalled_used,
+        )  # fmt: skip
+
+    def restore_state(self, state: QueueState, memory: GuestMemory) -> None:
+        """Take ``state`` (checked as the driver's own writes are: a ready queue must check out)."""
+        for name in ("size", "desc_table", "avail_ring", "used_ring"):
+            check_int(state, name, 0, (1 << 64) - 1)
+        for name in ("next_avail", "next_used"):
+            check_int(state, name, 0, 0xFFFF)
+        if state.signalled_used is not None:
+            check_int(state, "signalled_used", 0, 0xFFFF)
+        self.reset()
+        self.size, self.ready = state.size, bool(state.ready)
+        self.desc_table, self.avail_ring, self.used_ring = state.desc_table, state.avail_ring, state.used_ring
+        self.event_idx, self.indirect = bool(state.event_idx), bool(state.indirect)
+        self.next_avail, self.next_used, self._signalled_used = state.next_avail, state.next_used, state.signalled_used
+        if self.ready:
+            try:
+                self.check(memory)
+            except QueueError as err:
+                raise StateError(f"virtqueue state: {err}") from err

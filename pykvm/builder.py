@@ -1,0 +1,243 @@
+"""The build recipe: a typed config turned into KVM objects, guest memory, devices and vCPUs.
+
+:func:`build` reads top to bottom as Firecracker's ``build_microvm_for_boot`` does:
+open KVM, create the VM, map guest RAM (before the irqchip: afterwards every memory
+slot waits for an SRCU grace period), create the in-kernel interrupt controllers and
+PIT, attach the legacy devices and the firmware, the virtio devices, and create the
+vCPUs.  Each step is a small function of its own, so that other machine flavours can
+be put together from them.  Nothing here runs the guest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+from . import native
+from .config import MachineConfig
+from .console import SerialOutput
+from .control import KICK_SIGNAL, Stop
+from .devices.acpi_pm import AcpiPm
+from .devices.cmos import Cmos
+from .devices.debug_exit import DebugExit
+from .devices.fw_cfg import FwCfg, standard_items
+from .devices.i8042 import I8042
+from .devices.manager import DeviceManager
+from .devices.ports import ConstantPort
+from .devices.uart import Uart16550
+from .errors import ConfigError, PykvmError
+from .kvm import Kvm, Vcpu, Vm
+from .kvm.fastpath import FastKind, Space
+from .kvm.state import CpuidEntry
+from .memory import GuestMemory
+from .native import lib
+from .result import ExitReason
+from .x86 import layout
+from .x86.acpi import AcpiTables, build_acpi_tables
+from .x86.cpu import BOOT_MSRS, vcpu_cpuid
+from .x86.e820 import E820Entry, build_memory_map, ram_regions
+from .x86.interrupts import COM1_IRQ, gsi_routes
+from .x86.mptable import build_mptable
+
+if TYPE_CHECKING:
+    from .devices.virtio.balloon import VirtioBalloon
+    from .devices.virtio.console import VirtioConsole
+
+T = TypeVar("T")
+Closing = Callable[[T], T]  # registers a resource's close() with its owner and returns it
+RequestStop = Callable[[Stop], None]
+
+
+@dataclasses.dataclass
+class MachineParts:
+    """What :func:`build` made; the :class:`~pykvm.machine.Machine` owns it."""
+
+    kvm: Kvm
+    vm: Vm
+    memory_map: tuple[E820Entry, ...]
+    memory: GuestMemory
+    devices: DeviceManager
+    serial_output: SerialOutput
+    serial: Uart16550
+    fw_cfg: FwCfg
+    acpi: AcpiTables | None
+    virtio_console: VirtioConsole | None
+    balloon: VirtioBalloon | None
+    vcpus: list[Vcpu]
+
+
+def build(config: MachineConfig, kvm: Kvm | None, request_stop: RequestStop, closing: Closing) -> MachineParts:
+    """Build a machine from ``config``; ``kvm`` is a shared /dev/kvm (else one is opened)."""
+    native.check(lib.pykvm_install_kick_handler(KICK_SIGNAL), "sigaction")
+    kvm = kvm or closing(Kvm(config.kvm_path))
+    check_cpus(kvm, config.cpus)
+    vm = closing(create_vm(kvm))
+    memory_map = build_memory_map(config.memory_bytes)
+    memory = closing(create_memory(vm, config.memory_bytes, config.share_pages))
+    if config.irqchip:
+        create_interrupt_controllers(vm)
+    devices = closing(DeviceManager(vm, memory, irqchip=config.irqchip, virtio_notify=config.virtio_notify))
+    serial_output = closing(SerialOutput(config.serial, config.capture_serial))
+    serial = attach_serial(devices, serial_output)
+    attach_debug_exit(devices, request_stop)
+    attach_i8042(devices, request_stop)
+    attach_cmos(devices, config.memory_bytes)
+    attach_post_port(devices)
+    acpi = write_firmware_tables(memory, config.cpus) if config.irqchip else None
+    if acpi is not None:
+        attach_acpi_pm(devices, request_stop)
+    fw_cfg = attach_fw_cfg(devices, config, memory_map, acpi)
+    virtio_console, balloon = attach_virtio_devices(devices, config, serial_output, memory_map, closing)
+    supported = kvm.supported_cpuid()
+    vcpus = [closing(create_vcpu(kvm, vm, i, supported, devices)) for i in range(config.cpus)]
+    return MachineParts(kvm, vm, memory_map, memory, devices, serial_output, serial, fw_cfg, acpi,
+                        virtio_console, balloon, vcpus)  # fmt: skip
+
+
+def check_cpus(kvm: Kvm, cpus: int) -> None:
+    limit = kvm.check_extension(lib.KVM_CAP_MAX_VCPUS) or kvm.check_extension(lib.KVM_CAP_NR_VCPUS)
+    if cpus > limit:
+        raise ConfigError(f"{cpus} vCPUs asked for, but this host's KVM allows at most {limit}")
+
+
+def create_vm(kvm: Kvm) -> Vm:
+    vm = kvm.create_vm()
+    try:
+        vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+def create_memory(vm: Vm, ram_size: int, share_pages: bool) -> GuestMemory:
+    """Guest RAM as KVM slots; register it before the irqchip (afterwards each slot waits ~7 ms)."""
+    memory = GuestMemory(ram_regions(ram_size))
+    try:
+        memory.register(vm)
+        if share_pages:
+            memory.merge(True)  # KSM may merge identical guest pages (while /sys/kernel/mm/ksm/run is 1)
+    except BaseException:
+        memory.close()
+        raise
+    return memory
+
+
+def create_interrupt_controllers(vm: Vm) -> None:
+    """The in-kernel PIC, IOAPIC and LAPICs, QEMU's GSI routing, and the in-kernel PIT."""
+    vm.create_irqchip()
+    vm.set_gsi_routing(gsi_routes())
+    vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
+
+
+def attach_serial(devices: DeviceManager, output: SerialOutput) -> Uart16550:
+    """COM1; its transmit register is answered in C while a THR write only means "send this byte"."""
+    transmit = devices.fast.add(FastKind.SERIAL_TX, Space.PIO, layout.COM1_PORT, 1, fds=output.fds)
+
+    def follow_fast_path(ok: bool) -> None:
+        transmit.enabled = ok
+
+    uart = Uart16550(output.write, irq=devices.irq_line(COM1_IRQ), on_fast_transmit_change=follow_fast_path)
+    devices.attach("serial", layout.COM1_PORT, layout.COM1_PORTS, uart, fast=transmit)
+    return uart
+
+
+def attach_debug_exit(devices: DeviceManager, request_stop: RequestStop) -> None:
+    fast = devices.fast.add(FastKind.DEBUG_EXIT, Space.PIO, layout.DEBUG_EXIT_PORT, layout.DEBUG_EXIT_PORTS)
+    device = DebugExit(lambda value: request_stop(Stop(ExitReason.DEBUG_EXIT, f"debug exit {value:#x}", value)))
+    devices.attach("debug-exit", layout.DEBUG_EXIT_PORT, layout.DEBUG_EXIT_PORTS, device, fast=fast)
+
+
+def attach_i8042(devices: DeviceManager, request_stop: RequestStop) -> None:
+    device = I8042(lambda: request_stop(Stop(ExitReason.RESET, "the guest reset the machine (i8042)")))
+    devices.attach("i8042", layout.I8042_PORT, layout.I8042_PORTS, device)
+
+
+def attach_cmos(devices: DeviceManager, ram_size: int) -> None:
+    devices.attach("cmos", layout.CMOS_PORT, layout.CMOS_PORTS, Cmos(ram_size))
+
+
+def attach_post_port(devices: DeviceManager) -> None:
+    fast = devices.fast.add(FastKind.CONSTANT, Space.PIO, layout.POST_PORT, 1, value=0xFF)
+    devices.attach("post", layout.POST_PORT, 1, ConstantPort(0xFF), fast=fast)
+
+
+def write_firmware_tables(memory: GuestMemory, cpus: int) -> AcpiTables:
+    """The ACPI tables and the MP table that describe the machine, where guests scan for them."""
+    acpi = build_acpi_tables(cpus)
+    memory.write(acpi.base, acpi.blob)
+    memory.write(layout.MPTABLE_START, build_mptable(cpus))
+    return acpi
+
+
+def attach_acpi_pm(devices: DeviceManager, request_stop: RequestStop) -> None:
+    power = AcpiPm(lambda: request_stop(Stop(ExitReason.POWEROFF, "the guest powered off (ACPI S5)")))
+    devices.attach("acpi-pm", layout.ACPI_PM_PORT, layout.ACPI_PM_PORTS, power)
+
+
+def attach_fw_cfg(
+    devices: DeviceManager, config: MachineConfig, memory_map: tuple[E820Entry, ...], acpi: AcpiTables | None
+) -> FwCfg:
+    fw_cfg = FwCfg()
+    standard_items(fw_cfg, cpus=config.cpus, max_cpus=config.cpus, ram_size=config.memory_bytes, cmdline="",
+                   memory_map=memory_map, acpi=acpi)  # fmt: skip
+    devices.attach("fw-cfg", layout.FW_CFG_PORT, layout.FW_CFG_PORTS, fw_cfg)
+    return fw_cfg
+
+
+def attach_virtio_devices(
+    devices: DeviceManager,
+    config: MachineConfig,
+    serial_output: SerialOutput,
+    memory_map: tuple[E820Entry, ...],
+    closing: Closing,
+) -> tuple[VirtioConsole | None, VirtioBalloon | None]:
+    """The configured virtio devices, in a fixed order: console, disks, rng, net, balloon.
+
+    Each device's module is imported when a machine has that device.
+    """
+    console = balloon = None
+    if config.console == "virtio":
+        from .devices.virtio.console import VirtioConsole
+
+        console = VirtioConsole(serial_output.write)
+        devices.attach_virtio(console)
+    for disk in config.disks:
+        from .devices.virtio.blk import VirtioBlock
+
+        devices.attach_virtio(closing(VirtioBlock(disk.path, read_only=disk.read_only)))
+    if config.rng:
+        from .devices.virtio.rng import VirtioRng
+
+        devices.attach_virtio(VirtioRng())
+    if config.net is not None:
+        from .devices.virtio.net import VirtioNet
+
+        devices.attach_virtio(closing(VirtioNet.open(config.net.tap)))
+    if config.balloon:
+        from .devices.virtio.balloon import VirtioBalloon
+
+        balloon = VirtioBalloon(memory_map, deflate_on_oom=config.deflate_on_oom,
+                                free_page_reporting=config.free_page_reporting, ram_size=config.memory_bytes)  # fmt: skip
+        devices.attach_virtio(balloon)
+    return console, balloon
+
+
+def create_vcpu(kvm: Kvm, vm: Vm, vcpu_id: int, supported_cpuid: list[CpuidEntry], devices: DeviceManager) -> Vcpu:
+    """A vCPU with its CPUID and boot MSRs, registers synced into ``kvm_run`` where KVM can, and
+    the machine's fast table."""
+    vcpu = vm.create_vcpu(vcpu_id)
+    try:
+        vcpu.set_cpuid2(vcpu_cpuid(supported_cpuid, vcpu_id))
+        accepted = vcpu.set_msrs(BOOT_MSRS)
+        if accepted != len(BOOT_MSRS):
+            msr = list(BOOT_MSRS)[accepted]
+            raise PykvmError(f"KVM_SET_MSRS refused MSR {msr:#x}, which the boot state needs")
+        if kvm.check_extension(lib.KVM_CAP_SYNC_REGS) & lib.KVM_SYNC_X86_REGS:
+            vcpu.enable_sync_regs()
+        vcpu.attach_fast_table(devices.fast)
+    except BaseException:
+        vcpu.close()
+        raise
+    return vcpu
