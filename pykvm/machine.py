@@ -200,6 +200,18 @@ class Machine:
         """Whether :meth:`run` is going (on some thread)."""
         return self._runner.running
 
+    def pause(self, timeout: float | None = None) -> bool:
+        """Hold every vCPU of the current run at an exit boundary (the run goes on, paused).
+
+        Returns once no vCPU executes guest code: True, or False when no run is going (or it
+        ended, or ``timeout`` seconds passed).  :meth:`stop` still ends a paused run.
+        """
+        return self._runner.pause(timeout)
+
+    def resume(self) -> None:
+        """Let a paused run go on."""
+        self._runner.resume()
+
     def stats(self) -> RunStats:
         """Exit counts and time, since the machine was created."""
         by_reason: dict[str, int] = {}

@@ -153,3 +153,35 @@ def test_stop_before_run_ends_the_next_run_at_once_with_the_signals_status(machi
     assert (result.reason, result.status) == (ExitReason.STOPPED, 143)
     assert result.diagnosis.startswith("stopped by SIGTERM")
     assert machine.run(timeout=0.3).reason is ExitReason.TIMEOUT  # the request was used up
+
+
+COUNT_AT_CPL3 = b"\x48\xff\xc0\xeb\xfb"  # inc rax; jmp back to it
+
+
+def test_a_paused_run_executes_nothing_until_resumed_and_stop_still_wins(machine_factory, tmp_path) -> None:
+    machine = machine_factory()
+    machine.load(spin_image(tmp_path, COUNT_AT_CPL3), mode="long", user=True)
+    results = []
+    runner = threading.Thread(target=lambda: results.append(machine.run(timeout=120)))
+    runner.start()
+    try:
+        time.sleep(0.2)
+        assert machine.pause(timeout=30)
+        first = machine.vcpus[0].get_regs().rax
+        time.sleep(0.3)
+        assert machine.vcpus[0].get_regs().rax == first  # held: the guest's loop made no progress
+        machine.resume()
+        time.sleep(0.2)
+        assert machine.pause(timeout=30)
+        assert machine.vcpus[0].get_regs().rax > first  # it ran between the pauses
+    finally:
+        machine.stop()
+        runner.join(60)
+    assert not runner.is_alive() and results[0].reason is ExitReason.STOPPED
+
+
+def test_pause_without_a_run_says_so(machine_factory, tmp_path) -> None:
+    machine = machine_factory()
+    machine.load(spin_image(tmp_path), mode="long")
+    assert machine.pause(timeout=1) is False
+    machine.resume()  # harmless

@@ -51,7 +51,6 @@ org 0x100000
 %include "lib/cpl3.inc"
 %include "lib/virtio.inc"
 
-VIRTIO_ID_BALLOON       equ 5
 BALLOON_F_STATS_VQ      equ 1 << 1
 BALLOON_CFG_NUM_PAGES   equ 0           ; le32, then le32 actual at 4
 BALLOON_CFG_ACTUAL      equ 4

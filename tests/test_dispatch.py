@@ -1,0 +1,125 @@
+"""The exit dispatcher: exits to buses, everything else to a stop request, counts kept bounded."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from pykvm.control import RunControl
+from pykvm.devices.bus import Bus
+from pykvm.dispatch import ADDRESSES_KEPT, ExitDispatcher, describe_internal_error
+from pykvm.errors import DeviceError
+from pykvm.kvm.exits import (
+    DebugPortExit,
+    FailEntryExit,
+    HltExit,
+    InternalErrorExit,
+    IoExit,
+    MmioExit,
+    OtherExit,
+    ShutdownExit,
+    SystemEventExit,
+)
+from pykvm.result import ExitReason
+
+
+class FakeVcpu:
+    id = 0
+
+    def request_stop(self) -> None:
+        pass
+
+    def clear_stop(self) -> None:
+        pass
+
+
+class Register:
+    """One 4-byte register that remembers writes and answers reads."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+        self.writes: list[tuple[int, int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        return self.value >> (8 * offset)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, size, value))
+
+
+def dispatcher() -> tuple[ExitDispatcher, Bus, Bus]:
+    pio, mmio = Bus("port I/O"), Bus("MMIO")
+    return ExitDispatcher(pio, mmio), pio, mmio
+
+
+def control() -> RunControl:
+    return RunControl([FakeVcpu()])  # type: ignore[list-item]
+
+
+def test_port_reads_fill_every_element_of_a_string_access_and_writes_reach_the_device() -> None:
+    dispatch, pio, _ = dispatcher()
+    device = Register(0x11223344)
+    pio.register(0x3E0, 4, device)
+    data = bytearray(4)
+    dispatch.handle(FakeVcpu(), IoExit(0x3E0, 2, 2, False, data), control())  # type: ignore[arg-type]
+    assert data == bytes.fromhex("44334433")
+    dispatch.handle(FakeVcpu(), IoExit(0x3E1, 1, 1, True, b"\x7f"), control())  # type: ignore[arg-type]
+    assert device.writes == [(1, 1, 0x7F)]
+
+
+def test_mmio_writes_are_little_endian_values() -> None:
+    dispatch, _, mmio = dispatcher()
+    device = Register()
+    mmio.register(0xD000_0000, 0x1000, device)
+    dispatch.handle(FakeVcpu(), MmioExit(0xD000_0004, 4, True, b"\x01\x02\x03\x04"), control())  # type: ignore[arg-type]
+    assert device.writes == [(4, 4, 0x04030201)]
+
+
+@pytest.mark.parametrize(
+    "exit, reason",
+    [
+        (DebugPortExit(21), ExitReason.DEBUG_EXIT),
+        (HltExit(False), ExitReason.HALTED),
+        (ShutdownExit(), ExitReason.TRIPLE_FAULT),
+        (InternalErrorExit(1, (1, 0x90 << 8 | 1, 0)), ExitReason.INTERNAL_ERROR),
+        (FailEntryExit(7, 1), ExitReason.FAIL_ENTRY),
+        (SystemEventExit(1, ()), ExitReason.POWEROFF),
+        (SystemEventExit(2, ()), ExitReason.RESET),
+        (SystemEventExit(99, ()), ExitReason.UNHANDLED),
+        (OtherExit(1234), ExitReason.UNHANDLED),
+    ],
+)
+def test_every_other_exit_ends_the_run_with_its_reason(exit, reason) -> None:
+    dispatch, _, _ = dispatcher()
+    run = control()
+    dispatch.handle(FakeVcpu(), exit, run)  # type: ignore[arg-type]
+    assert run.stop is not None and run.stop.reason is reason
+
+
+def test_an_emulation_failure_names_the_instruction_bytes() -> None:
+    insn = int.from_bytes(bytes([4, 0xF3, 0x48, 0x0F, 0xB8]), "little")
+    assert describe_internal_error(InternalErrorExit(1, (1, insn, 0))).endswith("(bytes f3 48 0f b8)")
+
+
+def test_a_scan_of_the_address_space_keeps_a_bounded_table_and_counts_the_rest() -> None:
+    dispatch, _, _ = dispatcher()
+    for addr in range(0xE000_0000, 0xE000_0000 + 4 * 10_000, 4):
+        dispatch.handle(FakeVcpu(), MmioExit(addr, 4, False, bytearray(8)), control())  # type: ignore[arg-type]
+    counts = dispatch.address_counts()
+    assert len(dispatch.by_address) == ADDRESSES_KEPT and len(counts) == ADDRESSES_KEPT + 1
+    assert sum(counts.values()) == 10_000
+    assert counts[f"(other addresses, beyond the first {ADDRESSES_KEPT})"] == 10_000 - ADDRESSES_KEPT
+
+
+def test_a_device_whose_read_returns_nothing_is_a_clear_error() -> None:
+    class Broken:
+        def read(self, offset: int, size: int) -> None:
+            return None
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            pass
+
+    dispatch, pio, _ = dispatcher()
+    pio.register(0x3E0, 1, Broken())  # type: ignore[arg-type]
+    with pytest.raises(DeviceError, match=r"Broken.read\(0x0, 1\) at 0x3e0 returned None, not an int"):
+        dispatch.handle(FakeVcpu(), IoExit(0x3E0, 1, 1, False, bytearray(1)), control())  # type: ignore[arg-type]
