@@ -59,3 +59,8 @@ class ImageError(PykvmError):
 
 class BusError(PykvmError):
     """A device was registered over an address range that is already taken or empty."""
+
+
+class StateError(PykvmError):
+    """A saved device, vCPU or machine state cannot be restored: a field is missing, of the
+    wrong type or out of range, or does not fit the machine it is restored into."""
