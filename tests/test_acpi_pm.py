@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pykvm.devices.acpi_pm import (
@@ -17,6 +19,7 @@ from pykvm.devices.acpi_pm import (
     AcpiPm,
 )
 from pykvm.devices.bus import Bus
+from pykvm.errors import StateError
 from pykvm.x86.acpi import build_acpi_tables
 from tests.acpi_parse import fadt_field, fadt_gas, table
 
@@ -258,3 +261,44 @@ def test_hostile_accesses_never_raise(machine: Machine) -> None:
                 machine.pm.write(offset, size, value)
                 assert 0 <= machine.pm.read(offset, size) <= max((1 << (8 * size)) - 1, 0)
     assert machine.poweroffs > 0  # 0x3400 at offset 4 is S5
+
+
+# --- state ---------------------------------------------------------------------------------------
+
+
+def test_a_restored_timer_counts_on_from_its_saved_value_whatever_the_host_clock(machine: Machine) -> None:
+    machine.at(1_000_000)
+    machine.now += 123  # part of a tick: the phase is kept too
+    state = machine.pm.save_state()
+    restored = Machine()
+    restored.now = 7  # another host, whose monotonic clock reads something else entirely
+    restored.pm.restore_state(state)
+    assert restored.inl(PM_TMR) == 1_000_000
+    for elapsed in (1, 100, SECOND):
+        machine.now += elapsed
+        restored.now += elapsed
+        assert restored.inl(PM_TMR) == machine.inl(PM_TMR)
+
+
+def test_a_restored_timer_keeps_the_half_period_tmr_sts_was_cleared_in(machine: Machine) -> None:
+    machine.at(1 << 31)
+    machine.outw(PM1_STS, TMR_STS)
+    machine.at((1 << 32) - 1)
+    restored = Machine()
+    restored.pm.restore_state(machine.pm.save_state())
+    assert restored.inw(PM1_STS) == 0
+    restored.now += 1_000
+    assert restored.inw(PM1_STS) == TMR_STS
+
+
+def test_restore_refuses_a_pm1_cnt_without_sci_en(machine: Machine) -> None:
+    state = machine.pm.save_state()
+    with pytest.raises(StateError, match=r"AcpiPmState.cnt is 0x0: SCI_EN"):
+        machine.pm.restore_state(dataclasses.replace(state, cnt=0))
+    assert machine.pm.save_state() == state
+
+
+def test_restore_refuses_a_tmr_sts_clear_in_a_half_period_the_timer_has_not_reached(machine: Machine) -> None:
+    state = dataclasses.replace(machine.pm.save_state(), timer_ns=SECOND, timer_half=1)
+    with pytest.raises(StateError, match="AcpiPmState.timer_half is 1, not an integer from 0 to 0"):
+        machine.pm.restore_state(state)

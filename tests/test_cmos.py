@@ -12,6 +12,7 @@ from pykvm.devices.cmos import (
     DATE_OF_MONTH,
     DAY_OF_WEEK,
     HOURS,
+    HOURS_PM,
     HOURS_ALARM,
     MINUTES,
     MINUTES_ALARM,
@@ -24,10 +25,12 @@ from pykvm.devices.cmos import (
     REG_C,
     REG_D,
     SECONDS,
+    RTC_OFFSET_LIMIT_NS,
     SECONDS_ALARM,
     TIME_REGISTERS,
     YEAR,
     Cmos,
+    CmosState,
     memory_size_bytes,
 )
 
@@ -35,13 +38,22 @@ INDEX_PORT = 0x70
 DATA_PORT = 0x71
 MIB = 1 << 20
 GIB = 1 << 30
-# Monday 2026-11-23 06:30:12 UTC.
-MORNING = calendar.timegm((2026, 11, 23, 6, 30, 12))
+SECOND = 1_000_000_000
 REG_B_12H_BCD = 0x00
+REG_B_SET = 0x80
+
+
+def utc(*fields: int) -> int:
+    """Nanoseconds since the epoch at the UTC date and time ``fields`` (year, month, day, h, m, s)."""
+    return calendar.timegm(fields) * SECOND
+
+
+# Monday 2026-11-23 06:30:12 UTC.
+MORNING = utc(2026, 11, 23, 6, 30, 12)
 
 
 class Machine:
-    def __init__(self, ram_size: int = 64 * MIB, now: float = MORNING) -> None:
+    def __init__(self, ram_size: int = 64 * MIB, now: int = MORNING) -> None:
         self.now = now
         self.cmos = Cmos(ram_size, clock=lambda: self.now)
         self.bus = Bus("pio")
@@ -81,7 +93,7 @@ def test_time_reads_binary_when_dm_set(machine: Machine) -> None:
     [(0, 0x12, 12), (6, 0x06, 6), (11, 0x11, 11), (12, 0x92, 0x8C), (18, 0x86, 0x86), (23, 0x91, 0x8B)],
 )
 def test_12h_mode_hours_carry_the_pm_flag_in_bit_7(hour: int, bcd: int, binary: int) -> None:
-    machine = Machine(now=calendar.timegm((2026, 11, 23, hour, 0, 0)))
+    machine = Machine(now=utc(2026, 11, 23, hour, 0, 0))
     machine.write(REG_B, REG_B_12H_BCD)
     assert machine.read(HOURS) == bcd
     machine.write(REG_B, REG_B_DM)
@@ -89,21 +101,95 @@ def test_12h_mode_hours_carry_the_pm_flag_in_bit_7(hour: int, bcd: int, binary: 
 
 
 def test_day_of_week_counts_sunday_as_one() -> None:
-    sunday = Machine(now=calendar.timegm((2026, 11, 22, 12, 0, 0)))
-    saturday = Machine(now=calendar.timegm((2026, 11, 28, 12, 0, 0)))
+    sunday = Machine(now=utc(2026, 11, 22, 12, 0, 0))
+    saturday = Machine(now=utc(2026, 11, 28, 12, 0, 0))
     assert (sunday.read(DAY_OF_WEEK), saturday.read(DAY_OF_WEEK)) == (1, 7)
 
 
 def test_time_follows_the_clock_on_every_read(machine: Machine) -> None:
-    machine.now = MORNING + 61
+    machine.now = MORNING + 61 * SECOND
     assert (machine.read(MINUTES), machine.read(SECONDS)) == (0x31, 0x13)
 
 
-def test_time_writes_are_ignored_and_counted(machine: Machine) -> None:
-    for index in sorted(TIME_REGISTERS):
-        machine.write(index, 0x00)
+def set_clock(machine: Machine, values: dict[int, int]) -> None:
+    """Set the RTC as Linux's mc146818_set_time() does: SET, write the registers, clear SET."""
+    reg_b = machine.read(REG_B)
+    machine.write(REG_B, reg_b | REG_B_SET)
+    for index, value in values.items():
+        machine.write(index, value)
+    machine.write(REG_B, reg_b)
+
+
+NEW_YEAR_2000 = {CENTURY: 0x20, YEAR: 0x00, MONTH: 0x01, DATE_OF_MONTH: 0x01, HOURS: 0x23, MINUTES: 0x59, SECONDS: 0x58}
+
+
+def test_the_guest_sets_the_clock_with_the_set_bit_and_it_runs_on(machine: Machine) -> None:
+    set_clock(machine, NEW_YEAR_2000)
+    assert machine.clock() == (0x20, 0x00, 0x01, 0x01, 0x07, 0x23, 0x59, 0x58)  # a Saturday
+    machine.now += 2 * SECOND
+    assert machine.clock() == (0x20, 0x00, 0x01, 0x02, 0x01, 0x00, 0x00, 0x00)
+    machine.now += 24 * 3600 * SECOND
+    assert machine.clock() == (0x20, 0x00, 0x01, 0x03, 0x02, 0x00, 0x00, 0x00)
+
+
+def test_set_bit_freezes_the_latched_time_registers(machine: Machine) -> None:
+    machine.write(REG_B, REG_B_24H | REG_B_SET)
+    machine.now += 3600 * SECOND
     assert machine.clock() == (0x20, 0x26, 0x11, 0x23, 0x02, 0x06, 0x30, 0x12)
-    assert machine.cmos.stats["ignored_time_writes"] == len(TIME_REGISTERS)
+    machine.write(MINUTES, 0x45)
+    assert machine.read(MINUTES) == 0x45
+    machine.write(REG_B, REG_B_24H)
+    assert machine.clock() == (0x20, 0x26, 0x11, 0x23, 0x02, 0x06, 0x45, 0x12)
+
+
+def test_a_time_write_without_set_changes_that_field_at_once(machine: Machine) -> None:
+    machine.write(HOURS, 0x17)
+    assert machine.clock() == (0x20, 0x26, 0x11, 0x23, 0x02, 0x17, 0x30, 0x12)
+    machine.write(DAY_OF_WEEK, 0x05)  # the day of the week follows the date, not the write
+    assert machine.read(DAY_OF_WEEK) == 0x02
+
+
+def test_setting_the_clock_keeps_the_phase_of_its_second(machine: Machine) -> None:
+    machine.now += 700_000_000  # 06:30:12.7
+    set_clock(machine, {SECONDS: 0x40})
+    machine.now += 299_999_999
+    assert machine.read(SECONDS) == 0x40
+    machine.now += 1
+    assert machine.read(SECONDS) == 0x41
+
+
+def test_binary_and_12_hour_times_are_decoded_in_the_mode_they_were_written_in(machine: Machine) -> None:
+    machine.write(REG_B, REG_B_DM)  # binary, 12-hour
+    set_clock(machine, {CENTURY: 19, YEAR: 99, MONTH: 12, DATE_OF_MONTH: 31, HOURS: HOURS_PM | 11, MINUTES: 59})
+    machine.write(REG_B, REG_B_24H)  # BCD, 24-hour
+    assert machine.clock()[:7] == (0x19, 0x99, 0x12, 0x31, 0x06, 0x23, 0x59)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{MONTH: 0x13}, {MONTH: 0x00}, {DATE_OF_MONTH: 0x1A}, {MONTH: 0x02, DATE_OF_MONTH: 0x31}, {HOURS: 0x24},
+     {SECONDS: 0x60}, {CENTURY: 0x00, YEAR: 0x00}],
+)  # fmt: skip
+def test_a_date_that_does_not_exist_leaves_the_clock_where_it_was(machine: Machine, values: dict[int, int]) -> None:
+    set_clock(machine, values)
+    assert machine.clock() == (0x20, 0x26, 0x11, 0x23, 0x02, 0x06, 0x30, 0x12)
+    assert machine.cmos.stats["invalid_times"] == 1
+
+
+def test_12_hour_hours_outside_1_to_12_are_refused(machine: Machine) -> None:
+    machine.write(REG_B, REG_B_12H_BCD)
+    for hours in (0x00, 0x13, HOURS_PM | 0x00, HOURS_PM | 0x13):
+        machine.write(HOURS, hours)
+    assert machine.cmos.stats["invalid_times"] == 4
+    assert machine.read(HOURS) == 0x06
+
+
+def test_a_binary_year_past_99_or_a_century_past_9999_is_refused(machine: Machine) -> None:
+    machine.write(REG_B, REG_B_24H | REG_B_DM)
+    machine.write(YEAR, 100)
+    machine.write(CENTURY, 100)
+    assert machine.cmos.stats["invalid_times"] == 2
+    assert machine.read(YEAR) == 26
 
 
 def test_alarm_registers_are_stored(machine: Machine) -> None:
@@ -211,3 +297,30 @@ def test_hostile_accesses_never_raise(machine: Machine) -> None:
                     assert 0 <= machine.cmos.read(offset, size) <= max((1 << (8 * size)) - 1, 0)
     for index in range(0x100):
         machine.read(index)  # every register, in every mode the loop left behind
+
+
+# --- state ----------------------------------------------------------------------------------
+
+
+def test_a_restored_rtc_keeps_the_guests_offset_from_the_host_clock(machine: Machine) -> None:
+    set_clock(machine, NEW_YEAR_2000)
+    state = machine.cmos.save_state()
+    week_later = Machine(now=MORNING + 7 * 24 * 3600 * SECOND)
+    week_later.cmos.restore_state(state)
+    assert week_later.clock() == (0x20, 0x00, 0x01, 0x08, 0x07, 0x23, 0x59, 0x58)
+
+
+def test_an_rtc_saved_while_set_is_on_restores_its_written_registers(machine: Machine) -> None:
+    machine.write(REG_B, REG_B_24H | REG_B_SET)
+    machine.write(HOURS, 0x21)
+    restored = Machine(now=MORNING + 3600 * SECOND)
+    restored.cmos.restore_state(machine.cmos.save_state())
+    assert restored.read(HOURS) == 0x21
+    restored.write(REG_B, REG_B_24H)
+    assert restored.clock() == (0x20, 0x26, 0x11, 0x23, 0x02, 0x21, 0x30, 0x12)
+
+
+def test_an_rtc_restored_with_the_largest_offset_still_reads(machine: Machine) -> None:
+    for offset in (-RTC_OFFSET_LIMIT_NS, RTC_OFFSET_LIMIT_NS):
+        machine.cmos.restore_state(CmosState(0, False, bytes(128), offset))
+        machine.clock()

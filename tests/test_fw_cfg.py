@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -25,7 +26,7 @@ from pykvm.devices.fw_cfg import (
     FwCfg,
     standard_items,
 )
-from pykvm.errors import ConfigError
+from pykvm.errors import ConfigError, StateError
 from pykvm.x86.acpi import AcpiTables, build_acpi_tables
 from pykvm.x86.e820 import E820Entry, E820Type, build_memory_map
 
@@ -354,3 +355,67 @@ def test_a_guest_can_read_every_key_to_the_end() -> None:
     for key in range(0x10000):
         guest.select(key)
         assert guest.read(1) == (fw_cfg.item(key)[:1] or b"\0")
+
+
+# --- state -----------------------------------------------------------------------------------------
+
+
+def rebuilt(acpi: AcpiTables, cmdline: str = CMDLINE) -> Guest:
+    """A fw_cfg built the way the ``guest`` fixture builds one (with another command line if asked)."""
+    fw_cfg = FwCfg()
+    standard_items(fw_cfg, cpus=2, max_cpus=4, ram_size=RAM_SIZE, cmdline=cmdline,
+                   memory_map=build_memory_map(RAM_SIZE), acpi=acpi)  # fmt: skip
+    return Guest(fw_cfg)
+
+
+def test_a_restored_fw_cfg_reads_on_from_the_saved_offset(guest: Guest, acpi: AcpiTables) -> None:
+    guest.select(FW_CFG_CMDLINE_DATA)
+    assert guest.read(8) == CMDLINE.encode()[:8]
+    restored = rebuilt(acpi)
+    restored.fw_cfg.restore_state(guest.fw_cfg.save_state())
+    assert restored.read(len(CMDLINE) - 8 + 2) == CMDLINE.encode()[8:] + b"\0\0"
+
+
+def test_restore_refuses_items_other_than_the_saved_ones(guest: Guest, acpi: AcpiTables) -> None:
+    other = rebuilt(acpi, cmdline="console=ttyS0")
+    before = other.fw_cfg.save_state()
+    with pytest.raises(StateError, match="FwCfgState.items_digest: this machine's fw_cfg items differ"):
+        other.fw_cfg.restore_state(guest.fw_cfg.save_state())
+    assert other.fw_cfg.save_state() == before
+
+
+def test_the_digest_tells_apart_items_that_hold_the_same_bytes_differently() -> None:
+    def digest(*items: tuple[int, bytes], files: tuple[tuple[str, bytes], ...] = ()) -> bytes:
+        fw_cfg = FwCfg()
+        for key, data in items:
+            fw_cfg.add_bytes(key, data)
+        for name, data in files:
+            fw_cfg.add_file(name, data)
+        return fw_cfg.items_digest()
+
+    digests = {
+        digest((FW_CFG_ID, b"ab"), (FW_CFG_NB_CPUS, b"")),
+        digest((FW_CFG_ID, b"a"), (FW_CFG_NB_CPUS, b"b")),
+        digest((FW_CFG_ID, b"ab"), (FW_CFG_ARCH_LOCAL | FW_CFG_NB_CPUS, b"")),
+        digest((FW_CFG_ID, b"ab")),
+        digest((FW_CFG_ID, b"ab"), files=(("etc/a", b""),)),
+        digest((FW_CFG_ID, b"ab"), files=(("etc/b", b""),)),
+        digest((FW_CFG_ID, b"ab"), files=(("etc/a", b""), ("etc/b", b""))),
+    }
+    assert len(digests) == 7
+
+
+@pytest.mark.parametrize(
+    ("selected", "offset", "field"),
+    [(None, 1, "offset"), (FW_CFG_SIGNATURE, 5, "offset"), (FW_CFG_SIGNATURE, -1, "offset"),
+     (FW_CFG_FILE_FIRST + FW_CFG_FILE_SLOTS, 0, "selected"), (0x10000, 0, "selected"), (True, 0, "selected"),
+     ("0", 0, "selected")],
+)  # fmt: skip
+def test_restore_refuses_a_selection_or_offset_the_device_cannot_have(
+    guest: Guest, selected: object, offset: int, field: str
+) -> None:
+    before = guest.fw_cfg.save_state()
+    bad = dataclasses.replace(before, selected=selected, offset=offset)
+    with pytest.raises(StateError, match=f"FwCfgState.{field}"):
+        guest.fw_cfg.restore_state(bad)
+    assert guest.fw_cfg.save_state() == before

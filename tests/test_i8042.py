@@ -20,6 +20,7 @@ from pykvm.devices.i8042 import (
     CTR_DEFAULT,
     CTR_KBD_DISABLE,
     I8042,
+    I8042State,
     OUTPUT_PORT_DEFAULT,
     SELF_TEST_PASSED,
     STATUS_OUTPUT_FULL,
@@ -167,3 +168,26 @@ def test_hostile_accesses_never_raise(machine: Machine) -> None:
             for value in (0, 0x20, 0x60, 0xAA, 0xD1, 0xFE, 0xFF, 0xFFFF, 0xFFFFFFFF, -1):
                 machine.i8042.write(offset, size, value)
                 assert 0 <= machine.i8042.read(offset, size) <= max((1 << (8 * size)) - 1, 0)
+
+
+# --- state --------------------------------------------------------------------------------------
+
+
+def test_a_command_waiting_for_its_data_byte_survives_a_restore(machine: Machine) -> None:
+    machine.outb(COMMAND, CMD_READ_CTR)  # a byte waits in the output buffer
+    machine.outb(COMMAND, CMD_WRITE_OUTPUT_PORT)
+    restored = Machine()
+    restored.i8042.restore_state(machine.i8042.save_state())
+    assert restored.resets == 0
+    assert restored.inb(STATUS) == STATUS_OUTPUT_FULL | STATUS_SYSTEM_FLAG
+    assert restored.inb(DATA) == CTR_DEFAULT
+    restored.outb(DATA, 0xFE)  # the output port's reset line, low
+    assert restored.resets == 1
+
+
+def test_a_restored_command_byte_keeps_the_keyboard_disabled(machine: Machine) -> None:
+    machine.outb(COMMAND, CMD_KBD_DISABLE)
+    restored = Machine()
+    restored.i8042.restore_state(machine.i8042.save_state())
+    assert restored.i8042.keyboard_enabled is False
+    assert restored.i8042.save_state() == I8042State(CTR_DEFAULT | CTR_KBD_DISABLE, OUTPUT_PORT_DEFAULT, None, None)

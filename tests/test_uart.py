@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
 
 import pytest
 
+from pykvm.devices import uart
 from pykvm.devices.bus import Bus
 from pykvm.devices.uart import (
     DLL,
@@ -32,6 +34,7 @@ from pykvm.devices.uart import (
     LSR,
     LSR_BI,
     LSR_DR,
+    LSR_OE,
     LSR_RCVR_FIFO_ERROR,
     LSR_TEMT,
     LSR_THRE,
@@ -56,6 +59,7 @@ from pykvm.devices.uart import (
     THR,
     Uart16550,
 )
+from pykvm.errors import StateError
 
 COM1 = 0x3F8
 LCR_8N1 = 0x03
@@ -331,6 +335,7 @@ def test_irq_line_rises_for_thre_when_transmit_interrupt_enabled(guest: Guest) -
 
 
 def test_loopback_sends_transmitted_bytes_to_the_receiver_not_output(guest: Guest) -> None:
+    guest.outb(FCR, FCR_FIFO_ENABLE)
     guest.outb(MCR, MCR_LOOP)
     for byte in b"echo":
         guest.outb(THR, byte)
@@ -339,6 +344,58 @@ def test_loopback_sends_transmitted_bytes_to_the_receiver_not_output(guest: Gues
     guest.outb(MCR, 0)
     guest.outb(THR, ord("!"))
     assert guest.transmitted == b"!"
+
+
+def test_loopback_fills_the_16_byte_fifo_then_overruns_and_drops_the_new_byte(guest: Guest) -> None:
+    guest.outb(FCR, FCR_FIFO_ENABLE)
+    guest.outb(MCR, MCR_LOOP)
+    for byte in range(RX_FIFO_DEPTH + 3):
+        guest.outb(THR, byte)
+    assert guest.uart.stats["rx_overruns"] == 3
+    assert guest.inb(LSR) & (LSR_OE | LSR_DR) == LSR_OE | LSR_DR
+    assert not guest.inb(LSR) & LSR_OE  # reading LSR clears it
+    assert bytes(guest.inb(RBR) for _ in range(RX_FIFO_DEPTH)) == bytes(range(RX_FIFO_DEPTH))
+    assert not guest.inb(LSR) & LSR_DR
+
+
+def test_loopback_without_fifos_overwrites_the_unread_byte(guest: Guest) -> None:
+    guest.outb(MCR, MCR_LOOP)
+    for byte in b"abc":
+        guest.outb(THR, byte)
+    assert guest.uart.stats["rx_overruns"] == 2
+    assert guest.inb(LSR) & (LSR_OE | LSR_DR) == LSR_OE | LSR_DR
+    assert guest.inb(RBR) == ord("c")
+    assert not guest.inb(LSR) & LSR_DR
+
+
+def test_loopback_overrun_raises_the_receiver_line_status_interrupt(guest: Guest) -> None:
+    guest.outb(MCR, MCR_LOOP | MCR_OUT2)
+    guest.outb(IER, IER_ELSI)
+    guest.outb(THR, 1)
+    assert guest.inb(IIR) == IIR_NO_INTERRUPT
+    guest.outb(THR, 2)
+    assert guest.inb(IIR) == IIR_RECEIVER_LINE_STATUS
+    assert guest.levels == [True]
+    guest.inb(LSR)
+    assert guest.levels == [True, False]
+
+
+def test_a_guest_transmitting_in_loopback_cannot_grow_the_receive_queue(guest: Guest) -> None:
+    guest.outb(FCR, FCR_FIFO_ENABLE)
+    guest.outb(MCR, MCR_LOOP)
+    for _ in range(10_000):
+        guest.outb(THR, 0x55)
+    assert len(guest.uart.save_state().rx) == RX_FIFO_DEPTH
+    assert guest.uart.stats["rx_overruns"] == 10_000 - RX_FIFO_DEPTH
+
+
+def test_host_input_is_never_dropped_even_past_a_full_loopback_fifo(guest: Guest) -> None:
+    guest.outb(FCR, FCR_FIFO_ENABLE)
+    guest.uart.receive(bytes(range(RX_FIFO_DEPTH * 2)))
+    guest.outb(MCR, MCR_LOOP)
+    guest.outb(THR, 0xEE)  # the receiver is full: this one is lost, the host's bytes are not
+    assert bytes(guest.inb(RBR) for _ in range(RX_FIFO_DEPTH * 2)) == bytes(range(RX_FIFO_DEPTH * 2))
+    assert guest.uart.stats["rx_overruns"] == 1
 
 
 def test_loopback_msr_reflects_mcr_outputs(guest: Guest) -> None:
@@ -444,3 +501,67 @@ def test_hostile_accesses_never_raise() -> None:
                 for value in (0, 1, 0x7F, 0x80, 0xFF, 0xFFFF, 0xFFFFFFFF, -1, 1 << 70):
                     guest.uart.write(offset, size, value)
                     assert 0 <= guest.uart.read(offset, size) <= max((1 << (8 * size)) - 1, 0)
+
+
+# --- state ------------------------------------------------------------------------------------
+
+
+def test_state_carries_break_entries_in_the_receive_queue(guest: Guest) -> None:
+    guest.uart.receive(b"ab")
+    guest.uart.receive_break()
+    guest.uart.receive(b"\x00c")
+    state = guest.uart.save_state()
+    assert (state.rx, state.rx_breaks) == (b"ab\x00\x00c", (2,))
+    restored = Guest()
+    restored.outb(FCR, FCR_FIFO_ENABLE)  # overwritten by the restore
+    restored.uart.restore_state(state)
+    assert restored.inb(IIR) == IIR_NO_INTERRUPT
+    assert bytes(restored.inb(RBR) for _ in range(2)) == b"ab"
+    assert restored.inb(LSR) & LSR_BI
+    assert restored.inb(RBR) == 0
+    assert not restored.inb(LSR) & LSR_BI  # the second 0 byte is data, not a break
+    assert restored.inb(RBR) == 0
+    assert restored.inb(RBR) == ord("c")
+
+
+def test_restore_announces_the_irq_level_and_the_fast_path_condition(guest: Guest) -> None:
+    guest.outb(MCR, MCR_OUT2)
+    guest.outb(IER, IER_ETBEI)  # THRE pending: line high; the fast path is off
+    restored = Guest()
+    restored.uart.restore_state(guest.uart.save_state())
+    assert (restored.levels, restored.fast) == ([True], [False])
+    assert restored.uart.irq_level is True
+    assert restored.uart.fast_transmit_ok is False
+    quiet = Guest()
+    quiet.uart.restore_state(Guest().uart.save_state())
+    assert (quiet.levels, quiet.fast) == ([False], [True])  # announced even when nothing changed
+
+
+def test_restore_replaces_the_whole_receive_queue(guest: Guest) -> None:
+    guest.uart.receive(b"old")
+    guest.uart.restore_state(Guest().uart.save_state())
+    assert not guest.inb(LSR) & LSR_DR
+    guest.uart.receive_break()
+    assert guest.uart.save_state().rx_breaks == (0,)
+
+
+@pytest.mark.parametrize(
+    ("rx", "breaks"),
+    [(b"a\x00", (0,)), (b"\x00\x00", (1, 0)), (b"\x00\x00", (0, 0)), (b"\x00", (1,)), (b"\x00", (-1,)),
+     (b"\x00", (True,)), (b"\x00", [0]), (b"\x00", ("0",))],
+)  # fmt: skip
+def test_restore_rejects_break_indices_that_are_not_ascending_zero_bytes(rx: bytes, breaks: object) -> None:
+    guest = Guest()
+    valid = guest.uart.save_state()
+    with pytest.raises(StateError, match="UartState.rx_breaks"):
+        guest.uart.restore_state(dataclasses.replace(valid, rx=rx, rx_breaks=breaks))
+    assert guest.uart.save_state() == valid
+
+
+def test_save_refuses_a_receive_queue_beyond_the_state_limit(guest: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uart, "RX_STATE_LIMIT", 64)
+    guest.uart.receive(bytes(65))
+    with pytest.raises(StateError, match="UartState.rx: 65 bytes"):
+        guest.uart.save_state()
+    guest.inb(RBR)
+    assert len(guest.uart.save_state().rx) == 64

@@ -38,6 +38,15 @@ read all ones and are dropped.
 should request that the machine stop, not tear it down.  The device raises no
 SCI: nothing here sets a status bit whose enable an OS would wait on, except
 TMR_STS, which Linux does not enable.
+
+State (:class:`AcpiPmState`): the three PM1 registers and the timer, whose
+count is kept as the time it has run (``timer_ns``).  A restored timer
+continues from that count, whatever the host's clock says at the restore: it
+is an interval timer (Linux uses it as a clocksource and to calibrate), so it
+must not jump by the time the machine spent saved, and QEMU's counts the
+virtual clock, which stops while the VM does and migrates with it.  Keeping
+nanoseconds rather than ticks keeps the timer's phase: the restored timer
+ticks at the same moments the saved one would have.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import StateError
 from ..x86.acpi import ACPI_PM_BASE as ACPI_PM_BASE  # re-exported: where the machine registers the device
 from ..x86.acpi import (
     ACPI_PM_SIZE,
@@ -60,6 +70,7 @@ from ..x86.acpi import (
     SLP_TYP_S5,
 )
 from .ports import ACCESS_SIZES, BITS_PER_BYTE, BYTE_MASK, OPEN_BUS_BYTE, size_mask
+from .state import check_bits, check_int, check_record
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +79,8 @@ PM1_STS_OFFSET = PM1A_EVT_OFFSET
 PM1_EN_OFFSET = PM1A_EVT_OFFSET + PM1_REGISTER_WIDTH
 PM1_CNT_OFFSET = PM1A_CNT_OFFSET
 
-# PM1_STS bits (section 4.8.4.1.1).
+# PM1_STS bits (section 4.8.4.1.1): the only one this model sets.
 TMR_STS = 1 << 0
-BM_STS = 1 << 4
-GBL_STS = 1 << 5
-PWRBTN_STS = 1 << 8
-SLPBTN_STS = 1 << 9
-RTC_STS = 1 << 10
-PCIEXP_WAKE_STS = 1 << 14
-WAK_STS = 1 << 15
 # PM1_EN bits (section 4.8.4.1.2).
 TMR_EN = 1 << 0
 GBL_EN = 1 << 5
@@ -97,6 +101,19 @@ PM1_CNT_STORED = BM_RLD | SLP_TYP_MASK
 NS_PER_SECOND = 1_000_000_000
 PM_TMR_MASK = size_mask(PM_TMR_LEN) >> (PM_TMR_LEN * BITS_PER_BYTE - PM_TMR_BITS)
 PM_TMR_TOP_BIT_SHIFT = PM_TMR_BITS - 1
+# The longest a saved timer may have run: what a signed 64-bit count of nanoseconds holds (292 years).
+TIMER_NS_LIMIT = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class AcpiPmState:
+    """Everything the guest can observe of an :class:`AcpiPm`."""
+
+    sts: int  # PM1_STS as stored (TMR_STS, until cleared)
+    en: int  # PM1_EN
+    cnt: int  # PM1_CNT's stored bits, SCI_EN always among them
+    timer_ns: int  # how long the PM timer has counted: it counts on from here
+    timer_half: int  # the timer's half-period (of its top bit) in which TMR_STS was last cleared
 
 
 @dataclass(frozen=True)
@@ -131,7 +148,32 @@ class AcpiPm:
 
     def ticks(self) -> int:
         """PM timer ticks since construction (not wrapped); 0 if the clock went back."""
-        return max(self._clock() - self._epoch, 0) * PM_TIMER_FREQUENCY // NS_PER_SECOND
+        return _ticks(self._timer_ns())
+
+    def _timer_ns(self) -> int:
+        return max(self._clock() - self._epoch, 0)
+
+    # --- state -----------------------------------------------------------------------------------
+
+    def save_state(self) -> AcpiPmState:
+        """The guest-visible state; the timer as the time it has counted."""
+        return AcpiPmState(self._sts, self._en, self._cnt, self._timer_ns(), self._timer_half)
+
+    def restore_state(self, state: AcpiPmState) -> None:
+        """Take ``state``: the timer counts on from ``state.timer_ns`` (see the module docstring).
+
+        Raises :class:`StateError`, changing nothing, if a field is invalid.
+        """
+        check_record(state, AcpiPmState)
+        check_bits(state, "sts", TMR_STS)
+        check_bits(state, "en", PM1_EN_DEFINED)
+        if not check_bits(state, "cnt", PM1_CNT_STORED | SCI_EN) & SCI_EN:
+            raise StateError(f"AcpiPmState.cnt is {state.cnt:#x}: SCI_EN always reads 1 on this machine")
+        timer_ns = check_int(state, "timer_ns", 0, TIMER_NS_LIMIT)
+        check_int(state, "timer_half", 0, _ticks(timer_ns) >> PM_TMR_TOP_BIT_SHIFT)
+        self._sts, self._en, self._cnt = state.sts, state.en, state.cnt
+        self._epoch = self._clock() - timer_ns
+        self._timer_half = state.timer_half
 
     # --- bus interface ---------------------------------------------------------------------------
 
@@ -229,3 +271,8 @@ class AcpiPm:
     def _write_timer(self, value: int, mask: int) -> None:
         self.stats["timer_writes"] += 1
         log.debug("ACPI PM: write %#x to the read-only PM timer ignored", value)
+
+
+def _ticks(timer_ns: int) -> int:
+    """PM timer ticks in ``timer_ns`` nanoseconds (not wrapped)."""
+    return timer_ns * PM_TIMER_FREQUENCY // NS_PER_SECOND

@@ -11,17 +11,18 @@ The selected byte, by index (names from the MC146818 datasheet):
 
 - 0x00 seconds, 0x02 minutes, 0x04 hours, 0x06 day of week (1-7, Sunday=1),
   0x07 date of month, 0x08 month, 0x09 year, and 0x32 century (the IBM PC
-  convention) are computed from ``clock()`` in UTC on every read: BCD unless
-  register B's DM bit (binary mode) is set; 12-hour with the PM flag in bit 7
-  unless register B's 24/12 bit is set.  Writes to them are ignored and
-  counted in ``stats["ignored_time_writes"]``: the guest cannot set the host's
-  clock, so the RTC always shows the host's time.
+  convention): the RTC's date and time in UTC, BCD unless register B's DM bit
+  (binary mode) is set, 12-hour with the PM flag in bit 7 unless register B's
+  24/12 bit is set.  See *Time* below for how they run and are set.
 - 0x01, 0x03, 0x05 seconds/minutes/hours alarm: stored.
 - 0x0A register A: UIP (bit 7, update in progress) always reads 0, since a
   read computes a consistent time; the divider and rate bits are stored
-  (default 0x26: 32.768 kHz time base, 1.024 kHz rate).
-- 0x0B register B: stored (default 0x02: 24-hour, BCD).  Its interrupt
-  enables (PIE, AIE, UIE) have no effect: this model raises no interrupts.
+  (default 0x26: 32.768 kHz time base, 1.024 kHz rate), and the clock runs
+  whatever they say.
+- 0x0B register B: stored (default 0x02: 24-hour, BCD).  SET (bit 7) stops
+  the time registers for the guest to write (see *Time*).  Its interrupt
+  enables (PIE, AIE, UIE) have no effect: this model raises no interrupts, so
+  it has no periodic, alarm or update-ended timer state.
 - 0x0C register C (interrupt flags) reads 0; 0x0D register D reads 0x80
   (VRT: valid RAM and time, the battery is good).  Both are read-only.
 - everything else (0x0E-0x7F) is NVRAM: stored and read back.  At
@@ -30,17 +31,45 @@ The selected byte, by index (names from the MC146818 datasheet):
 
 Wrong widths are split into byte accesses (see :mod:`pykvm.devices.ports`),
 so ``outw`` at offset 0 sets the index and writes the data, as on a PC.
+
+Time.  The RTC shows the host's UTC clock (``clock()``, nanoseconds since the
+epoch) plus an offset, 0 at construction.  The guest sets it as on the chip:
+with register B's SET bit the time registers stop (setting SET latches the
+current time into them) and take the guest's writes; clearing SET starts the
+clock from them, in the same phase of its second (as QEMU does).  A time
+register written while SET is clear sets the clock at once from the current
+time with that byte changed.  The day of the week is computed from the date,
+whatever was written.  Registers that name no date (a BCD digit above 9,
+month 13, 31 February, year 0) leave the clock where it was, counted in
+``stats["invalid_times"]``.  So the offset is only ever what puts the RTC
+somewhere in years 1 to 9999.
+
+What a snapshot keeps of the time (:class:`CmosState`) is that offset, not
+the time itself: restored later, the RTC reads the host's clock at that moment
+plus the guest's offset.  That is what a battery-backed clock does while its
+machine is off, and QEMU's default (``-rtc base=utc,clock=host``: after a
+migration its base_rtc, last_update and offset are taken against the host
+clock again).  Continuing from the saved time instead (QEMU's ``clock=vm``)
+would give every restore, and every clone of one snapshot, the snapshot's date
+for ever: certificates expire, make and NTP-less guests see a stale clock.  The
+clock that does continue from its saved value is the ACPI PM timer (an interval
+timer, see :mod:`pykvm.devices.acpi_pm`); on this platform the guest's TSC jumps
+forward by the wall time anyway (PLATFORM.md).
 """
 
 from __future__ import annotations
 
+import calendar
+import datetime
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..x86.e820 import ram_regions
 from ..x86.layout import KIB, MIB
 from .ports import BITS_PER_BYTE, BYTE_MASK, OPEN_BUS_BYTE, ByteRegisterDevice
+from .state import check_bytes, check_int, check_record, check_type
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +78,7 @@ INDEX_PORT = 0
 DATA_PORT = 1
 INDEX_MASK = 0x7F
 NMI_DISABLE = 0x80
-CMOS_SIZE = 128
+CMOS_RAM_SIZE = 128
 
 # MC146818 time and date registers.
 SECONDS = 0x00
@@ -74,6 +103,7 @@ REG_A_UIP = 0x80  # update in progress
 REG_A_DEFAULT = 0x26  # DV = 010 (32.768 kHz), RS = 0110 (1.024 kHz)
 REG_B_24H = 0x02  # 24/12: 1 = 24-hour mode
 REG_B_DM = 0x04  # data mode: 1 = binary, 0 = BCD
+REG_B_SET = 0x80  # stops the time registers while the guest writes them
 REG_B_DEFAULT = REG_B_24H
 REG_D_VRT = 0x80  # valid RAM and time
 HOURS_PM = 0x80  # 12-hour mode: set for PM hours
@@ -93,7 +123,22 @@ MEMORY_UNIT_64K = 64 * KIB
 WORD_MAX = 0xFFFF
 MEMORY_ABOVE_4G_MAX = 0xFFFFFF  # what three bytes hold (just under 1 TiB)
 BCD_DIGIT_BITS = 4
+BCD_DIGIT_MASK = 0x0F
 DECIMAL_BASE = 10
+
+NS_PER_SECOND = 1_000_000_000
+# How far a restored RTC may be from the host's clock: more than years 1-9999 can put between them.
+RTC_OFFSET_LIMIT_NS = 10_000 * 366 * 24 * 3600 * NS_PER_SECOND
+
+
+@dataclass(frozen=True)
+class CmosState:
+    """Everything the guest can observe of a :class:`Cmos`."""
+
+    index: int  # the selected byte
+    nmi_disabled: bool
+    ram: bytes  # all 128 bytes: time registers as last latched or written, alarms, A-D, NVRAM
+    rtc_offset_ns: int  # the guest's RTC minus the host's UTC clock (see the module docstring)
 
 
 def memory_size_bytes(ram_size: int) -> dict[int, int]:
@@ -128,21 +173,46 @@ def _to_bcd(value: int) -> int:
     return ((value // DECIMAL_BASE) << BCD_DIGIT_BITS) | (value % DECIMAL_BASE)
 
 
+def _from_bcd(byte: int) -> int | None:
+    high, low = byte >> BCD_DIGIT_BITS, byte & BCD_DIGIT_MASK
+    return high * DECIMAL_BASE + low if high < DECIMAL_BASE and low < DECIMAL_BASE else None
+
+
 class Cmos(ByteRegisterDevice):
     """MC146818 RTC and CMOS NVRAM behind an index port and a data port."""
 
     SIZE = 2
 
-    def __init__(self, ram_size: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, ram_size: int, clock: Callable[[], int] = time.time_ns) -> None:
         super().__init__()
         self._clock = clock
         self._index = 0
         self.nmi_disabled = False
-        self._ram = bytearray(CMOS_SIZE)
+        self._rtc_offset_ns = 0
+        self._ram = bytearray(CMOS_RAM_SIZE)
         self._ram[REG_A] = REG_A_DEFAULT
         self._ram[REG_B] = REG_B_DEFAULT
         for index, value in memory_size_bytes(ram_size).items():
             self._ram[index] = value
+
+    # --- state ---------------------------------------------------------------------------
+
+    def save_state(self) -> CmosState:
+        """The guest-visible state: index, NMI mask, the 128 bytes and the RTC's offset."""
+        return CmosState(self._index, self.nmi_disabled, bytes(self._ram), self._rtc_offset_ns)
+
+    def restore_state(self, state: CmosState) -> None:
+        """Take ``state``; raises :class:`StateError`, changing nothing, if a field is invalid."""
+        check_record(state, CmosState)
+        check_int(state, "index", 0, INDEX_MASK)
+        check_type(state, "nmi_disabled", bool)
+        check_bytes(state, "ram", CMOS_RAM_SIZE, CMOS_RAM_SIZE)
+        check_int(state, "rtc_offset_ns", -RTC_OFFSET_LIMIT_NS, RTC_OFFSET_LIMIT_NS)
+        self._index, self.nmi_disabled = state.index, state.nmi_disabled
+        self._ram[:] = state.ram
+        self._rtc_offset_ns = state.rtc_offset_ns
+
+    # --- the ports -----------------------------------------------------------------------
 
     def _read_register(self, offset: int) -> int:
         if offset == INDEX_PORT:
@@ -158,8 +228,8 @@ class Cmos(ByteRegisterDevice):
         return True
 
     def _read_cmos(self, index: int) -> int:
-        if index in TIME_REGISTERS:
-            return self._read_time(index)
+        if index in TIME_REGISTERS and not self._setting:
+            return self._time_registers()[index]
         if index == REG_A:
             return self._ram[REG_A] & ~REG_A_UIP
         if index == REG_C:
@@ -170,26 +240,82 @@ class Cmos(ByteRegisterDevice):
 
     def _write_cmos(self, index: int, byte: int) -> None:
         if index in TIME_REGISTERS:
-            self.stats["ignored_time_writes"] += 1
-            log.debug("CMOS: guest write %#x to time register %#x ignored", byte, index)
+            self._write_time(index, byte)
+        elif index == REG_B:
+            self._write_register_b(byte)
         elif index not in (REG_C, REG_D):
             self._ram[index] = byte
 
-    def _read_time(self, index: int) -> int:
-        """A time register, from the clock in UTC, in the mode register B selects."""
-        now = time.gmtime(self._clock())
-        if index == HOURS:
-            return self._encode_hours(now.tm_hour)
-        values = {
-            SECONDS: now.tm_sec,
-            MINUTES: now.tm_min,
-            DAY_OF_WEEK: (now.tm_wday + 1) % DAYS_PER_WEEK + 1,  # tm_wday: Monday=0
-            DATE_OF_MONTH: now.tm_mday,
-            MONTH: now.tm_mon,
-            YEAR: now.tm_year % YEARS_PER_CENTURY,
-            CENTURY: now.tm_year // YEARS_PER_CENTURY,
+    # --- the clock -----------------------------------------------------------------------
+
+    @property
+    def _setting(self) -> bool:
+        """Register B's SET bit: the time registers hold what the guest latched or wrote."""
+        return bool(self._ram[REG_B] & REG_B_SET)
+
+    def _write_register_b(self, byte: int) -> None:
+        """Setting SET latches the time; clearing it starts the clock from the time registers.
+
+        Both happen in the mode (BCD or binary, 12 or 24 hours) the registers were written in,
+        the one before this write (as QEMU).
+        """
+        if byte & REG_B_SET and not self._setting:
+            self._latch_time()
+        elif self._setting and not byte & REG_B_SET:
+            self._start_clock()
+        self._ram[REG_B] = byte
+
+    def _write_time(self, index: int, byte: int) -> None:
+        """Kept while SET is on; otherwise the clock is set at once to the time with this byte changed."""
+        if self._setting:
+            self._ram[index] = byte
+            return
+        self._latch_time()
+        self._ram[index] = byte
+        self._start_clock()
+
+    def _latch_time(self) -> None:
+        for index, value in self._time_registers().items():
+            self._ram[index] = value
+
+    def _start_clock(self) -> None:
+        """Run the clock on from the time registers, in the same phase of its current second."""
+        seconds = self._written_time()
+        if seconds is None:
+            self.stats["invalid_times"] += 1
+            log.debug("CMOS: the guest set the RTC to a date that does not exist; the clock keeps its time")
+            return
+        host = self._clock()
+        self._rtc_offset_ns = seconds * NS_PER_SECOND + (host + self._rtc_offset_ns) % NS_PER_SECOND - host
+
+    def _time_registers(self) -> dict[int, int]:
+        """The RTC's time now, as the time registers show it in the mode register B selects."""
+        now = time.gmtime((self._clock() + self._rtc_offset_ns) // NS_PER_SECOND)
+        return {
+            SECONDS: self._encode(now.tm_sec),
+            MINUTES: self._encode(now.tm_min),
+            HOURS: self._encode_hours(now.tm_hour),
+            DAY_OF_WEEK: self._encode((now.tm_wday + 1) % DAYS_PER_WEEK + 1),  # tm_wday: Monday=0
+            DATE_OF_MONTH: self._encode(now.tm_mday),
+            MONTH: self._encode(now.tm_mon),
+            YEAR: self._encode(now.tm_year % YEARS_PER_CENTURY),
+            CENTURY: self._encode(now.tm_year // YEARS_PER_CENTURY),
         }
-        return self._encode(values[index])
+
+    def _written_time(self) -> int | None:
+        """The time registers' date and time in seconds since the epoch; None if there is no such date."""
+        fields = [self._decode(self._ram[index]) for index in (CENTURY, YEAR, MONTH, DATE_OF_MONTH, MINUTES, SECONDS)]
+        hour = self._decode_hours(self._ram[HOURS])
+        if hour is None or None in fields:
+            return None
+        century, year, month, day, minute, second = fields
+        if year >= YEARS_PER_CENTURY:
+            return None
+        try:
+            moment = datetime.datetime(century * YEARS_PER_CENTURY + year, month, day, hour, minute, second)
+        except ValueError:
+            return None
+        return calendar.timegm(moment.timetuple())
 
     def _encode_hours(self, hour: int) -> int:
         if self._ram[REG_B] & REG_B_24H:
@@ -197,5 +323,17 @@ class Cmos(ByteRegisterDevice):
         pm = HOURS_PM if hour >= HOURS_PER_HALF_DAY else 0
         return self._encode(hour % HOURS_PER_HALF_DAY or HOURS_PER_HALF_DAY) | pm
 
+    def _decode_hours(self, byte: int) -> int | None:
+        if self._ram[REG_B] & REG_B_24H:
+            return self._decode(byte)
+        value = self._decode(byte & ~HOURS_PM)
+        if value is None or not 1 <= value <= HOURS_PER_HALF_DAY:
+            return None
+        return value % HOURS_PER_HALF_DAY + (HOURS_PER_HALF_DAY if byte & HOURS_PM else 0)
+
     def _encode(self, value: int) -> int:
-        return value if self._ram[REG_B] & REG_B_DM else _to_bcd(value)
+        """``value`` in binary or BCD; a century past 99 (after year 9999) keeps its low byte."""
+        return (value if self._ram[REG_B] & REG_B_DM else _to_bcd(value)) & BYTE_MASK
+
+    def _decode(self, byte: int) -> int | None:
+        return byte if self._ram[REG_B] & REG_B_DM else _from_bcd(byte)

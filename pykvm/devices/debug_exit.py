@@ -9,6 +9,10 @@ its size).  Reads return 0.  Test kernels written for QEMU's
 The device only reports the value to ``on_exit(value)``, on the vCPU thread
 in the middle of the port write; the machine decides how to stop, and
 :func:`exit_status` is the one place the status rule lives.
+
+The device is stateless: a read always returns 0 and a write ends the run, so
+nothing the guest did before changes what it does next, and it has no state
+record (see :mod:`pykvm.devices.state`).
 """
 
 from __future__ import annotations

@@ -41,20 +41,30 @@ applies only to old machine types): adding a file whose name sorts first
 moves every other file's key up by one, so a guest finds files by name in the
 directory (``FW_CFG_FILE_DIR``, big-endian) rather than by a fixed key.  At reset QEMU
 selects ``FW_CFG_SIGNATURE``; so does a new :class:`FwCfg`.
+
+State (:class:`FwCfgState`): the selected key and how far into its item the guest has
+read.  The guest cannot change an item (the traditional interface is read-only), so
+the items are configuration, which the machine rebuilds before a restore; the state
+carries a SHA-256 digest of them, and :meth:`FwCfg.restore_state` refuses a device whose
+items differ from the ones the guest was reading (a different command line, RAM size,
+ACPI tables...).
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
 import struct
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StateError
 from ..x86.acpi import AcpiTables
 from ..x86.e820 import E820Entry
 from .ports import ACCESS_SIZES, BITS_PER_BYTE, OPEN_BUS_BYTE, size_mask
+from .state import check_bytes, check_int, check_record
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +129,20 @@ E820_FILE = "etc/e820"
 # QEMU's names (hw/acpi/aml-build.h ACPI_BUILD_TABLE_FILE, ACPI_BUILD_RSDP_FILE).
 ACPI_TABLES_FILE = "etc/acpi/tables"
 ACPI_RSDP_FILE = "etc/acpi/rsdp"
+
+# The digest of the items: each item as (key or name length, data length, name, data).
+DIGEST_COUNT = struct.Struct("<I")
+DIGEST_ITEM = struct.Struct("<HQ")
+DIGEST_SIZE = hashlib.sha256().digest_size
+
+
+@dataclass(frozen=True)
+class FwCfgState:
+    """What the guest can observe of a :class:`FwCfg` besides its items."""
+
+    selected: int | None  # the selected key, None when it selects nothing
+    offset: int  # the next byte of the selected item a data read returns
+    items_digest: bytes  # SHA-256 of every item, to check that the rebuilt ones are the same
 
 
 class FwCfg:
@@ -204,6 +228,19 @@ class FwCfg:
         file_index = index - FW_CFG_FILE_FIRST
         return self._file_data[file_index] if 0 <= file_index < len(self._file_data) else b""
 
+    def items_digest(self) -> bytes:
+        """SHA-256 over every item: keys, file names, lengths and contents."""
+        digest = hashlib.sha256(DIGEST_COUNT.pack(len(self._items)))
+        for key, data in sorted(self._items.items()):
+            digest.update(DIGEST_ITEM.pack(key, len(data)))
+            digest.update(data)
+        digest.update(DIGEST_COUNT.pack(len(self._file_names)))
+        for name, data in zip(self._file_names, self._file_data, strict=True):
+            encoded = name.encode()
+            digest.update(DIGEST_ITEM.pack(len(encoded), len(data)))
+            digest.update(encoded + data)
+        return digest.digest()
+
     def _build_directory(self) -> bytes:
         """The FW_CFG_FILE_DIR item: big-endian, sized for every slot as in QEMU."""
         entries = b"".join(
@@ -220,7 +257,7 @@ class FwCfg:
         key &= KEY_MASK
         self.stats["selects"] += 1
         self._offset = 0
-        self._selected = key if (key & FW_CFG_ENTRY_MASK) < FW_CFG_MAX_ENTRY else None
+        self._selected = key if _selects_an_item_slot(key) else None
         log.debug("fw_cfg: select %#x", key)
 
     def read(self, offset: int, size: int) -> int:
@@ -257,6 +294,31 @@ class FwCfg:
         byte = data[self._offset]
         self._offset += 1
         return byte
+
+    # --- state --------------------------------------------------------------------------------
+
+    def save_state(self) -> FwCfgState:
+        """The selection, the read offset and the items' digest."""
+        return FwCfgState(self._selected, self._offset, self.items_digest())
+
+    def restore_state(self, state: FwCfgState) -> None:
+        """Take ``state`` into a device whose items the machine rebuilt.
+
+        Raises :class:`StateError`, changing nothing, if a field is invalid or the items
+        differ from the ones the state was saved with.
+        """
+        check_record(state, FwCfgState)
+        check_bytes(state, "items_digest", DIGEST_SIZE, DIGEST_SIZE)
+        if state.selected is None:
+            check_int(state, "offset", 0, 0)
+        else:
+            if not _selects_an_item_slot(check_int(state, "selected", 0, KEY_MASK)):
+                raise StateError(f"FwCfgState.selected is {state.selected:#x}, a key that selects nothing")
+        if state.items_digest != self.items_digest():
+            raise StateError("FwCfgState.items_digest: this machine's fw_cfg items differ from the saved machine's")
+        if state.selected is not None:
+            check_int(state, "offset", 0, len(self.item(state.selected)))
+        self._selected, self._offset = state.selected, state.offset
 
     def _reject(self, kind: str, size: int) -> int:
         """An access at offset 0 that QEMU's ``fw_cfg_comb_valid`` refuses: reads 0, does nothing."""
@@ -323,6 +385,11 @@ def set_cmdline(fw_cfg: FwCfg, cmdline: str | bytes) -> None:
 def e820_file(memory_map: Iterable[E820Entry]) -> bytes:
     """The ``etc/e820`` file: QEMU's packed ``struct e820_entry`` per range."""
     return b"".join(E820_ENTRY.pack(entry.addr, entry.size, int(entry.type)) for entry in memory_map)
+
+
+def _selects_an_item_slot(key: int) -> bool:
+    """Whether ``key``'s index is a slot (an item's, or an empty one) rather than past the last file slot."""
+    return (key & FW_CFG_ENTRY_MASK) < FW_CFG_MAX_ENTRY
 
 
 def _nul_terminated(cmdline: str | bytes) -> bytes:

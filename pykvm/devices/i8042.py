@@ -37,14 +37,19 @@ Any other command is ignored with a debug log line and counted in
 middle of the port write: it should request a reset or stop of the machine,
 not tear it down.  Wrong widths are split into byte accesses (see
 :mod:`pykvm.devices.ports`).
+
+State (:class:`I8042State`): the command byte, the output port, a command
+waiting for its data byte, and the byte in the output buffer.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from .ports import ByteRegisterDevice
+from .ports import BYTE_MASK, ByteRegisterDevice
+from .state import check_choice, check_int, check_record
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,16 @@ KBD_TEST_NO_ERROR = 0x00
 EMPTY_DATA = 0x00
 
 
+@dataclass(frozen=True)
+class I8042State:
+    """Everything the guest can observe of an :class:`I8042`."""
+
+    command_byte: int
+    output_port: int
+    pending_command: int | None  # 0x60 or 0xD1, waiting for its data byte
+    output: int | None  # the byte in the output buffer (OBF set), if any
+
+
 class I8042(ByteRegisterDevice):
     """The 8042's data and command/status ports, enough to reset the machine."""
 
@@ -104,6 +119,21 @@ class I8042(ByteRegisterDevice):
     def keyboard_enabled(self) -> bool:
         """False after command 0xAD, True again after 0xAE (command byte bit 4)."""
         return not self._ctr & CTR_KBD_DISABLE
+
+    def save_state(self) -> I8042State:
+        """The guest-visible state."""
+        return I8042State(self._ctr, self._output_port, self._pending, self._output)
+
+    def restore_state(self, state: I8042State) -> None:
+        """Take ``state``; raises :class:`StateError`, changing nothing, if a field is invalid."""
+        check_record(state, I8042State)
+        check_int(state, "command_byte", 0, BYTE_MASK)
+        check_int(state, "output_port", 0, BYTE_MASK)
+        check_choice(state, "pending_command", (None, CMD_WRITE_CTR, CMD_WRITE_OUTPUT_PORT))
+        if state.output is not None:
+            check_int(state, "output", 0, BYTE_MASK)
+        self._ctr, self._output_port = state.command_byte, state.output_port
+        self._pending, self._output = state.pending_command, state.output
 
     def _read_register(self, offset: int) -> int | None:
         if offset == DATA_PORT:

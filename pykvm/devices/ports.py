@@ -18,6 +18,10 @@ Each device keeps a :class:`collections.Counter` named ``stats``:
 
 :class:`ConstantPort` is a range whose reads return a constant, for port 0x80
 (POST codes) and similar.
+
+State: the devices built on :class:`ByteRegisterDevice` (UART, CMOS, i8042) each
+have a state record (see :mod:`pykvm.devices.state`); a :class:`ConstantPort` has
+none, since nothing the guest writes changes what it reads.
 """
 
 from __future__ import annotations
@@ -109,14 +113,15 @@ class ConstantPort:
     Used for port 0x80, where firmware and Linux write POST codes (and Linux's
     ``outb_p`` writes as an I/O delay), and for similar ports that must merely
     exist.  A read of any size at any offset returns ``value`` masked to the
-    access size (by default all ones, as an open bus).  Writes are counted in
-    ``stats["writes"]`` and the last one is kept in :attr:`last_write`, which
-    for port 0x80 is the guest's last POST code.
+    access size (by default all ones, as an open bus).  Accesses are counted in
+    ``stats["reads"]`` and ``stats["writes"]``: only those that reach Python.
+    Where the C fast path answers the range (a ``FastKind.CONSTANT`` entry, as
+    every :class:`~pykvm.machine.Machine` has on port 0x80), its accesses never
+    reach this object and are counted in that entry's ``reads`` and ``writes``.
     """
 
     def __init__(self, value: int = 0xFFFFFFFF) -> None:
         self.value = value
-        self.last_write: int | None = None
         self.stats: Counter[str] = Counter()
 
     def read(self, offset: int, size: int) -> int:
@@ -125,6 +130,5 @@ class ConstantPort:
         return self.value & size_mask(size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        """Count the write and remember its value; nothing else happens."""
+        """Count the write; nothing else happens."""
         self.stats["writes"] += 1
-        self.last_write = value & size_mask(size)

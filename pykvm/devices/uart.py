@@ -18,18 +18,25 @@ offset read (DLAB=0)    write (DLAB=0)     DLAB=1
 What this model does, and where it simplifies the chip:
 
 - **Transmit is instant.** A THR write goes straight to ``output`` (or, in
-  loopback, to the receive queue); LSR.THRE and LSR.TEMT always read 1.  The
+  loopback, to the receiver); LSR.THRE and LSR.TEMT always read 1.  The
   THRE interrupt (IER.ETBEI) becomes pending after each THR write and when
   ETBEI goes from 0 to 1 (the THR is empty); reading IIR while it reports THRE
   clears it, as does clearing ETBEI (the datasheet's "Interrupt Control
-  Functions" table).
-- **Receive never loses data.** Host input (:meth:`Uart16550.receive`, safe to
+  Functions" table).  The transmitter FIFO reset (FCR.2) has nothing to clear,
+  and the LCR's set-break bit sends nothing.
+- **Host input is never lost.** Host input (:meth:`Uart16550.receive`, safe to
   call from any thread) waits in an unbounded host-side queue; the guest sees
   its head in RBR, LSR.DR is set while any byte waits, and the received-data
-  interrupt (IER.ERBFI) is pending while DR is.  Since nothing is dropped
-  there is never an overrun (LSR.OE), and the line has no parity or framing
-  errors.  IIR reports received data (0x04), never the character timeout
-  (0x0c): there is no notion of character time.
+  interrupt (IER.ERBFI) is pending while DR is.  The line has no parity or
+  framing errors.  IIR reports received data (0x04), never the character
+  timeout (0x0c): there is no notion of character time.
+- **Loopback overruns as the chip does.** In loopback (MCR.4) a transmitted
+  byte enters the receiver, which holds ``RX_FIFO_DEPTH`` (16) bytes with the
+  FIFOs enabled and one (RBR) without.  A byte arriving when it is full is an
+  overrun: LSR.OE is latched until LSR is read (a receiver line status
+  interrupt) and a character is lost, counted in ``stats["rx_overruns"]``: in
+  FIFO mode the new one, without FIFOs the unread one in RBR, which the new
+  one overwrites (datasheet, LSR bit 1).
 - **FIFO control.** FCR.0 enables the FIFOs (IIR bits 6-7 then read 11); the
   other FCR bits are only programmed when FCR.0 is 1 in the same write.
   "RCVR FIFO reset" (FCR.1), and clearing FCR.0 while the FIFOs are enabled,
@@ -52,10 +59,17 @@ What this model does, and where it simplifies the chip:
   and an enabled interrupt is pending (the register bit gates it in loopback
   too).  ``irq(level)`` is called whenever the level changes.
 - **Wrong widths** are split into byte accesses (see :mod:`pykvm.devices.ports`).
+- **State.** :meth:`Uart16550.save_state` gives a :class:`UartState`: the
+  registers, the latched line errors and modem deltas, the pending THRE
+  interrupt and the whole receive queue (FIFO and host input, breaks marked).
+  :meth:`Uart16550.restore_state` takes one back into a UART built with the
+  same callbacks, then calls ``irq(level)`` and ``on_fast_transmit_change(ok)``
+  once each, so that the interrupt line and the C fast path match the restored
+  registers.
 
 ``stats`` counts ``tx_bytes`` (THR writes), ``rx_bytes`` (bytes entering the
-receive queue, from the host or by loopback), ``rx_discarded`` and the
-width/miss counters of :class:`~pykvm.devices.ports.ByteRegisterDevice`.
+receive queue, from the host or by loopback), ``rx_discarded``, ``rx_overruns``
+and the width/miss counters of :class:`~pykvm.devices.ports.ByteRegisterDevice`.
 
 Callbacks (``output``, ``irq``, ``on_fast_transmit_change``) run with the
 UART's lock held (a re-entrant lock, so a callback may call back into the
@@ -68,8 +82,12 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
+from ..errors import StateError
+from ..x86.layout import MIB
 from .ports import BYTE_MASK, ByteRegisterDevice
+from .state import check_bits, check_bytes, check_indices, check_int, check_record, check_type
 
 # Register offsets (the datasheet's "Summary of Registers").
 RBR = THR = DLL = 0
@@ -99,14 +117,12 @@ IIR_FIFOS_ENABLED = 0xC0  # bits 6-7, set when FCR.0 is 1
 # FCR: FIFO control.
 FCR_FIFO_ENABLE = 0x01
 FCR_RCVR_FIFO_RESET = 0x02
-FCR_XMIT_FIFO_RESET = 0x04
 FCR_DMA_MODE_SELECT = 0x08
 FCR_RCVR_TRIGGER = 0xC0
 FCR_STORED_BITS = FCR_FIFO_ENABLE | FCR_DMA_MODE_SELECT | FCR_RCVR_TRIGGER
 RX_FIFO_DEPTH = 16
 
 # LCR: line control.
-LCR_SET_BREAK = 0x40
 LCR_DLAB = 0x80  # divisor latch access bit
 
 # MCR: modem control.
@@ -120,13 +136,11 @@ MCR_MASK = 0x1F  # bits 5-7 are always 0
 # LSR: line status.
 LSR_DR = 0x01  # data ready
 LSR_OE = 0x02  # overrun error
-LSR_PE = 0x04  # parity error
-LSR_FE = 0x08  # framing error
 LSR_BI = 0x10  # break interrupt
 LSR_THRE = 0x20  # transmitter holding register empty
 LSR_TEMT = 0x40  # transmitter empty
 LSR_RCVR_FIFO_ERROR = 0x80
-LSR_ERRORS = LSR_OE | LSR_PE | LSR_FE | LSR_BI
+LSR_LATCHED_ERRORS = LSR_OE | LSR_BI  # the line has no parity (PE) or framing (FE) errors
 
 # MSR: modem status (deltas in bits 0-3, line states in bits 4-7).
 MSR_DCTS = 0x01
@@ -148,12 +162,34 @@ LINE_DELTAS = ((MSR_CTS, MSR_DCTS), (MSR_DSR, MSR_DDSR), (MSR_DCD, MSR_DDCD))
 # Divisor after reset: 12 is 9600 baud from the PC's 1.8432 MHz clock (QEMU's choice too).
 DEFAULT_DIVISOR = 12
 DIVISOR_BYTE_SHIFT = 8
+DIVISOR_MASK = 0xFFFF
 # A queue entry with this bit set is the 0 byte a break delivers.
 BREAK_ENTRY = 0x100
+# The most receive-queue bytes a state carries (host input the guest has not read yet): a bound
+# for a state from an untrusted stream, far above what a console user types ahead.
+RX_STATE_LIMIT = 4 * MIB
 
 OutputCallback = Callable[[bytes], None]
 IrqCallback = Callable[[bool], None]
 FastTransmitCallback = Callable[[bool], None]
+
+
+@dataclass(frozen=True)
+class UartState:
+    """Everything the guest can observe of a :class:`Uart16550`."""
+
+    divisor: int
+    ier: int
+    fcr: int  # the stored bits: FIFO enable, DMA mode, receiver trigger
+    lcr: int
+    mcr: int
+    scr: int
+    rbr: int  # what an empty RBR reads: the last byte the guest took from it
+    line_errors: int  # latched LSR bits (OE, BI), until LSR is read
+    msr_deltas: int  # MSR bits 0-3, until MSR is read
+    thre_pending: bool  # the THR-empty interrupt, until IIR reports it or ETBEI is cleared
+    rx: bytes  # the receive queue, head first: the FIFO, then host input not received yet
+    rx_breaks: tuple[int, ...]  # ascending indices in ``rx`` of the 0 bytes that breaks delivered
 
 
 class Uart16550(ByteRegisterDevice):
@@ -229,6 +265,56 @@ class Uart16550(ByteRegisterDevice):
     def irq_level(self) -> bool:
         """The current level of the interrupt line."""
         return self._irq_level
+
+    # --- state -------------------------------------------------------------------------
+
+    def save_state(self) -> UartState:
+        """The guest-visible state; raises :class:`StateError` if more than
+        ``RX_STATE_LIMIT`` bytes of host input wait for the guest."""
+        with self._lock:
+            if len(self._rx) > RX_STATE_LIMIT:
+                raise StateError(f"UartState.rx: {len(self._rx)} bytes wait in the receive queue, "
+                                 f"more than a state carries ({RX_STATE_LIMIT})")  # fmt: skip
+            return UartState(
+                divisor=self._divisor,
+                ier=self._ier,
+                fcr=self._fcr,
+                lcr=self._lcr,
+                mcr=self._mcr,
+                scr=self._scr,
+                rbr=self._rbr,
+                line_errors=self._line_errors,
+                msr_deltas=self._msr_deltas,
+                thre_pending=self._thre_pending,
+                rx=bytes(entry & BYTE_MASK for entry in self._rx),
+                rx_breaks=tuple(index for index, entry in enumerate(self._rx) if entry & BREAK_ENTRY),
+            )
+
+    def restore_state(self, state: UartState) -> None:
+        """Take ``state``, then announce the interrupt level and the fast-path condition.
+
+        Raises :class:`StateError`, changing nothing, if a field is invalid.
+        """
+        check_record(state, UartState)
+        check_int(state, "divisor", 0, DIVISOR_MASK)
+        check_bits(state, "ier", IER_MASK)
+        check_bits(state, "fcr", FCR_STORED_BITS)
+        for name in ("lcr", "scr", "rbr"):
+            check_int(state, name, 0, BYTE_MASK)
+        check_bits(state, "mcr", MCR_MASK)
+        check_bits(state, "line_errors", LSR_LATCHED_ERRORS)
+        check_bits(state, "msr_deltas", MSR_DELTAS)
+        check_type(state, "thre_pending", bool)
+        entries = _rx_entries(state)
+        with self._lock:
+            self._divisor, self._ier, self._fcr = state.divisor, state.ier, state.fcr
+            self._lcr, self._mcr, self._scr, self._rbr = state.lcr, state.mcr, state.scr, state.rbr
+            self._line_errors, self._msr_deltas = state.line_errors, state.msr_deltas
+            self._thre_pending = state.thre_pending
+            self._rx = deque(entries)
+            self._rx_breaks = len(state.rx_breaks)
+            self._set_irq(self._line_level())
+            self._set_fast_transmit(self._compute_fast_transmit_ok())
 
     # --- register decoding --------------------------------------------------------
 
@@ -321,10 +407,10 @@ class Uart16550(ByteRegisterDevice):
     # --- writes --------------------------------------------------------------------
 
     def _write_thr(self, byte: int) -> None:
-        """Transmit at once: to ``output``, or to the receive queue in loopback."""
+        """Transmit at once: to ``output``, or to the receiver in loopback."""
         self.stats["tx_bytes"] += 1
         if self._loopback:
-            self._enqueue((byte,))
+            self._loop_back(byte)
         else:
             self._output(bytes((byte,)))
         if self._ier & IER_ETBEI:
@@ -397,6 +483,19 @@ class Uart16550(ByteRegisterDevice):
         if was_empty:
             self._latch_head_errors()
 
+    def _loop_back(self, byte: int) -> None:
+        """A transmitted byte enters the receiver, or overruns it if it is full."""
+        if len(self._rx) < (RX_FIFO_DEPTH if self._fifos_enabled else 1):
+            self._enqueue((byte,))
+            return
+        self.stats["rx_overruns"] += 1
+        self._line_errors |= LSR_OE
+        if not self._fifos_enabled:  # the new character overwrites the unread one in RBR
+            if self._rx[0] & BREAK_ENTRY:
+                self._rx_breaks -= 1
+            self._rx[0] = byte
+            self.stats["rx_bytes"] += 1
+
     def _discard_rx_fifo(self) -> None:
         """Clear the receiver FIFO: the first RX_FIFO_DEPTH queued bytes."""
         count = min(RX_FIFO_DEPTH, len(self._rx))
@@ -445,12 +544,18 @@ class Uart16550(ByteRegisterDevice):
             return IIR_MODEM_STATUS
         return IIR_NO_INTERRUPT
 
+    def _line_level(self) -> bool:
+        return bool(self._mcr & MCR_OUT2) and self._interrupt_id() != IIR_NO_INTERRUPT
+
     def _update_irq(self) -> None:
-        level = bool(self._mcr & MCR_OUT2) and self._interrupt_id() != IIR_NO_INTERRUPT
+        level = self._line_level()
         if level != self._irq_level:
-            self._irq_level = level
-            if self._irq is not None:
-                self._irq(level)
+            self._set_irq(level)
+
+    def _set_irq(self, level: bool) -> None:
+        self._irq_level = level
+        if self._irq is not None:
+            self._irq(level)
 
     def _compute_fast_transmit_ok(self) -> bool:
         return not self._dlab and not self._loopback and not self._ier & IER_ETBEI
@@ -458,6 +563,19 @@ class Uart16550(ByteRegisterDevice):
     def _update_fast_transmit(self) -> None:
         ok = self._compute_fast_transmit_ok()
         if ok != self._fast_transmit_ok:
-            self._fast_transmit_ok = ok
-            if self._on_fast_transmit_change is not None:
-                self._on_fast_transmit_change(ok)
+            self._set_fast_transmit(ok)
+
+    def _set_fast_transmit(self, ok: bool) -> None:
+        self._fast_transmit_ok = ok
+        if self._on_fast_transmit_change is not None:
+            self._on_fast_transmit_change(ok)
+
+
+def _rx_entries(state: UartState) -> list[int]:
+    """The receive queue's entries from ``state.rx`` and ``state.rx_breaks`` (checked)."""
+    entries = list(check_bytes(state, "rx", RX_STATE_LIMIT))
+    for index in check_indices(state, "rx_breaks", len(entries)):
+        if entries[index]:
+            raise StateError(f"UartState.rx_breaks names byte {index} of UartState.rx, which is not a 0 byte")
+        entries[index] = BREAK_ENTRY
+    return entries
