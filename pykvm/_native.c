@@ -6,9 +6,17 @@
  * exit returns PYKVM_STOP_EXIT with kvm_run left as KVM filled it.
  *
  * Every function returns 0 (or a non-negative result) on success and -errno on
- * failure; none builds a Python object.
+ * failure (the chain walk has codes of its own, below -4095 so that they are never
+ * mistaken for an errno); none builds a Python object.
+ *
+ * The host is little-endian (x86-64): guest structures (virtqueue descriptors, port and
+ * MMIO data) are read in place, in the host's byte order.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* fallocate() */
+#endif
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -17,6 +25,10 @@
 #include <time.h>
 #include <unistd.h>
 #include <linux/kvm.h>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "pykvm reads guest structures in place: the host must be little-endian"
+#endif
 
 #define PYKVM_FAST_MAX 16
 #define PYKVM_EXIT_REASONS 64
@@ -56,6 +68,20 @@ struct pykvm_loop {
     uint64_t debug_exit_value;
 };
 
+struct pykvm_guest_memory;
+struct pykvm_buffer;
+
+/* What Python calls (declared again for cffi in _native.h). */
+int pykvm_ioctl(int fd, unsigned long request, void *arg);
+int pykvm_ioctl_value(int fd, unsigned long request, unsigned long value);
+int pykvm_fallocate(int fd, int mode, int64_t offset, int64_t length);
+uint8_t *pykvm_io_data(struct kvm_run *run);
+struct kvm_regs *pykvm_sync_regs(struct kvm_run *run);
+int pykvm_install_kick_handler(int signo);
+int pykvm_loop_run(struct pykvm_loop *loop);
+int pykvm_chain_walk(const struct pykvm_guest_memory *mem, uint64_t desc_table, uint32_t queue_size,
+                     uint32_t head, int indirect_ok, struct pykvm_buffer *out, uint32_t max_out);
+
 int pykvm_ioctl(int fd, unsigned long request, void *arg)
 {
     int ret = ioctl(fd, request, arg);
@@ -66,6 +92,12 @@ int pykvm_ioctl_value(int fd, unsigned long request, unsigned long value)
 {
     int ret = ioctl(fd, request, value);
     return ret < 0 ? -errno : ret;
+}
+
+/* fallocate(2) with a mode (PUNCH_HOLE, ZERO_RANGE...), which Python's os module lacks. */
+int pykvm_fallocate(int fd, int mode, int64_t offset, int64_t length)
+{
+    return fallocate(fd, mode, offset, length) < 0 ? -errno : 0;
 }
 
 uint8_t *pykvm_io_data(struct kvm_run *run)
@@ -255,18 +287,21 @@ int pykvm_loop_run(struct pykvm_loop *loop)
 #define VIRTQ_DESC_F_INDIRECT 4
 #define VIRTQ_DESC_SIZE 16
 
+/* Below -4095 (Linux's MAX_ERRNO): a chain error is never mistaken for an errno. */
+#define PYKVM_CHAIN_ERROR(n) (-4096 - (n))
 enum pykvm_chain_error {
-    PYKVM_CHAIN_BAD_HEAD = -1,          /* head index >= queue size */
-    PYKVM_CHAIN_BAD_TABLE = -2,         /* a descriptor table is not inside guest RAM */
-    PYKVM_CHAIN_BAD_BUFFER = -3,        /* a buffer is not inside guest RAM */
-    PYKVM_CHAIN_TOO_LONG = -4,          /* more hops than descriptors: a loop */
-    PYKVM_CHAIN_BAD_NEXT = -5,          /* a next index outside the table */
-    PYKVM_CHAIN_NESTED_INDIRECT = -6,   /* an indirect descriptor in an indirect table */
-    PYKVM_CHAIN_BAD_INDIRECT = -7,      /* indirect table length 0, not a multiple of 16, or with NEXT */
-    PYKVM_CHAIN_TOO_MANY_BUFFERS = -8,  /* more buffers than the caller has room for */
-    PYKVM_CHAIN_TOO_LARGE = -9,         /* lengths add up past 2^32 - 1 */
-    PYKVM_CHAIN_INDIRECT_NOT_NEGOTIATED = -10,
+    PYKVM_CHAIN_BAD_HEAD = PYKVM_CHAIN_ERROR(0),            /* head index >= queue size */
+    PYKVM_CHAIN_BAD_TABLE = PYKVM_CHAIN_ERROR(1),           /* a descriptor table is not inside guest RAM */
+    PYKVM_CHAIN_BAD_BUFFER = PYKVM_CHAIN_ERROR(2),          /* a buffer is not inside guest RAM */
+    PYKVM_CHAIN_TOO_LONG = PYKVM_CHAIN_ERROR(3),            /* more hops than descriptors: a loop */
+    PYKVM_CHAIN_BAD_NEXT = PYKVM_CHAIN_ERROR(4),            /* a next index outside the table */
+    PYKVM_CHAIN_NESTED_INDIRECT = PYKVM_CHAIN_ERROR(5),     /* an indirect descriptor in an indirect table */
+    PYKVM_CHAIN_BAD_INDIRECT = PYKVM_CHAIN_ERROR(6),        /* indirect table length 0, not a multiple of 16, or with NEXT */
+    PYKVM_CHAIN_TOO_MANY_BUFFERS = PYKVM_CHAIN_ERROR(7),    /* more buffers than the caller has room for */
+    PYKVM_CHAIN_TOO_LARGE = PYKVM_CHAIN_ERROR(8),           /* lengths add up past 2^32 - 1 */
+    PYKVM_CHAIN_INDIRECT_NOT_NEGOTIATED = PYKVM_CHAIN_ERROR(9), /* an indirect descriptor without VIRTIO_F_INDIRECT_DESC */
 };
+_Static_assert(PYKVM_CHAIN_ERROR(0) < -4095, "chain errors must not look like -errno (MAX_ERRNO is 4095)");
 
 struct pykvm_mem_region {
     uint64_t gpa;
@@ -292,6 +327,7 @@ struct pykvm_desc {
     uint16_t flags;
     uint16_t next;
 };
+_Static_assert(sizeof(struct pykvm_desc) == VIRTQ_DESC_SIZE, "a split virtqueue descriptor is 16 bytes (2.7.5)");
 
 /* The host address of [gpa, gpa + len), or 0 if it is not wholly inside one region. */
 static uint64_t guest_host_address(const struct pykvm_guest_memory *mem, uint64_t gpa, uint64_t len)

@@ -252,8 +252,11 @@ struct kvm_run {
     ...;
 };
 
-/* ---- <sys/mman.h>: flags Python's mmap module does not export ---- */
+/* ---- <sys/mman.h>, <fcntl.h>: flags Python does not export ---- */
 #define MAP_NORESERVE ...
+#define FALLOC_FL_KEEP_SIZE ...
+#define FALLOC_FL_PUNCH_HOLE ...
+#define FALLOC_FL_ZERO_RANGE ...
 
 /* ---- _native.c ---- */
 #define PYKVM_FAST_MAX ...
@@ -311,6 +314,7 @@ struct pykvm_loop {
 
 int pykvm_ioctl(int fd, unsigned long request, void *arg);
 int pykvm_ioctl_value(int fd, unsigned long request, unsigned long value);
+int pykvm_fallocate(int fd, int mode, int64_t offset, int64_t length);
 int pykvm_loop_run(struct pykvm_loop *loop);
 int pykvm_install_kick_handler(int signo);
 uint8_t *pykvm_io_data(struct kvm_run *run);

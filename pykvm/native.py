@@ -6,6 +6,8 @@ C returns 0 or a non-negative result on success and ``-errno`` on failure;
 
 from __future__ import annotations
 
+import os
+
 from .errors import KvmIoctlError, PykvmError
 
 try:
@@ -16,7 +18,7 @@ except ImportError as err:  # pragma: no cover - a broken install
         "(it needs a C compiler and the Linux kernel headers)"
     ) from err
 
-__all__ = ["ffi", "lib", "check"]
+__all__ = ["ffi", "lib", "check", "fallocate"]
 
 
 def check(ret: int, name: str, detail: str = "") -> int:
@@ -24,3 +26,10 @@ def check(ret: int, name: str, detail: str = "") -> int:
     if ret < 0:
         raise KvmIoctlError(name, -ret, detail)
     return ret
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (``lib.FALLOC_FL_*``), which Python's os module lacks; raises OSError."""
+    ret = lib.pykvm_fallocate(fd, mode, offset, length)
+    if ret < 0:
+        raise OSError(-ret, os.strerror(-ret))

@@ -74,3 +74,11 @@ def test_registers_round_trip_through_set_and_get() -> None:
         sregs.cs.base, sregs.cs.selector = 0x10000, 0x1000
         vcpu.set_sregs(sregs)
         assert vcpu.get_sregs().cs.selector == 0x1000
+
+
+def test_the_irqchip_ids_of_the_pure_interrupt_wiring_are_kvms() -> None:
+    from pykvm.x86.interrupts import Irqchip
+
+    assert (Irqchip.PIC_MASTER, Irqchip.PIC_SLAVE, Irqchip.IOAPIC) == (
+        lib.KVM_IRQCHIP_PIC_MASTER, lib.KVM_IRQCHIP_PIC_SLAVE, lib.KVM_IRQCHIP_IOAPIC,
+    )  # fmt: skip

@@ -17,6 +17,7 @@ import pytest
 from pykvm.devices.virtio import mmio
 from pykvm.devices.virtio.rng import MAX_REQUEST, VirtioRng
 from pykvm.memory import GuestMemory
+from pykvm.native import lib
 from virtio_driver import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -394,3 +395,8 @@ def test_rng_request_is_bounded_and_used_length_is_what_it_wrote(memory: GuestMe
     length, data = driver.request(0, [], [MAX_REQUEST, 4096])
     assert length == MAX_REQUEST
     assert data[:256] == bytes(range(256)) and data[MAX_REQUEST:] == b"\xee" * 4096
+
+
+def test_chain_walk_error_codes_can_never_be_mistaken_for_an_errno() -> None:
+    codes = [getattr(lib, name) for name in dir(lib) if name.startswith("PYKVM_CHAIN_")]
+    assert len(codes) == 10 and all(code < -4095 for code in codes)  # Linux's MAX_ERRNO is 4095

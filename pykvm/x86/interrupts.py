@@ -7,7 +7,16 @@ carry that override), every other ISA IRQ n on pin n, and pins 16-23 free.
 
 from __future__ import annotations
 
-from ..native import lib
+import enum
+
+
+class Irqchip(enum.IntEnum):
+    """KVM's interrupt controller ids (``KVM_IRQCHIP_*`` in <linux/kvm.h>, part of its ABI)."""
+
+    PIC_MASTER = 0
+    PIC_SLAVE = 1
+    IOAPIC = 2
+
 
 ISA_IRQS = 16
 IOAPIC_PINS = 24
@@ -28,10 +37,10 @@ def gsi_routes() -> list[tuple[int, int, int]]:
     for irq in range(ISA_IRQS):
         if irq == PIC_CASCADE_IRQ:
             continue
-        chip = lib.KVM_IRQCHIP_PIC_MASTER if irq < PIC_INPUTS else lib.KVM_IRQCHIP_PIC_SLAVE
+        chip = Irqchip.PIC_MASTER if irq < PIC_INPUTS else Irqchip.PIC_SLAVE
         routes.append((irq, chip, irq % PIC_INPUTS))
     for gsi in range(IOAPIC_PINS):
         if gsi == PIC_CASCADE_IRQ:
             continue
-        routes.append((gsi, lib.KVM_IRQCHIP_IOAPIC, PIT_IOAPIC_PIN if gsi == PIT_IRQ else gsi))
+        routes.append((gsi, Irqchip.IOAPIC, PIT_IOAPIC_PIN if gsi == PIT_IRQ else gsi))
     return routes

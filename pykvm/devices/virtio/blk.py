@@ -53,7 +53,6 @@ Counters (``stats``): ``reads``, ``writes``, ``bytes_read``, ``bytes_written``,
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import logging
@@ -64,6 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ConfigError
+from ...native import fallocate, lib
 from .device import VirtioDevice
 from .queue import Buffer, DescriptorChain
 
@@ -115,28 +115,7 @@ DISCARD_SECTOR_ALIGNMENT = 8  # 4 KiB, the usual file system block
 MAX_WRITE_ZEROES_SECTORS = MAX_REQUEST_BYTES // SECTOR_SIZE  # bounded: it may fall back to writing zeros
 MAX_WRITE_ZEROES_SEG = 1
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
-
-
-def _load_fallocate():  # type: ignore[no-untyped-def]
-    libc = ctypes.CDLL(None, use_errno=True)
-    function = libc.fallocate64 if hasattr(libc, "fallocate64") else libc.fallocate
-    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    function.restype = ctypes.c_int
-    return function
-
-
-_fallocate = _load_fallocate()
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with a mode (Python's os module only has posix_fallocate)."""
-    if _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class _Reject(Exception):
@@ -453,16 +432,16 @@ class VirtioBlock(VirtioDevice):
 
     def _punch(self, offset: int, length: int) -> None:
         try:
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            fallocate(self.fd, lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as err:
             if err.errno not in _NOT_SUPPORTED:
                 raise
             self.stats["discards_not_supported_by_host"] += 1  # a hint: the data may stay (5.2.6.2)
 
     def _zero(self, offset: int, length: int, unmap: bool) -> None:
-        modes = [FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE]
+        modes = [lib.FALLOC_FL_ZERO_RANGE | lib.FALLOC_FL_KEEP_SIZE]
         if unmap:
-            modes.insert(0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+            modes.insert(0, lib.FALLOC_FL_PUNCH_HOLE | lib.FALLOC_FL_KEEP_SIZE)
         for mode in modes:
             try:
                 fallocate(self.fd, mode, offset, length)
