@@ -6,11 +6,11 @@ A machine that wants to be debugged implements :class:`DebugTarget`; the server
 The target is either **stopped** (every vCPU out of the guest: its registers and
 memory can be read and written) or **running** (each vCPU doing what its last
 :meth:`~DebugTarget.resume` action told it).  It starts stopped, before the guest's
-first instruction, as ``Stop(first vCPU, StopReason.INTERRUPTED)``: the server resumes
-it at once, or holds it there until gdb continues.
-It stops again when something happens to one vCPU (a breakpoint, a finished step, an
-interrupt request, the end of the guest); it then stops *every* vCPU before it
-reports the event (gdb's all-stop model), so nothing changes while gdb looks.
+first instruction, as ``Stop(first vCPU, StopReason.INTERRUPTED)``: the server
+resumes it at once, or holds it there until gdb continues.  It stops again when
+something happens to one vCPU (a breakpoint, a finished step, an interrupt request,
+the end of the guest); it then stops *every* vCPU before it reports the event (gdb's
+all-stop model), so nothing changes while gdb looks.
 
 Concurrency: the server calls every method from its one thread, one call at a time.
 Reading and writing registers and memory, and inserting or removing breakpoints,
