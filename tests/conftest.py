@@ -19,3 +19,17 @@ def guest(name: str) -> Path:
     if not path.exists():
         pytest.fail(f"{path} is missing: build the guests first with 'make guests'", pytrace=False)
     return path
+
+
+KVM_FIXTURES = {"kvm_host", "machine_factory", "run_guest"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "guest: boots guests on /dev/kvm (deselect with -m 'not guest' for the unit tests)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs /dev/kvm (the ``kvm`` marker or a KVM fixture) is a ``guest`` test."""
+    for item in items:
+        if item.get_closest_marker("kvm") or KVM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.guest)
