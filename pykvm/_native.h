@@ -11,6 +11,7 @@ typedef int... __u16;
 typedef int... __u32;
 typedef int... __u64;
 typedef int... __s32;
+typedef int... __s64;
 
 #define KVMIO ...
 #define KVM_API_VERSION ...
@@ -43,6 +44,40 @@ typedef int... __s32;
 #define KVM_CREATE_PIT2 ...
 #define KVM_GET_MP_STATE ...
 #define KVM_SET_MP_STATE ...
+#define KVM_GET_CPUID2 ...
+#define KVM_GET_FPU ...
+#define KVM_SET_FPU ...
+#define KVM_GET_XSAVE ...
+#define KVM_GET_XSAVE2 ...
+#define KVM_SET_XSAVE ...
+#define KVM_GET_XCRS ...
+#define KVM_SET_XCRS ...
+#define KVM_GET_DEBUGREGS ...
+#define KVM_SET_DEBUGREGS ...
+#define KVM_GET_LAPIC ...
+#define KVM_SET_LAPIC ...
+#define KVM_GET_VCPU_EVENTS ...
+#define KVM_SET_VCPU_EVENTS ...
+#define KVM_SET_GUEST_DEBUG ...
+#define KVM_TRANSLATE ...
+#define KVM_GET_IRQCHIP ...
+#define KVM_SET_IRQCHIP ...
+#define KVM_GET_PIT2 ...
+#define KVM_SET_PIT2 ...
+#define KVM_GET_CLOCK ...
+#define KVM_SET_CLOCK ...
+#define KVM_GET_DIRTY_LOG ...
+#define KVM_CLEAR_DIRTY_LOG ...
+#define KVM_MEM_LOG_DIRTY_PAGES ...
+#define KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE ...
+#define KVM_DIRTY_LOG_INITIALLY_SET ...
+#define KVM_GUESTDBG_ENABLE ...
+#define KVM_GUESTDBG_SINGLESTEP ...
+#define KVM_GUESTDBG_USE_SW_BP ...
+#define KVM_GUESTDBG_USE_HW_BP ...
+#define KVM_CLOCK_TSC_STABLE ...
+#define KVM_CLOCK_REALTIME ...
+#define KVM_CLOCK_HOST_TSC ...
 #define KVM_PIT_SPEAKER_DUMMY ...
 #define KVM_IRQ_ROUTING_IRQCHIP ...
 #define KVM_IRQCHIP_PIC_MASTER ...
@@ -98,6 +133,15 @@ typedef int... __s32;
 #define KVM_CAP_TSC_CONTROL ...
 #define KVM_CAP_X2APIC_API ...
 #define KVM_CAP_IRQ_ROUTING ...
+#define KVM_CAP_XSAVE2 ...
+#define KVM_CAP_XCRS ...
+#define KVM_CAP_DEBUGREGS ...
+#define KVM_CAP_VCPU_EVENTS ...
+#define KVM_CAP_ADJUST_CLOCK ...
+#define KVM_CAP_PIT_STATE2 ...
+#define KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 ...
+#define KVM_CAP_SET_GUEST_DEBUG ...
+#define KVM_CAP_SET_GUEST_DEBUG2 ...
 
 struct kvm_regs {
     __u64 rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
@@ -149,6 +193,7 @@ struct kvm_cpuid_entry2 {
 
 struct kvm_cpuid2 {
     __u32 nent;
+    struct kvm_cpuid_entry2 entries[];
     ...;
 };
 
@@ -160,11 +205,13 @@ struct kvm_msr_entry {
 
 struct kvm_msrs {
     __u32 nmsrs;
+    struct kvm_msr_entry entries[];
     ...;
 };
 
 struct kvm_msr_list {
     __u32 nmsrs;
+    __u32 indices[];
     ...;
 };
 
@@ -211,7 +258,91 @@ struct kvm_irq_routing_entry {
 struct kvm_irq_routing {
     __u32 nr;
     __u32 flags;
+    struct kvm_irq_routing_entry entries[];
     ...;
+};
+
+/* State carried as the raw bytes of the kernel's struct: only their sizes are needed. */
+struct kvm_fpu { ...; };
+struct kvm_xcrs { ...; };
+struct kvm_debugregs { ...; };
+struct kvm_lapic_state { ...; };
+struct kvm_vcpu_events { ...; };
+
+struct kvm_xsave {
+    __u32 region[1024];
+    __u32 extra[];
+    ...;
+};
+
+struct kvm_irqchip {
+    __u32 chip_id;
+    union { char dummy[512]; } chip;
+    ...;
+};
+
+struct kvm_pit_channel_state {
+    __u32 count;
+    __u16 latched_count;
+    __u8 count_latched, status_latched, status, read_state, write_state, write_latch;
+    __u8 rw_mode, mode, bcd, gate;
+    __s64 count_load_time;
+    ...;
+};
+
+struct kvm_pit_state2 {
+    struct kvm_pit_channel_state channels[3];
+    __u32 flags;
+    ...;
+};
+
+struct kvm_clock_data {
+    __u64 clock;
+    __u32 flags;
+    __u64 realtime;
+    __u64 host_tsc;
+    ...;
+};
+
+struct kvm_dirty_log {
+    __u32 slot;
+    void *dirty_bitmap;
+    ...;
+};
+
+struct kvm_clear_dirty_log {
+    __u32 slot;
+    __u32 num_pages;
+    __u64 first_page;
+    void *dirty_bitmap;
+    ...;
+};
+
+struct kvm_guest_debug_arch {
+    __u64 debugreg[8];
+};
+
+struct kvm_guest_debug {
+    __u32 control;
+    struct kvm_guest_debug_arch arch;
+    ...;
+};
+
+struct kvm_translation {
+    __u64 linear_address;
+    __u64 physical_address;
+    __u8 valid;
+    __u8 writeable;
+    __u8 usermode;
+    ...;
+};
+
+struct kvm_debug_exit_arch {  /* complete: kvm_run's anonymous debug member holds it */
+    __u32 exception;
+    __u32 pad;
+    __u64 pc;
+    __u64 dr6;
+    __u64 dr7;
 };
 
 struct kvm_irqfd {
@@ -240,6 +371,7 @@ struct kvm_run {
     union {
         struct { __u64 hardware_exit_reason; } hw;
         struct { __u64 hardware_entry_failure_reason; __u32 cpu; } fail_entry;
+        struct { struct kvm_debug_exit_arch arch; } debug;
         struct { __u32 exception; __u32 error_code; } ex;
         struct { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; } io;
         struct { __u64 phys_addr; __u8 data[8]; __u32 len; __u8 is_write; } mmio;

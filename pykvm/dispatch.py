@@ -23,6 +23,7 @@ from .kvm.exits import (
     DebugPortExit,
     Exit,
     FailEntryExit,
+    GuestDebugExit,
     HltExit,
     InternalErrorExit,
     Interrupted,
@@ -83,6 +84,9 @@ class ExitDispatcher:
                 stop(Stop(ExitReason.FAIL_ENTRY, why, with_registers=True, vcpu_id=vcpu.id))
             case SystemEventExit(type=kind):
                 stop(_system_event_stop(kind, vcpu.id))
+            case GuestDebugExit(exception=vector, pc=pc):
+                why = f"unhandled guest debug exit (exception {vector} at {pc:#x})"
+                stop(Stop(ExitReason.UNHANDLED, why, None, True, vcpu.id))
             case OtherExit(reason=reason, hardware_reason=hardware):
                 detail = f" (hardware reason {hardware:#x})" if hardware else ""
                 why = f"unhandled exit {EXIT_NAMES.get(reason, str(reason))}{detail}"

@@ -35,6 +35,15 @@ class KvmIoctlError(PykvmError):
         self.errno = errno
 
 
+class StateError(PykvmError):
+    """KVM state that cannot be given or taken as asked.
+
+    A saved state that does not fit (a blob of the wrong size, an irqchip the VM lacks, an
+    MSR KVM refuses) or a request KVM cannot express (an unknown memory slot, a dirty
+    bitmap of another size than its slot, more hardware breakpoints than the CPU has).
+    """
+
+
 class GuestMemoryError(PykvmError):
     """An access to guest-physical memory outside the guest's RAM."""
 

@@ -69,6 +69,21 @@ class SystemEventExit:
 
 
 @dataclass(slots=True)
+class GuestDebugExit:
+    """``KVM_EXIT_DEBUG``: a debug event KVM_SET_GUEST_DEBUG asked for (not the debug-exit port).
+
+    ``exception`` is the vector (1: #DB, single step or hardware breakpoint; 3: #BP, int3),
+    ``pc`` the guest's linear instruction address (after the step; at the breakpoint),
+    ``dr6`` and ``dr7`` the debug registers (DR6 B0-B3: which hardware breakpoint, BS: a step).
+    """
+
+    exception: int
+    pc: int
+    dr6: int
+    dr7: int
+
+
+@dataclass(slots=True)
 class DebugPortExit:
     """A debug-exit port was written; answered by the C fast path."""
 
@@ -95,5 +110,5 @@ class OtherExit:
 
 Exit = (
     IoExit | MmioExit | HltExit | ShutdownExit | InternalErrorExit | FailEntryExit
-    | SystemEventExit | DebugPortExit | Interrupted | StopRequested | OtherExit
+    | SystemEventExit | GuestDebugExit | DebugPortExit | Interrupted | StopRequested | OtherExit
 )  # fmt: skip

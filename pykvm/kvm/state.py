@@ -1,12 +1,14 @@
-"""Plain, typed records of vCPU state, and their conversion to and from KVM's structs."""
+"""Plain records of vCPU and VM state: dataclasses of ints (and bytes), no C in sight.
+
+``kvm/convert.py`` copies them to and from KVM's structs.  Structures pykvm does not
+interpret (the FPU/XSAVE area, XCRs, debug registers, the LAPIC page, pending events,
+the PIC, IOAPIC and PIT) travel as the raw bytes of the kernel's struct: their layout
+is the kernel's ABI, and a restore hands them back unchanged.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field, fields
-from typing import Any
-
-from ..native import ffi
+from dataclasses import dataclass, field
 
 GPR_NAMES = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
@@ -100,28 +102,72 @@ class CpuidEntry:
     edx: int
 
 
-def to_record(cls: type, cstruct: Any) -> Any:
-    """Copy a cffi struct into the dataclass ``cls`` (nested dataclasses recurse)."""
-    values = {}
-    for f in fields(cls):
-        member = getattr(cstruct, f.name)
-        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        values[f.name] = to_record(nested, member) if nested is not None else int(member)
-    return cls(**values)
+@dataclass
+class ClockData:
+    """The VM's kvmclock (``struct kvm_clock_data``): ``clock`` in ns, ``KVM_CLOCK_*`` flags.
+
+    ``realtime`` and ``host_tsc`` are the host's wall clock (ns) and TSC at the same moment,
+    valid when ``flags`` has ``KVM_CLOCK_REALTIME`` / ``KVM_CLOCK_HOST_TSC``.
+    """
+
+    clock: int = 0
+    flags: int = 0
+    realtime: int = 0
+    host_tsc: int = 0
 
 
-def fill_struct(cstruct: Any, record: Any) -> None:
-    """Copy the dataclass ``record`` into a cffi struct (nested dataclasses recurse)."""
-    for f in fields(record):
-        value = getattr(record, f.name)
-        if dataclasses.is_dataclass(value):
-            fill_struct(getattr(cstruct, f.name), value)
-        else:
-            setattr(cstruct, f.name, value)
+@dataclass
+class Translation:
+    """A guest-virtual address as the vCPU's page tables map it (``struct kvm_translation``).
+
+    On x86 only ``physical_address`` and ``valid`` say anything: KVM always reports
+    ``writeable`` 1 and ``usermode`` 0.
+    """
+
+    physical_address: int
+    valid: int
+    writeable: int
+    usermode: int
 
 
-def new_struct(ctype: str, record: Any) -> Any:
-    """A new cffi ``ctype *`` holding ``record``."""
-    cstruct = ffi.new(ctype + " *")
-    fill_struct(cstruct, record)
-    return cstruct
+@dataclass(frozen=True)
+class MemorySlot:
+    """A KVM memory slot as pykvm registered it (``struct kvm_userspace_memory_region``)."""
+
+    slot: int
+    gpa: int
+    size: int
+    host_addr: int
+    flags: int = 0
+
+
+@dataclass
+class VcpuState:
+    """Everything KVM holds for one vCPU (``Vcpu.save_state``), ready to restore into a new vCPU.
+
+    The interrupt bitmap of ``KVM_GET_SREGS`` is not kept: an interrupt being injected is
+    also in ``vcpu_events``, which is restored last.
+    """
+
+    mp_state: int
+    regs: Regs
+    sregs: SRegs
+    xsave: bytes
+    xcrs: bytes
+    debugregs: bytes
+    lapic: bytes | None  # None: the VM has no in-kernel LAPIC
+    cpuid: list[CpuidEntry]
+    msrs: dict[int, int]
+    vcpu_events: bytes
+
+
+@dataclass
+class VmState:
+    """What KVM holds for the VM itself (``Vm.save_state``): the kvmclock and, where the VM
+    has them, the in-kernel PICs, IOAPIC (``struct kvm_irqchip``'s ``chip``) and PIT."""
+
+    clock: ClockData
+    pic_master: bytes | None = None
+    pic_slave: bytes | None = None
+    ioapic: bytes | None = None
+    pit: bytes | None = None

@@ -6,8 +6,10 @@ import errno
 import os
 
 from ..errors import KvmIoctlError, KvmUnavailableError
-from ..native import check, ffi, lib
+from ..native import check, lib
 from . import ioctls
+from .convert import to_record
+from .fam import CPUID2, MSR_LIST
 from .state import CpuidEntry
 from .vm import Vm
 
@@ -76,35 +78,26 @@ class Kvm:
         return list(self._supported_cpuid)
 
     def _get_supported_cpuid(self) -> tuple[CpuidEntry, ...]:
-        nent = _CPUID_ENTRIES_START
-        while True:
-            buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + nent * ffi.sizeof("struct kvm_cpuid_entry2"))
-            cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
-            cpuid.nent = nent
-            ret = lib.pykvm_ioctl(self.fd, ioctls.KVM_GET_SUPPORTED_CPUID.number, cpuid)
-            if ret != -errno.E2BIG or nent >= _CPUID_ENTRIES_MAX:
-                check(ret, ioctls.KVM_GET_SUPPORTED_CPUID.name)
-                break
-            nent *= 2
-        entries = ffi.cast("struct kvm_cpuid_entry2 *", buf + ffi.sizeof("struct kvm_cpuid2"))
-        return tuple(
-            CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-            for e in (entries[i] for i in range(cpuid.nent))
+        cpuid, ret = CPUID2.sized_to_fit(
+            lambda cdata: lib.pykvm_ioctl(self.fd, ioctls.KVM_GET_SUPPORTED_CPUID.number, cdata),
+            _CPUID_ENTRIES_START,
+            _CPUID_ENTRIES_MAX,
         )
+        check(ret, ioctls.KVM_GET_SUPPORTED_CPUID.name)
+        return tuple(to_record(CpuidEntry, entry) for entry in CPUID2.entries(cpuid))
 
     def msr_index_list(self) -> list[int]:
-        """See ``KVM_GET_MSR_INDEX_LIST``: the MSRs KVM saves and restores."""
-        probe = ffi.new("struct kvm_msr_list *")
+        """See ``KVM_GET_MSR_INDEX_LIST``: the MSRs KVM saves and restores.
+
+        Asked twice: with no room, KVM answers E2BIG and the count; then with that room.
+        """
+        probe = MSR_LIST.new(0)
         ret = lib.pykvm_ioctl(self.fd, ioctls.KVM_GET_MSR_INDEX_LIST.number, probe)
         if ret != -errno.E2BIG:
             check(ret, ioctls.KVM_GET_MSR_INDEX_LIST.name)
-        count = probe.nmsrs
-        buf = ffi.new("char[]", ffi.sizeof("struct kvm_msr_list") + 4 * count)
-        msr_list = ffi.cast("struct kvm_msr_list *", buf)
-        msr_list.nmsrs = count
+        msr_list = MSR_LIST.new(MSR_LIST.count(probe))
         self._ioctl(ioctls.KVM_GET_MSR_INDEX_LIST, msr_list)
-        indices = ffi.cast("uint32_t *", buf + ffi.sizeof("struct kvm_msr_list"))
-        return [indices[i] for i in range(msr_list.nmsrs)]
+        return [int(index) for index in MSR_LIST.entries(msr_list)]
 
     def create_vm(self) -> Vm:
         """See ``KVM_CREATE_VM``: a new, empty virtual machine."""

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
+from ..errors import StateError
 from ..native import check, ffi, lib
 from . import ioctls
+from .convert import check_present, check_size, fill_struct, new_struct, to_record
+from .debug import GuestDebug
 from .exits import (
     DebugPortExit,
     Exit,
     FailEntryExit,
+    GuestDebugExit,
     HltExit,
     InternalErrorExit,
     Interrupted,
@@ -22,25 +27,43 @@ from .exits import (
     StopRequested,
     SystemEventExit,
 )
+from .fam import CPUID2, MSRS
 from .fastpath import FastTable
-from .state import CpuidEntry, Regs, SRegs, new_struct, to_record
+from .state import CpuidEntry, Regs, SRegs, Translation, VcpuState
 
 
 _EXIT_IO, _EXIT_MMIO, _IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_IO_OUT
 _STOP_EXIT, _STOP_INTERRUPTED = lib.PYKVM_STOP_EXIT, lib.PYKVM_STOP_INTERRUPTED
 _STOP_REQUESTED, _STOP_DEBUG_EXIT = lib.PYKVM_STOP_REQUESTED, lib.PYKVM_STOP_DEBUG_EXIT
+# KVM_GET_MSRS and KVM_SET_MSRS take fewer than 256 MSRs per call (MAX_IO_MSRS), else E2BIG.
+MSRS_PER_IOCTL = 255
+# Restored after every other MSR: writing it makes KVM compare it with IA32_TSC to arm the
+# LAPIC timer, so the TSC must already hold its saved value (Firecracker's DEFERRED_MSRS).
+MSR_IA32_TSC_DEADLINE = 0x6E0
+# KVM_GET_CPUID2 fails with E2BIG when the array is too small; KVM allows 256 entries.
+_CPUID_ENTRIES_START, _CPUID_ENTRIES_MAX = 64, 256
 
 
 class Vcpu:
     """A vCPU created by :meth:`Vm.create_vcpu`.
 
     :meth:`run` enters the guest through the C loop (``pykvm_loop_run``) and returns
-    the first exit that needs Python, decoded.
+    the first exit that needs Python, decoded.  :meth:`save_state` and
+    :meth:`restore_state` carry everything KVM holds for the vCPU.
+
+    ``xsave_size`` is the size of its XSAVE area: from ``KVM_CAP_XSAVE2`` where KVM offers it
+    (then read with ``KVM_GET_XSAVE2``), else ``struct kvm_xsave``'s.  ``in_kernel_lapic``
+    says whether the VM made an in-kernel irqchip, which gives each vCPU a LAPIC.
     """
 
-    def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
+    def __init__(
+        self, fd: int, vcpu_id: int, mmap_size: int, *, xsave_size: int = 0, in_kernel_lapic: bool = False
+    ) -> None:
         self.fd = fd
         self.id = vcpu_id
+        self.xsave_size = max(xsave_size, ffi.sizeof("struct kvm_xsave"))
+        self._xsave2 = xsave_size > 0
+        self.in_kernel_lapic = in_kernel_lapic
         self._mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._run_buffer = ffi.from_buffer(self._mmap)
         self.kvm_run = ffi.cast("struct kvm_run *", self._run_buffer)
@@ -63,8 +86,17 @@ class Vcpu:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _ioctl(self, request: ioctls.Ioctl, arg: object) -> int:
-        return ioctls.ioctl(self.fd, request, arg)
+    def _ioctl(self, request: ioctls.Ioctl, arg: object, detail: str = "") -> int:
+        return ioctls.ioctl(self.fd, request, arg, detail)
+
+    def _get_blob(self, request: ioctls.Ioctl, size: int) -> bytes:
+        buffer = ffi.new("char[]", size)
+        self._ioctl(request, buffer)
+        return ffi.buffer(buffer)[:]
+
+    def _set_blob(self, request: ioctls.Ioctl, data: bytes, size: int) -> None:
+        check_size(request.name, data, size)
+        self._ioctl(request, ffi.from_buffer(data))
 
     # --- registers -------------------------------------------------------------------
     def get_regs(self) -> Regs:
@@ -97,17 +129,68 @@ class Vcpu:
             return to_record(Regs, lib.pykvm_sync_regs(self.kvm_run))
         return self.get_regs()
 
-    def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
+    def set_cpuid2(self, entries: Sequence[CpuidEntry]) -> None:
         """See ``KVM_SET_CPUID2``."""
-        header = ffi.sizeof("struct kvm_cpuid2")
-        buf = ffi.new("char[]", header + len(entries) * ffi.sizeof("struct kvm_cpuid_entry2"))
-        cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
-        cpuid.nent = len(entries)
-        array = ffi.cast("struct kvm_cpuid_entry2 *", buf + header)
-        for i, e in enumerate(entries):
-            array[i] = {"function": e.function, "index": e.index, "flags": e.flags,
-                        "eax": e.eax, "ebx": e.ebx, "ecx": e.ecx, "edx": e.edx}  # fmt: skip
-        self._ioctl(ioctls.KVM_SET_CPUID2, cpuid)
+        self._ioctl(ioctls.KVM_SET_CPUID2, CPUID2.build(entries, fill_struct))
+
+    def get_cpuid2(self) -> list[CpuidEntry]:
+        """See ``KVM_GET_CPUID2``: the CPUID leaves this vCPU was given."""
+        cpuid, ret = CPUID2.sized_to_fit(
+            lambda cdata: lib.pykvm_ioctl(self.fd, ioctls.KVM_GET_CPUID2.number, cdata),
+            _CPUID_ENTRIES_START,
+            _CPUID_ENTRIES_MAX,
+        )
+        check(ret, ioctls.KVM_GET_CPUID2.name)
+        return [to_record(CpuidEntry, entry) for entry in CPUID2.entries(cpuid)]
+
+    # --- the rest of the CPU: FPU/XSAVE, XCRs, debug registers, LAPIC, events, MP state, MSRs
+    def get_fpu(self) -> bytes:
+        """See ``KVM_GET_FPU``: x87 and SSE state (``struct kvm_fpu``), a subset of :meth:`get_xsave`'s."""
+        return self._get_blob(ioctls.KVM_GET_FPU, ffi.sizeof("struct kvm_fpu"))
+
+    def set_fpu(self, fpu: bytes) -> None:
+        """See ``KVM_SET_FPU``; ``fpu`` as :meth:`get_fpu` gave it."""
+        self._set_blob(ioctls.KVM_SET_FPU, fpu, ffi.sizeof("struct kvm_fpu"))
+
+    def get_xsave(self) -> bytes:
+        """See ``KVM_GET_XSAVE2`` (``KVM_GET_XSAVE`` where KVM lacks it): FPU, SSE, AVX... in XSAVE layout."""
+        return self._get_blob(ioctls.KVM_GET_XSAVE2 if self._xsave2 else ioctls.KVM_GET_XSAVE, self.xsave_size)
+
+    def set_xsave(self, xsave: bytes) -> None:
+        """See ``KVM_SET_XSAVE`` (which reads :attr:`xsave_size` bytes); ``xsave`` as :meth:`get_xsave` gave it."""
+        self._set_blob(ioctls.KVM_SET_XSAVE, xsave, self.xsave_size)
+
+    def get_xcrs(self) -> bytes:
+        """See ``KVM_GET_XCRS``: the extended control registers (XCR0) as ``struct kvm_xcrs``."""
+        return self._get_blob(ioctls.KVM_GET_XCRS, ffi.sizeof("struct kvm_xcrs"))
+
+    def set_xcrs(self, xcrs: bytes) -> None:
+        """See ``KVM_SET_XCRS``."""
+        self._set_blob(ioctls.KVM_SET_XCRS, xcrs, ffi.sizeof("struct kvm_xcrs"))
+
+    def get_debugregs(self) -> bytes:
+        """See ``KVM_GET_DEBUGREGS``: the guest's DR0-DR3, DR6 and DR7 as ``struct kvm_debugregs``."""
+        return self._get_blob(ioctls.KVM_GET_DEBUGREGS, ffi.sizeof("struct kvm_debugregs"))
+
+    def set_debugregs(self, debugregs: bytes) -> None:
+        """See ``KVM_SET_DEBUGREGS``."""
+        self._set_blob(ioctls.KVM_SET_DEBUGREGS, debugregs, ffi.sizeof("struct kvm_debugregs"))
+
+    def get_lapic(self) -> bytes:
+        """See ``KVM_GET_LAPIC``: the in-kernel local APIC's register page (needs the irqchip)."""
+        return self._get_blob(ioctls.KVM_GET_LAPIC, ffi.sizeof("struct kvm_lapic_state"))
+
+    def set_lapic(self, lapic: bytes) -> None:
+        """See ``KVM_SET_LAPIC``."""
+        self._set_blob(ioctls.KVM_SET_LAPIC, lapic, ffi.sizeof("struct kvm_lapic_state"))
+
+    def get_vcpu_events(self) -> bytes:
+        """See ``KVM_GET_VCPU_EVENTS``: pending or injected exceptions, interrupts, NMIs, SMIs."""
+        return self._get_blob(ioctls.KVM_GET_VCPU_EVENTS, ffi.sizeof("struct kvm_vcpu_events"))
+
+    def set_vcpu_events(self, events: bytes) -> None:
+        """See ``KVM_SET_VCPU_EVENTS``."""
+        self._set_blob(ioctls.KVM_SET_VCPU_EVENTS, events, ffi.sizeof("struct kvm_vcpu_events"))
 
     def get_mp_state(self) -> int:
         """See ``KVM_GET_MP_STATE``: ``KVM_MP_STATE_RUNNABLE``, ``_HALTED``, ``_UNINITIALIZED``..."""
@@ -119,26 +202,157 @@ class Vcpu:
         """See ``KVM_SET_MP_STATE``."""
         self._ioctl(ioctls.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", [mp_state]))
 
-    def _msrs(self, values: Mapping[int, int]) -> tuple[object, object]:
-        header = ffi.sizeof("struct kvm_msrs")
-        buf = ffi.new("char[]", header + len(values) * ffi.sizeof("struct kvm_msr_entry"))
-        msrs = ffi.cast("struct kvm_msrs *", buf)
-        msrs.nmsrs = len(values)
-        array = ffi.cast("struct kvm_msr_entry *", buf + header)
-        for i, (index, data) in enumerate(values.items()):
-            array[i].index, array[i].data = index, data
-        return buf, array
-
-    def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        """See ``KVM_GET_MSRS``; raises if KVM could not read them all."""
-        buf, array = self._msrs(dict.fromkeys(indices, 0))
-        done = self._ioctl(ioctls.KVM_GET_MSRS, ffi.cast("struct kvm_msrs *", buf))
-        return {int(array[i].index): int(array[i].data) for i in range(done)}
+    def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
+        """See ``KVM_GET_MSRS``: the values KVM read, in order; it stops at the first MSR it cannot read."""
+        msrs = MSRS.build(indices, _set_msr_index)
+        done = self._ioctl(ioctls.KVM_GET_MSRS, msrs)
+        return {int(entry.index): int(entry.data) for entry in MSRS.entries(msrs)[:done]}
 
     def set_msrs(self, values: Mapping[int, int]) -> int:
         """See ``KVM_SET_MSRS``: returns how many (from the start) KVM accepted."""
-        buf, _ = self._msrs(values)
-        return self._ioctl(ioctls.KVM_SET_MSRS, ffi.cast("struct kvm_msrs *", buf))
+        return self._ioctl(ioctls.KVM_SET_MSRS, MSRS.build(values.items(), _set_msr_entry))
+
+    def readable_msrs(self, indices: Sequence[int]) -> list[int]:
+        """The MSRs of ``indices`` that ``KVM_GET_MSRS`` can read on this vCPU, in order.
+
+        ``KVM_GET_MSR_INDEX_LIST`` may name MSRs a vCPU cannot read (PMU MSRs when its CPUID
+        has no PMU, for one); each one stops KVM_GET_MSRS, so it is found and left out.
+        """
+        readable: list[int] = []
+        rest = list(indices)
+        while rest:
+            chunk = rest[:MSRS_PER_IOCTL]
+            done = len(self.get_msrs(chunk))
+            readable += chunk[:done]
+            skip = 1 if done < len(chunk) else 0  # the MSR KVM could not read
+            rest = rest[done + skip :]
+        return readable
+
+    # --- debugging --------------------------------------------------------------------
+    def set_guest_debug(self, debug: GuestDebug) -> None:
+        """See ``KVM_SET_GUEST_DEBUG``: single-step, software and hardware breakpoints.
+
+        Each event then ends :meth:`run` with a :class:`GuestDebugExit`;
+        ``GuestDebug(enable=False)`` turns debugging off again.
+        """
+        request = ffi.new("struct kvm_guest_debug *")
+        if debug.enable:
+            request.control = (
+                lib.KVM_GUESTDBG_ENABLE
+                | (lib.KVM_GUESTDBG_SINGLESTEP if debug.single_step else 0)
+                | (lib.KVM_GUESTDBG_USE_SW_BP if debug.software_breakpoints else 0)
+                | (lib.KVM_GUESTDBG_USE_HW_BP if debug.hardware_breakpoints else 0)
+            )
+            request.arch.debugreg = list(debug.debugreg())
+        self._ioctl(ioctls.KVM_SET_GUEST_DEBUG, request)
+
+    def translate(self, gva: int) -> Translation:
+        """See ``KVM_TRANSLATE``: where the vCPU's current page tables map guest-virtual ``gva``."""
+        if not 0 <= gva < 1 << 64:
+            raise StateError(f"{gva:#x} is not a 64-bit guest-virtual address")
+        request = ffi.new("struct kvm_translation *")
+        request.linear_address = gva
+        self._ioctl(ioctls.KVM_TRANSLATE, request, f"address {gva:#x}")
+        return to_record(Translation, request)
+
+    # --- the whole state --------------------------------------------------------------
+    def complete_pending_exit(self) -> None:
+        """Let KVM finish the instruction of the last exit, without running the guest further.
+
+        After a port-I/O, MMIO or MSR exit the instruction completes only at the next KVM_RUN
+        (an IN's data goes into RAX then), and that pending part is in no state KVM gives out.
+        KVM_RUN with ``immediate_exit`` set completes it and returns EINTR before entering the
+        guest, as the KVM API documentation prescribes before saving state.
+        """
+        self.kvm_run.immediate_exit = 1
+        try:
+            ret = lib.pykvm_ioctl_value(self.fd, ioctls.KVM_RUN.number, 0)
+        finally:
+            self.kvm_run.immediate_exit = 0
+        if ret != -errno.EINTR:
+            check(ret, ioctls.KVM_RUN.name)
+            raise StateError(f"finishing vCPU {self.id}'s last exit made another exit: handle it before saving")
+
+    def save_state(self, msr_indices: Sequence[int]) -> VcpuState:
+        """Everything KVM holds for this vCPU; the vCPU (and, for the events, every vCPU of the VM)
+        must be out of :meth:`run`, its last exit answered.
+
+        The last exit's instruction is completed first (:meth:`complete_pending_exit`).
+        ``msr_indices`` are the MSRs to keep, usually :meth:`readable_msrs` of
+        ``Kvm.msr_index_list()``, found once per VM.  The order is Firecracker's: the MP state
+        first, because reading it lets the LAPIC deliver a pending INIT or SIPI to the vCPU,
+        which changes the rest; the events last, as the other reads may change what is pending.
+        """
+        self.complete_pending_exit()
+        mp_state = self.get_mp_state()
+        regs, sregs = self.get_regs(), self.get_sregs()
+        xsave, xcrs, debugregs = self.get_xsave(), self.get_xcrs(), self.get_debugregs()
+        lapic = self.get_lapic() if self.in_kernel_lapic else None
+        cpuid = self.get_cpuid2()
+        msrs = self._save_msrs(msr_indices)
+        return VcpuState(mp_state, regs, sregs, xsave, xcrs, debugregs, lapic, cpuid, msrs, self.get_vcpu_events())
+
+    def restore_state(self, state: VcpuState) -> None:
+        """Make this vCPU (new, or stopped) what :meth:`save_state` saw; every size is checked first.
+
+        The order is Firecracker's, for its reasons: CPUID first (KVM checks other state
+        against it); the MP state; SET_SREGS before SET_LAPIC (it restores the APIC base);
+        SET_LAPIC before SET_MSRS (the TSC deadline needs the LAPIC set up), with the TSC
+        deadline after the TSC; SET_VCPU_EVENTS last, because SET_REGS clears pending
+        exceptions and the events bring them back.  An exit this vCPU had not completed is
+        completed first, so that it cannot land on the restored state.
+        """
+        self._check_state(state)
+        self.complete_pending_exit()
+        self.set_cpuid2(state.cpuid)
+        self.set_mp_state(state.mp_state)
+        self.set_regs(state.regs)
+        self.set_sregs(state.sregs)
+        self.set_xsave(state.xsave)
+        self.set_xcrs(state.xcrs)
+        self.set_debugregs(state.debugregs)
+        if state.lapic is not None:
+            self.set_lapic(state.lapic)
+        self._restore_msrs(state.msrs)
+        self.set_vcpu_events(state.vcpu_events)
+
+    def _check_state(self, state: VcpuState) -> None:
+        check_present("LAPIC", state.lapic, self.in_kernel_lapic)
+        sizes = {
+            "xsave": self.xsave_size,
+            "xcrs": ffi.sizeof("struct kvm_xcrs"),
+            "debugregs": ffi.sizeof("struct kvm_debugregs"),
+            "lapic": ffi.sizeof("struct kvm_lapic_state"),
+            "vcpu_events": ffi.sizeof("struct kvm_vcpu_events"),
+        }
+        for name, size in sizes.items():
+            blob = getattr(state, name)
+            if blob is not None:
+                check_size(f"vCPU state {name}", blob, size)
+
+    def _save_msrs(self, indices: Sequence[int]) -> dict[int, int]:
+        values: dict[int, int] = {}
+        for start in range(0, len(indices), MSRS_PER_IOCTL):
+            chunk = indices[start : start + MSRS_PER_IOCTL]
+            read = self.get_msrs(chunk)
+            if len(read) < len(chunk):
+                raise StateError(
+                    f"KVM_GET_MSRS cannot read MSR {chunk[len(read)]:#x} on vCPU {self.id} "
+                    "(save only the readable_msrs())"
+                )
+            values.update(read)
+        return values
+
+    def _restore_msrs(self, values: Mapping[int, int]) -> None:
+        items = [(index, value) for index, value in values.items() if index != MSR_IA32_TSC_DEADLINE]
+        chunks = [dict(items[i : i + MSRS_PER_IOCTL]) for i in range(0, len(items), MSRS_PER_IOCTL)]
+        if MSR_IA32_TSC_DEADLINE in values:
+            chunks.append({MSR_IA32_TSC_DEADLINE: values[MSR_IA32_TSC_DEADLINE]})
+        for chunk in chunks:
+            accepted = self.set_msrs(chunk)
+            if accepted < len(chunk):
+                refused = list(chunk)[accepted]
+                raise StateError(f"KVM_SET_MSRS refused MSR {refused:#x} of the saved state on vCPU {self.id}")
 
     # --- running ---------------------------------------------------------------------
     def attach_fast_table(self, table: FastTable) -> None:
@@ -197,6 +411,9 @@ class Vcpu:
             return InternalErrorExit(run.internal.suberror, tuple(run.internal.data[0:count]))
         if reason == lib.KVM_EXIT_FAIL_ENTRY:
             return FailEntryExit(run.fail_entry.hardware_entry_failure_reason, run.fail_entry.cpu)
+        if reason == lib.KVM_EXIT_DEBUG:
+            debug = run.debug.arch
+            return GuestDebugExit(debug.exception, debug.pc, debug.dr6, debug.dr7)
         if reason == lib.KVM_EXIT_SYSTEM_EVENT:
             count = min(run.system_event.ndata, 16)
             return SystemEventExit(run.system_event.type, tuple(run.system_event.data[0:count]))
@@ -222,3 +439,11 @@ class Vcpu:
     @property
     def fast_exits(self) -> int:
         return int(self._loop.fast_exits)
+
+
+def _set_msr_index(entry: object, index: int) -> None:
+    entry.index = index  # type: ignore[attr-defined]
+
+
+def _set_msr_entry(entry: object, item: tuple[int, int]) -> None:
+    entry.index, entry.data = item  # type: ignore[attr-defined]
