@@ -81,6 +81,7 @@ int pykvm_install_kick_handler(int signo);
 int pykvm_loop_run(struct pykvm_loop *loop);
 int pykvm_chain_walk(const struct pykvm_guest_memory *mem, uint64_t desc_table, uint32_t queue_size,
                      uint32_t head, int indirect_ok, struct pykvm_buffer *out, uint32_t max_out);
+int64_t pykvm_save_pages(int fd, const uint8_t *mem, uint64_t length, uint64_t file_offset, int pagemap_fd);
 
 int pykvm_ioctl(int fd, unsigned long request, void *arg)
 {
@@ -436,4 +437,107 @@ int pykvm_chain_walk(const struct pykvm_guest_memory *mem, uint64_t desc_table, 
             return err;
     }
     return (int)walk.count;
+}
+
+/* ---- guest memory to a sparse file ----------------------------------------------------
+ *
+ * pykvm_save_pages() writes the pages of [mem, mem + length) that hold anything but zeros
+ * to fd, each at file_offset plus its offset, and leaves the all-zero ones as holes: a
+ * snapshot's memory file costs what the guest used.  With pagemap_fd >= 0 (the process's
+ * /proc/self/pagemap, for anonymous memory) a page that is neither present nor swapped
+ * was never written and is skipped without being read.  Runs of pages go out in one
+ * pwrite.  Returns the bytes written, or -errno.
+ */
+#define PYKVM_PAGE 4096u
+#define PAGEMAP_PRESENT (1ull << 63)
+#define PAGEMAP_SWAPPED (1ull << 62)
+#define PAGEMAP_BATCH 512u
+
+static int page_is_zero(const uint8_t *page)
+{
+    const uint64_t *words = (const uint64_t *)page;
+
+    for (unsigned i = 0; i < PYKVM_PAGE / sizeof(uint64_t); i++)
+        if (words[i])
+            return 0;
+    return 1;
+}
+
+static int64_t write_all(int fd, const uint8_t *data, uint64_t length, uint64_t offset)
+{
+    uint64_t done = 0;
+
+    while (done < length) {
+        ssize_t n = pwrite(fd, data + done, length - done, (off_t)(offset + done));
+
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -EIO;
+        done += (uint64_t)n;
+    }
+    return (int64_t)done;
+}
+
+/* Which of `count` pages from `mem` may hold data, from the pagemap (all of them without one). */
+static int read_pagemap(int pagemap_fd, const uint8_t *mem, uint64_t count, uint64_t *entries)
+{
+    uint64_t want = count * sizeof(uint64_t), got = 0;
+
+    if (pagemap_fd < 0) {
+        for (uint64_t i = 0; i < count; i++)
+            entries[i] = PAGEMAP_PRESENT;
+        return 0;
+    }
+    while (got < want) {
+        ssize_t n = pread(pagemap_fd, (uint8_t *)entries + got, want - got,
+                          (off_t)((uintptr_t)mem / PYKVM_PAGE * sizeof(uint64_t) + got));
+
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -EIO;
+        got += (uint64_t)n;
+    }
+    return 0;
+}
+
+int64_t pykvm_save_pages(int fd, const uint8_t *mem, uint64_t length, uint64_t file_offset, int pagemap_fd)
+{
+    uint64_t entries[PAGEMAP_BATCH], pages = length / PYKVM_PAGE, run_start = 0, run_pages = 0;
+    int64_t written = 0;
+
+    if ((uintptr_t)mem % PYKVM_PAGE || length % PYKVM_PAGE)
+        return -EINVAL;
+    for (uint64_t first = 0; first < pages; first += PAGEMAP_BATCH) {
+        uint64_t count = pages - first < PAGEMAP_BATCH ? pages - first : PAGEMAP_BATCH;
+        int err = read_pagemap(pagemap_fd, mem + first * PYKVM_PAGE, count, entries);
+
+        if (err)
+            return err;
+        for (uint64_t i = 0; i <= count; i++) {
+            uint64_t page = first + i;
+            int data = i < count && (entries[i] & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED))
+                       && !page_is_zero(mem + page * PYKVM_PAGE);
+
+            if (data) {
+                if (!run_pages)
+                    run_start = page;
+                run_pages++;
+                continue;
+            }
+            if (i == count && page < pages)
+                break; /* the run may go on in the next batch */
+            if (run_pages) {
+                int64_t n = write_all(fd, mem + run_start * PYKVM_PAGE, run_pages * PYKVM_PAGE,
+                                      file_offset + run_start * PYKVM_PAGE);
+
+                if (n < 0)
+                    return n;
+                written += n;
+                run_pages = 0;
+            }
+        }
+    }
+    return written;
 }

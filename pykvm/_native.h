@@ -480,5 +480,7 @@ struct pykvm_buffer {
     uint32_t writable;
 };
 
+int64_t pykvm_save_pages(int fd, const uint8_t *mem, uint64_t length, uint64_t file_offset, int pagemap_fd);
+
 int pykvm_chain_walk(const struct pykvm_guest_memory *mem, uint64_t desc_table, uint32_t queue_size,
                      uint32_t head, int indirect_ok, struct pykvm_buffer *out, uint32_t max_out);

@@ -66,14 +66,19 @@ class MachineParts:
     vcpus: list[Vcpu]
 
 
-def build(config: MachineConfig, kvm: Kvm | None, request_stop: RequestStop, closing: Closing) -> MachineParts:
-    """Build a machine from ``config``; ``kvm`` is a shared /dev/kvm (else one is opened)."""
+def build(
+    config: MachineConfig, kvm: Kvm | None, request_stop: RequestStop, closing: Closing, memory_backing: int | None = None
+) -> MachineParts:
+    """Build a machine from ``config``; ``kvm`` is a shared /dev/kvm (else one is opened).
+
+    ``memory_backing`` is a file whose bytes become guest RAM, copy-on-write (a snapshot's).
+    """
     native.check(lib.pykvm_install_kick_handler(KICK_SIGNAL), "sigaction")
     kvm = kvm or closing(Kvm(config.kvm_path))
     check_cpus(kvm, config.cpus)
     vm = closing(create_vm(kvm))
     memory_map = build_memory_map(config.memory_bytes)
-    memory = closing(create_memory(vm, config.memory_bytes, config.share_pages))
+    memory = closing(create_memory(vm, config.memory_bytes, config.share_pages, memory_backing))
     if config.irqchip:
         create_interrupt_controllers(vm)
     devices = closing(DeviceManager(vm, memory, irqchip=config.irqchip, virtio_notify=config.virtio_notify))
@@ -111,11 +116,13 @@ def create_vm(kvm: Kvm) -> Vm:
     return vm
 
 
-def create_memory(vm: Vm, ram_size: int, share_pages: bool) -> GuestMemory:
+def create_memory(vm: Vm, ram_size: int, share_pages: bool, backing: int | None = None) -> GuestMemory:
     """Guest RAM as KVM slots; register it before the irqchip (afterwards each slot waits ~7 ms)."""
-    memory = GuestMemory(ram_regions(ram_size))
+    memory = GuestMemory(ram_regions(ram_size), backing)
     try:
-        memory.register(vm)
+        # RAM from a snapshot is logged from the start: the snapshot is the machine's reset point,
+        # and turning logging on later would re-register each slot, after the irqchip (~7 ms each)
+        memory.register(vm, flags=lib.KVM_MEM_LOG_DIRTY_PAGES if backing is not None else 0)
         if share_pages:
             memory.merge(True)  # KSM may merge identical guest pages (while /sys/kernel/mm/ksm/run is 1)
     except BaseException:

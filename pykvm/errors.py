@@ -77,3 +77,8 @@ class DeviceError(PykvmError):
 class StateError(PykvmError):
     """A saved device, vCPU or machine state cannot be restored: a field is missing, of the
     wrong type or out of range, or does not fit the machine it is restored into."""
+
+
+class SnapshotError(PykvmError):
+    """A snapshot cannot be written or read: a missing, truncated or corrupt file, another format
+    version, or a host or disk that does not match what the snapshot's guest saw."""

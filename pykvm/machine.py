@@ -9,11 +9,12 @@ plan to the bootstrap processor (:meth:`Machine.load`) and runs the guest throug
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .boot import load_image
 from .boot.plan import BootPlan, LoadRequest, Module
@@ -25,6 +26,7 @@ from .dispatch import EXIT_NAMES, ExitDispatcher
 from .errors import ConfigError, GuestMemoryError, ImageError, PykvmError
 from .kvm import Kvm
 from .kvm.fastpath import Space
+from .native import lib
 from .result import RunResult, RunStats
 from .runner import Runner
 from .x86.cpu import apply_entry
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from .config import MachineOptions
     from .devices.virtio.device import VirtioDevice
     from .devices.manager import VirtioSlot
+    from .snapshot import Manifest, ResetPoint
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +74,45 @@ class Machine:
         self, config: MachineConfig | None = None, *, kvm: Kvm | None = None, **options: Unpack[MachineOptions]
     ) -> None:
         config = config or MachineConfig()
-        self.config = dataclasses.replace(config, **options) if options else config
+        self._construct(dataclasses.replace(config, **options) if options else config, kvm, None)
+
+    @classmethod
+    def restoring(cls, config: MachineConfig, kvm: Kvm | None, memory_file: int) -> Machine:
+        """A machine whose guest RAM is ``memory_file`` (copy-on-write), for :func:`pykvm.snapshot.restore`
+        to put a saved state into; not ready to run until it has."""
+        machine = cls.__new__(cls)
+        machine._construct(config, kvm, memory_file)
+        return machine
+
+    @classmethod
+    def restore(
+        cls, path: str | Path, *, kvm: Kvm | None = None, serial: str = "none", capture_serial: bool = False,
+        allow_changed_disks: bool = False,
+    ) -> Machine:  # fmt: skip
+        """A machine restored from the snapshot at ``path`` (see :meth:`snapshot`), ready to run.
+
+        Guest RAM is mapped from the snapshot copy-on-write, so restoring costs the same for any
+        RAM size and many machines restored from one snapshot share the pages none of them
+        changed.  ``serial`` and ``capture_serial`` are as for a new machine; a disk image that
+        changed since the snapshot is refused unless ``allow_changed_disks``.
+        """
+        from .snapshot import restore
+
+        return restore(path, kvm=kvm, serial=serial, capture_serial=capture_serial,
+                       allow_changed_disks=allow_changed_disks)  # fmt: skip
+
+    def _construct(self, config: MachineConfig, kvm: Kvm | None, memory_file: int | None) -> None:
+        self.config = config
         self.config.validate()
         self._closers: list[Callable[[], None]] = []
         self._closed = False
-        self._plan: BootPlan | None = None
+        self._ready = False  # a guest is loaded, or a state restored
+        self.cmdline = ""
+        self._msrs: list[int] | None = None
+        self._reset_point: ResetPoint | None = None
         self._serial_error_reported = False
         try:
-            parts = build(self.config, kvm, self._request_stop, self._closing)
+            parts = build(self.config, kvm, self._request_stop, self._closing, memory_file)
         except BaseException:
             self.close()
             raise
@@ -112,6 +146,9 @@ class Machine:
         self._closed = True
         while self._closers:
             self._closers.pop()()
+        if self._reset_point is not None:
+            self._reset_point.close()
+            self._reset_point = None
 
     def __enter__(self) -> Machine:
         return self
@@ -161,7 +198,7 @@ class Machine:
             raise ImageError(str(path), f"does not fit in guest memory: {err}") from err
         apply_entry(self.vcpus[0], self.memory, entry_state)
         set_cmdline(self.fw_cfg, cmdline)
-        self._plan = plan
+        self.mark_ready(cmdline)
         return plan
 
     # --- running --------------------------------------------------------------------
@@ -169,8 +206,8 @@ class Machine:
         """Run the guest until it stops (or ``timeout`` seconds pass) and say how it ended."""
         if self._closed:
             raise PykvmError("this machine is closed")
-        if self._plan is None:
-            raise PykvmError("nothing to run: load a guest image first")
+        if not self._ready:
+            raise PykvmError("nothing to run: load a guest image (or restore a snapshot) first")
         if timeout is not None and not timeout > 0:
             raise ConfigError(f"timeout must be positive, not {timeout}")
         try:
@@ -211,6 +248,56 @@ class Machine:
     def resume(self) -> None:
         """Let a paused run go on."""
         self._runner.resume()
+
+    # --- snapshots ----------------------------------------------------------------------
+    def snapshot(self, path: str | Path) -> Manifest:
+        """Save the machine (running or not) as a snapshot directory at ``path``; it goes on.
+
+        The snapshot becomes the machine's reset point (see :meth:`reset`).  A directory that
+        holds an older snapshot is replaced atomically; anything else there is refused.
+        """
+        from .snapshot import save
+
+        return save(self, path)
+
+    def reset(self) -> int:
+        """Return the machine to its last snapshot (taken or restored): only the pages written
+        since are put back, then the CPU and device state.  Returns the bytes put back.
+
+        Disk images are not rolled back (use a throw-away overlay for that).
+        """
+        from .snapshot import reset
+
+        if self._reset_point is None:
+            raise PykvmError("nothing to reset to: take a snapshot (or restore one) first")
+        return reset(self, self._reset_point)
+
+    def mark_ready(self, cmdline: str) -> None:
+        """The guest is loaded (or its state restored) with this command line: it may run."""
+        self._ready, self.cmdline = True, cmdline
+
+    def saved_msrs(self) -> list[int]:
+        """The MSRs a snapshot keeps: those KVM saves that this machine's vCPUs can read."""
+        if self._msrs is None:
+            self._msrs = self.vcpus[0].readable_msrs(self.kvm.msr_index_list())
+        return self._msrs
+
+    @contextlib.contextmanager
+    def paused_for_snapshot(self) -> Iterator[None]:
+        """Inside, no vCPU runs and no device changes state (a run goes on afterwards)."""
+        with self._runner.paused(), self.devices.quiesced():
+            yield
+
+    def set_reset_point(self, point: ResetPoint) -> None:
+        """Make ``point`` what :meth:`reset` returns to, and start noting what is written from now on."""
+        if self._reset_point is not None:
+            self._reset_point.close()
+        self._reset_point = point
+        for slot in self.vm.memory_slots():
+            if not slot.flags & lib.KVM_MEM_LOG_DIRTY_PAGES:
+                self.vm.set_dirty_logging(slot.slot)
+            self.vm.get_dirty_log(slot.slot)  # starts the log afresh
+        self.memory.track_host_writes()
 
     def stats(self) -> RunStats:
         """Exit counts and time, since the machine was created."""

@@ -46,7 +46,15 @@ class MemoryRegion:
         return self.gpa + self.size
 
 
-def _map_region(gpa: int, size: int) -> MemoryRegion:
+def _map_region(gpa: int, size: int, backing: int | None = None) -> MemoryRegion:
+    if backing is not None:  # copy-on-write over a file, paged in on demand (a snapshot's memory)
+        mapping = mmap.mmap(
+            backing, size, flags=mmap.MAP_PRIVATE | lib.MAP_NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=gpa
+        )
+        pointer = ffi.from_buffer(mapping)
+        base = int(ffi.cast("uintptr_t", pointer))
+        ffi.release(pointer)
+        return MemoryRegion(gpa, size, base, memoryview(mapping), mapping, 0)
     mapping = mmap.mmap(
         -1,
         size + HUGE_PAGE_SIZE,
@@ -67,20 +75,27 @@ _U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 class GuestMemory:
     """The guest's RAM: sorted, non-overlapping regions of page-aligned size.
 
+    ``backing`` is a file (descriptor) whose bytes at each region's guest-physical address
+    become the region's contents, mapped copy-on-write: the guest's writes stay private, and
+    nothing is read until the guest touches it (a restored snapshot).  Without one, RAM is
+    anonymous and reads as zeros.
+
     >>> with GuestMemory([(0, 1 << 20)]) as mem:
     ...     mem.write(0x1000, b"hi")
     ...     mem.read(0x1000, 2)
     b'hi'
     """
 
-    def __init__(self, ranges: Iterable[tuple[int, int]]) -> None:
+    def __init__(self, ranges: Iterable[tuple[int, int]], backing: int | None = None) -> None:
         ranges = list(ranges)
         _validate(ranges)
         self.regions: list[MemoryRegion] = []
+        self.file_backed = backing is not None
         self.table = ffi.new("struct pykvm_guest_memory *")  # filled once the regions are mapped
+        self._host_writes: set[int] | None = None  # page numbers, while tracked
         try:
             for gpa, size in ranges:
-                self.regions.append(_map_region(gpa, size))
+                self.regions.append(_map_region(gpa, size, backing))
         except OSError as err:
             self.close()
             total = sum(size for _, size in ranges)
@@ -92,10 +107,10 @@ class GuestMemory:
         """Total bytes of guest RAM."""
         return sum(region.size for region in self.regions)
 
-    def register(self, vm: Vm, first_slot: int = 0) -> None:
-        """Map every region into ``vm`` as a KVM memory slot."""
+    def register(self, vm: Vm, first_slot: int = 0, flags: int = 0) -> None:
+        """Map every region into ``vm`` as a KVM memory slot (with ``KVM_MEM_*`` ``flags``)."""
         for slot, region in enumerate(self.regions, first_slot):
-            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr, flags)
 
     def locate(self, gpa: int, length: int) -> tuple[MemoryRegion, int]:
         """The region wholly holding ``[gpa, gpa+length)`` and the offset into it."""
@@ -106,13 +121,26 @@ class GuestMemory:
         raise GuestMemoryError(gpa, length)
 
     def view(self, gpa: int, length: int) -> memoryview:
-        """A zero-copy, writable view of ``[gpa, gpa+length)``."""
+        """A zero-copy, writable view of ``[gpa, gpa+length)`` (counted as written, when host
+        writes are tracked: a view is how devices write guest memory)."""
         region, offset = self.locate(gpa, length)
+        self._note_host_write(gpa, length)
         return region.view[offset : offset + length]
+
+    def _note_host_write(self, gpa: int, length: int) -> None:
+        if self._host_writes is not None:
+            self._host_writes.update(range(gpa // PAGE_SIZE, (gpa + length + PAGE_SIZE - 1) // PAGE_SIZE))
+
+    def track_host_writes(self) -> set[int]:
+        """Start (or restart) noting which pages the host writes: KVM's dirty log sees only the
+        guest's own writes, not a device's.  Returns the pages noted until now (page numbers)."""
+        noted, self._host_writes = self._host_writes or set(), set()
+        return noted
 
     def read(self, gpa: int, length: int) -> bytes:
         """A copy of ``length`` bytes at ``gpa``."""
-        return bytes(self.view(gpa, length))
+        region, offset = self.locate(gpa, length)
+        return bytes(region.view[offset : offset + length])
 
     def write(self, gpa: int, data: bytes) -> None:
         """Copy ``data`` to ``gpa``."""
@@ -131,16 +159,13 @@ class GuestMemory:
         return _U64.unpack_from(region.view, offset)[0]
 
     def write_u16(self, gpa: int, value: int) -> None:
-        region, offset = self.locate(gpa, 2)
-        _U16.pack_into(region.view, offset, value)
+        _U16.pack_into(self.view(gpa, 2), 0, value)
 
     def write_u32(self, gpa: int, value: int) -> None:
-        region, offset = self.locate(gpa, 4)
-        _U32.pack_into(region.view, offset, value)
+        _U32.pack_into(self.view(gpa, 4), 0, value)
 
     def write_u64(self, gpa: int, value: int) -> None:
-        region, offset = self.locate(gpa, 8)
-        _U64.pack_into(region.view, offset, value)
+        _U64.pack_into(self.view(gpa, 8), 0, value)
 
     def host_address(self, gpa: int, length: int = 1) -> int:
         """The host virtual address of ``gpa`` (for C code and syscalls)."""
@@ -156,10 +181,12 @@ class GuestMemory:
         self.table.count = len(self.regions)
 
     def discard(self, gpa: int, length: int) -> None:
-        """Give whole pages back to the host (MADV_DONTNEED); the guest then reads zeros there."""
+        """Give whole pages back to the host (MADV_DONTNEED); the guest then reads zeros there (or,
+        over a backing file, the file's contents again)."""
         if gpa % PAGE_SIZE or length % PAGE_SIZE:
             raise GuestMemoryError(gpa, length, "not page aligned")
         region, offset = self.locate(gpa, length)
+        self._note_host_write(gpa, length)
         region.mapping.madvise(mmap.MADV_DONTNEED, region.mapping_offset + offset, length)
 
     def merge(self, enable: bool) -> None:

@@ -76,7 +76,7 @@ def test_config_object_and_keyword_options_build_the_same_machine(kvm_host) -> N
 
 
 def test_running_before_loading_is_an_error(machine_factory) -> None:
-    with pytest.raises(PykvmError, match="load a guest image first"):
+    with pytest.raises(PykvmError, match="load a guest image"):
         machine_factory().run()
 
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..kvm import Vm
     from ..memory import GuestMemory
     from .virtio.device import VirtioDevice
-    from .virtio.mmio import TransportState, VirtioMmioTransport
+    from .virtio.mmio import VirtioMmioTransport
 
 
 @dataclasses.dataclass
@@ -63,10 +63,11 @@ class VirtioSlot:
 
 @dataclasses.dataclass(frozen=True)
 class VirtioSlotState:
-    """One virtio slot: which device it holds, its transport's registers, the device's own state."""
+    """One virtio slot: which device it holds, its transport's registers (a
+    :class:`~pykvm.devices.virtio.mmio.TransportState`), the device's own state."""
 
     device_id: int
-    transport: TransportState
+    transport: Any
     device: Any
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 from ...errors import StateError
 from ...logs import RateLimitedLog
 from ...memory import GuestMemory
-from ..state import check_int
+from ..state import check_int, check_record
 from .device import VirtioDevice
 from .queue import QueueError, QueueState, SplitQueue
 
@@ -317,6 +317,7 @@ class VirtioMmioTransport:
     def restore_state(self, state: TransportState) -> None:
         """Take ``state`` into a transport fresh from its device manager; an active device is
         activated again (its queues checked as at DRIVER_OK, its notifications wired)."""
+        check_record(state, TransportState)
         for name in ("status", "device_features_sel", "driver_features_sel", "queue_sel",
                      "interrupt_status", "config_generation"):  # fmt: skip
             check_int(state, name, 0, _WORD)
