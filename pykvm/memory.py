@@ -209,12 +209,14 @@ class GuestMemory:
         """Bytes of guest RAM the host holds for this memory, from ``/proc/self/smaps``.
 
         ``rss`` (resident, as counted in the process RSS), ``anon_huge`` (of which in
-        transparent huge pages) and ``ksm`` (of which merged pages, shared by KSM), summed over
-        the mappings of every region: what the guest's RAM costs inside the process's RSS.
+        transparent huge pages), ``ksm`` (of which merged pages, shared by KSM) and
+        ``private_dirty`` (pages only this memory holds: over a backing file, what the guest
+        changed), summed over the mappings of every region: what the guest's RAM costs inside
+        the process's RSS.
         """
         spans = [(r.host_addr - r.mapping_offset, r.host_addr - r.mapping_offset + len(r.mapping)) for r in self.regions]
-        totals = {"rss": 0, "anon_huge": 0, "ksm": 0}
-        fields = {"Rss:": "rss", "AnonHugePages:": "anon_huge", "KSM:": "ksm"}
+        totals = {"rss": 0, "anon_huge": 0, "ksm": 0, "private_dirty": 0}
+        fields = {"Rss:": "rss", "AnonHugePages:": "anon_huge", "KSM:": "ksm", "Private_Dirty:": "private_dirty"}
         inside = False
         with open("/proc/self/smaps") as smaps:
             for line in smaps:

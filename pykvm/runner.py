@@ -81,7 +81,13 @@ class Runner:
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """No vCPU runs inside (a machine that is not running needs no pausing)."""
+        """No vCPU runs inside (a machine that is not running needs no pausing); a run that was
+        paused already stays paused afterwards."""
+        with self._lock:
+            control = self._control if self._running else None
+        if control is not None and control.paused:
+            yield
+            return
         paused = self.pause()
         try:
             yield

@@ -1,0 +1,180 @@
+; counter.asm - 64-bit long-mode flat binary (counter.bin), loaded at 0x100000, entered at CPL0.
+; Needs the in-kernel PIC and PIT (a machine with irqchip=True).
+; Made for snapshot, restore and migration tests: it counts and prints, paced by the PIT, while it takes
+; the UART's receive interrupts, so that a machine saved at any moment and restored must carry its
+; registers, memory, PIC, PIT and UART exactly for the rest of the output to be right.
+;
+; PIT channel 0 at 1 kHz (IRQ 0, vector 0x20) and COM1's received-data interrupt (IRQ 4, vector 0x24)
+; through the remapped PICs.  For n = 1 .. COUNT it waits for TICKS_PER_LINE ticks, then prints
+;     count <n decimal>\n
+; The UART handler takes every byte the host sends: it counts them and folds them into a sum
+; (sum = sum * 31 + byte, mod 2^64).  After the last count it prints
+;     input <bytes decimal> sum <16 hex digits>\n
+; and exits with value 0 (status 1).  Every line is the same on every run whatever the timing: only the
+; pace depends on the ticks.  Without its PIT state after a restore it waits for ever (use a timeout).
+
+bits 64
+default rel
+org 0x100000
+
+%include "lib/serial.inc"
+%include "lib/pc.inc"
+
+COUNT           equ 400
+TICKS_PER_LINE  equ 2
+PIT_DIV_1KHZ    equ 1193                ; PIT_HZ / 1000
+TICK_VECTOR     equ PIC1_VECTOR + 0     ; IRQ 0
+UART_VECTOR     equ PIC1_VECTOR + COM1_IRQ
+PIC_SPURIOUS_VECTOR equ PIC1_VECTOR + 7
+IDT_GATES       equ PIC_SPURIOUS_VECTOR + 1
+GATE_INTERRUPT  equ 0x8e00              ; present, DPL 0, 64-bit interrupt gate
+COM1_RBR        equ 0x3f8
+COM1_LSR        equ 0x3fd
+LSR_DATA_READY  equ 0x01
+
+_start:
+        mov dx, cs
+        lea rdi, [idt + TICK_VECTOR * 16]
+        lea rax, [tick_isr]
+        call set_gate
+        lea rdi, [idt + UART_VECTOR * 16]
+        lea rax, [uart_isr]
+        call set_gate
+        lea rdi, [idt + PIC_SPURIOUS_VECTOR * 16]
+        lea rax, [spurious_isr]
+        call set_gate
+        lidt [idtr]
+        call pic_init
+        call pit_1khz
+        mov al, IER_RDA                 ; the UART: an interrupt per received byte, OUT2 on
+        mov dx, COM1_IER
+        out dx, al
+        mov al, MCR_DTR_RTS_OUT2
+        mov dx, COM1_MCR
+        out dx, al
+
+        mov r13d, 1                     ; n
+.line:  mov ecx, TICKS_PER_LINE
+        call wait_ticks
+        PRINT msg_count
+        mov eax, r13d
+        call serial_dec
+        NEWLINE
+        inc r13d
+        cmp r13d, COUNT
+        jbe .line
+
+        cli                             ; the totals, then the end
+        PRINT msg_input
+        mov rax, [input_bytes]
+        call serial_dec
+        PRINT msg_sum
+        mov rax, [input_sum]
+        mov cl, 16
+        call serial_hex
+        NEWLINE
+        EXIT 0
+
+; Waits (sti; hlt) until ecx more PIT ticks came; returns with interrupts disabled.
+wait_ticks:
+        cli
+        mov rbp, [ticks]
+        add rbp, rcx
+.wait:  cmp [ticks], rbp
+        jae .done
+        sti                             ; the interrupt shadow of STI covers HLT: no tick is missed
+        hlt
+        cli
+        jmp .wait
+.done:  ret
+
+; An interrupt gate at rdi for the handler at rax, code selector dx (rax clobbered).
+set_gate:
+        mov [rdi], ax
+        mov [rdi + 2], dx
+        mov word [rdi + 4], GATE_INTERRUPT
+        shr rax, 16
+        mov [rdi + 6], ax
+        shr rax, 16
+        mov [rdi + 8], eax
+        mov dword [rdi + 12], 0
+        ret
+
+; The PICs remapped to PIC1_VECTOR / PIC2_VECTOR, every IRQ masked but IRQ 0 and COM1's.
+pic_init:
+        mov al, 0x11                    ; ICW1: edge triggered, cascade, ICW4 follows
+        out PIC1_CMD, al
+        out PIC2_CMD, al
+        mov al, PIC1_VECTOR             ; ICW2: vector base
+        out PIC1_DATA, al
+        mov al, PIC2_VECTOR
+        out PIC2_DATA, al
+        mov al, 1 << 2                  ; ICW3: the slave is on the master's IRQ 2 ...
+        out PIC1_DATA, al
+        mov al, 2                       ; ... and knows its cascade identity
+        out PIC2_DATA, al
+        mov al, 0x01                    ; ICW4: 8086 mode, normal EOI
+        out PIC1_DATA, al
+        out PIC2_DATA, al
+        mov al, 0xff & ~(1 << 0) & ~(1 << COM1_IRQ)
+        out PIC1_DATA, al
+        mov al, 0xff
+        out PIC2_DATA, al
+        ret
+
+pit_1khz:
+        mov al, PIT_CH0_MODE2
+        out PIT_CMD, al
+        mov al, PIT_DIV_1KHZ & 0xff     ; low byte, then high byte
+        out PIT_CH0, al
+        mov al, PIT_DIV_1KHZ >> 8
+        out PIT_CH0, al
+        ret
+
+tick_isr:
+        push rax
+        inc qword [ticks]
+        mov al, PIC_EOI
+        out PIC1_CMD, al
+        pop rax
+        iretq
+
+; Takes every byte waiting in the UART (LSR.DR), then EOI.
+uart_isr:
+        push rax
+        push rdx
+.next:  mov dx, COM1_LSR
+        in al, dx
+        test al, LSR_DATA_READY
+        jz .done
+        mov dx, COM1_RBR
+        in al, dx
+        movzx edx, al
+        mov rax, [input_sum]
+        imul rax, rax, 31
+        add rax, rdx
+        mov [input_sum], rax
+        inc qword [input_bytes]
+        jmp .next
+.done:  mov al, PIC_EOI
+        out PIC1_CMD, al
+        pop rdx
+        pop rax
+        iretq
+
+spurious_isr:
+        iretq
+
+%include "lib/serial_code.inc"
+
+msg_count:      db "count ", 0
+msg_input:      db "input ", 0
+msg_sum:        db " sum ", 0
+align 8
+ticks:          dq 0
+input_bytes:    dq 0
+input_sum:      dq 0
+idtr:           dw IDT_GATES * 16 - 1
+                dq idt
+align 16
+idt:            times IDT_GATES * 16 db 0
