@@ -35,6 +35,7 @@ from .kvm.exits import (
 )
 from .native import lib
 from .result import ExitReason
+from .x86.layout import PORT_NAMES
 
 EXIT_NAMES = {
     getattr(lib, name): name[len("KVM_EXIT_") :].lower()
@@ -110,14 +111,21 @@ class ExitDispatcher:
 
 
     def address_counts(self) -> dict[str, int]:
-        """Accesses by ``"<space> <address> <read|write>"``, the others under :data:`OTHER_ADDRESSES`."""
+        """Accesses by ``"<space> <address> <read|write>"`` (with the port's name where it has a
+        well-known one), the others under :data:`OTHER_ADDRESSES`."""
         counts = {
-            f"{space} {addr:#06x} {'write' if is_write else 'read'}": count
+            address_label(space, addr, "write" if is_write else "read"): count
             for (space, addr, is_write), count in self.by_address.items()
         }
         if self.other_addresses:
             counts[f"({OTHER_ADDRESSES}, beyond the first {ADDRESSES_KEPT})"] = self.other_addresses
         return counts
+
+
+def address_label(space: str, addr: int, kind: str) -> str:
+    """``"pio 0x03fd read (COM1 LSR)"``: how ``--stats`` names an address."""
+    name = PORT_NAMES.get(addr) if space == "pio" else None
+    return f"{space} {addr:#06x} {kind}" + (f" ({name})" if name else "")
 
 
 def _system_event_stop(kind: int, vcpu_id: int) -> Stop:

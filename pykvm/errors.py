@@ -35,15 +35,6 @@ class KvmIoctlError(PykvmError):
         self.errno = errno
 
 
-class StateError(PykvmError):
-    """KVM state that cannot be given or taken as asked.
-
-    A saved state that does not fit (a blob of the wrong size, an irqchip the VM lacks, an
-    MSR KVM refuses) or a request KVM cannot express (an unknown memory slot, a dirty
-    bitmap of another size than its slot, more hardware breakpoints than the CPU has).
-    """
-
-
 class GuestMemoryError(PykvmError):
     """An access to guest-physical memory outside the guest's RAM."""
 
@@ -75,8 +66,9 @@ class DeviceError(PykvmError):
 
 
 class StateError(PykvmError):
-    """A saved device, vCPU or machine state cannot be restored: a field is missing, of the
-    wrong type or out of range, or does not fit the machine it is restored into."""
+    """A saved device, vCPU or machine state that cannot be restored, or KVM state that cannot be
+    given or taken as asked: a field missing, of the wrong type or out of range, a blob of the
+    wrong size, an irqchip the VM lacks, an MSR KVM refuses, an unknown memory slot."""
 
 
 class SnapshotError(PykvmError):

@@ -22,7 +22,7 @@ from .builder import build
 from .config import MachineConfig
 from .control import Stop
 from .devices.fw_cfg import set_cmdline
-from .dispatch import EXIT_NAMES, ExitDispatcher
+from .dispatch import EXIT_NAMES, ExitDispatcher, address_label
 from .errors import ConfigError, GuestMemoryError, ImageError, PykvmError
 from .kvm import Kvm
 from .kvm.fastpath import Space
@@ -311,12 +311,13 @@ class Machine:
             space = "pio" if handler.space is Space.PIO else "mmio"
             for kind, count in (("read", handler.reads), ("write", handler.writes)):
                 if count:
-                    by_address[f"{space} {handler.base:#06x} {kind} (C)"] = count
+                    by_address[address_label(space, handler.base, kind) + " in C"] = count
         return RunStats(
             exits_by_reason=by_reason,
             exits_by_address=by_address,
             wall_ns=self._runner.wall_ns,
             guest_ns=sum(v.guest_ns for v in self.vcpus),
+            guest_ns_by_vcpu={v.id: v.guest_ns for v in self.vcpus},
             fast_handler_ns=sum(v.fast_ns for v in self.vcpus),
             python_handler_ns=self.dispatch.handler_ns,
         )

@@ -60,21 +60,26 @@ class RunStats:
     exits_by_reason: dict[str, int] = field(default_factory=dict)
     exits_by_address: dict[str, int] = field(default_factory=dict)
     wall_ns: int = 0
-    guest_ns: int = 0
+    guest_ns: int = 0  # summed over the vCPUs (it exceeds wall time when several run at once)
     fast_handler_ns: int = 0
     python_handler_ns: int = 0
+    guest_ns_by_vcpu: dict[int, int] = field(default_factory=dict)
 
     def format(self) -> str:
         """A short table for humans (``pykvm run --stats``)."""
         total = sum(self.exits_by_reason.values())
+        in_guest = f"in guest {self.guest_ns / 1e9:.3f} s"
+        if len(self.guest_ns_by_vcpu) > 1:
+            each = ", ".join(f"vCPU {i} {ns / 1e9:.3f} s" for i, ns in sorted(self.guest_ns_by_vcpu.items()))
+            in_guest = f"in guest {self.guest_ns / 1e9:.3f} s of vCPU time ({each})"
         lines = [
-            f"exits: {total} in {self.wall_ns / 1e9:.3f} s wall; in guest {self.guest_ns / 1e9:.3f} s, "
+            f"exits: {total} in {self.wall_ns / 1e9:.3f} s wall; {in_guest}, "
             f"in C handlers {self.fast_handler_ns / 1e9:.3f} s, in Python handlers {self.python_handler_ns / 1e9:.3f} s"
         ]
-        lines += [f"  {name:<20} {count:>10}" for name, count in sorted(self.exits_by_reason.items())]
+        lines += [f"  {name:<36} {count:>10}" for name, count in sorted(self.exits_by_reason.items())]
         if self.exits_by_address:
             lines.append("by port / address:")
-            lines += [f"  {name:<20} {count:>10}" for name, count in sorted(self.exits_by_address.items())]
+            lines += [f"  {name:<36} {count:>10}" for name, count in sorted(self.exits_by_address.items())]
         return "\n".join(lines)
 
 

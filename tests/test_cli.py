@@ -78,7 +78,7 @@ def test_stats_show_exits_by_reason_and_port() -> None:
     process = pykvm("run", str(guest("hello_real.bin")), "--stats")
     stderr = process.stderr.decode()
     assert stderr.startswith("exits: ") and "in guest" in stderr and "in Python handlers" in stderr
-    assert "pio 0x03f8 write (C)" in stderr and "pio 0x03fd read" in stderr
+    assert "pio 0x03f8 write (COM1 THR/RBR) in C" in stderr and "pio 0x03fd read" in stderr
 
 
 def test_a_triple_fault_is_reported_with_registers_and_its_status() -> None:

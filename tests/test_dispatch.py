@@ -123,3 +123,19 @@ def test_a_device_whose_read_returns_nothing_is_a_clear_error() -> None:
     pio.register(0x3E0, 1, Broken())  # type: ignore[arg-type]
     with pytest.raises(DeviceError, match=r"Broken.read\(0x0, 1\) at 0x3e0 returned None, not an int"):
         dispatch.handle(FakeVcpu(), IoExit(0x3E0, 1, 1, False, bytearray(1)), control())  # type: ignore[arg-type]
+
+
+def test_well_known_ports_are_named_in_the_statistics() -> None:
+    from pykvm.dispatch import address_label
+
+    assert address_label("pio", 0x3FD, "read") == "pio 0x03fd read (COM1 LSR)"
+    assert address_label("pio", 0x3E0, "write") == "pio 0x03e0 write"
+    assert address_label("mmio", 0x3FD, "read") == "mmio 0x03fd read"
+
+
+def test_the_statistics_label_each_vcpus_time_when_there_are_several() -> None:
+    from pykvm.result import RunStats
+
+    stats = RunStats({"io": 3}, {}, wall_ns=10**8, guest_ns=2 * 10**8, guest_ns_by_vcpu={0: 10**8, 1: 10**8})
+    assert "in guest 0.200 s of vCPU time (vCPU 0 0.100 s, vCPU 1 0.100 s)" in stats.format()
+    assert "of vCPU time" not in RunStats({"io": 1}, {}, guest_ns=5, guest_ns_by_vcpu={0: 5}).format()

@@ -91,7 +91,7 @@ def test_cmos_rtc_gives_the_host_time_port_0x80_is_ignored_and_i8042_resets(mach
     assert lines[1:] == ["unclaimed: ffff", "resetting"]
     assert (result.reason, result.status) == (ExitReason.RESET, 0)
     assert machine.pio.unclaimed[(0x3E0, "read")] == 1
-    assert result.stats.exits_by_address["pio 0x0080 write (C)"] == 1
+    assert result.stats.exits_by_address["pio 0x0080 write (POST) in C"] == 1
 
 
 def test_hlt_with_interrupts_disabled_ends_cleanly(run_guest) -> None:
@@ -135,7 +135,7 @@ def test_fast_path_and_python_path_print_the_same_bytes(machine_factory) -> None
             handler.enabled = handler.enabled and fast
         result = machine.run(timeout=30)
         outputs.append((result.serial, result.status))
-        python_writes = result.stats.exits_by_address.get("pio 0x03f8 write", 0)
+        python_writes = result.stats.exits_by_address.get("pio 0x03f8 write (COM1 THR/RBR)", 0)
         assert (python_writes == 0) == fast
     assert outputs[0] == outputs[1] == (b"Hello from long mode\n", 1)
 
@@ -144,7 +144,7 @@ def test_stats_count_exits_by_reason_and_port(run_guest) -> None:
     result = run_guest(guest("hello_real.bin"))
     stats = result.stats
     assert stats.exits_by_reason["io"] == sum(stats.exits_by_address.values())
-    assert stats.exits_by_address["pio 0x03f8 write (C)"] == len(b"Hello from real mode\n")
-    assert stats.exits_by_address["pio 0x00f4 write (C)"] == 1
+    assert stats.exits_by_address["pio 0x03f8 write (COM1 THR/RBR) in C"] == len(b"Hello from real mode\n")
+    assert stats.exits_by_address["pio 0x00f4 write (debug exit) in C"] == 1
     assert 0 < stats.guest_ns <= stats.wall_ns
     assert "exits:" in stats.format() and "pio 0x03fd read" in stats.format()

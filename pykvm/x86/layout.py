@@ -76,3 +76,19 @@ DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS = 0xF4, 4  # QEMU's isa-debug-exit
 COM1_PORT, COM1_PORTS = 0x3F8, 8  # the 16550A UART's eight registers
 FW_CFG_PORT, FW_CFG_PORTS = 0x510, 2  # selector, data
 ACPI_PM_PORT, ACPI_PM_PORTS = 0x600, 12  # PM1a event and control blocks, PM timer
+
+# What --stats calls each well-known port.
+_COM1_REGISTERS = ("THR/RBR", "IER", "IIR/FCR", "LCR", "MCR", "LSR", "MSR", "SCR")
+PORT_NAMES = {
+    **{COM1_PORT + i: f"COM1 {name}" for i, name in enumerate(_COM1_REGISTERS)},
+    I8042_PORT: "i8042 data", I8042_PORT + 4: "i8042 status/command",
+    CMOS_PORT: "CMOS index", CMOS_PORT + 1: "CMOS data",
+    POST_PORT: "POST",
+    **{DEBUG_EXIT_PORT + i: "debug exit" for i in range(DEBUG_EXIT_PORTS)},
+    FW_CFG_PORT: "fw_cfg selector", FW_CFG_PORT + 1: "fw_cfg data",
+    **{ACPI_PM_PORT + i: "ACPI PM1a event" for i in range(4)},
+    **{ACPI_PM_PORT + 4 + i: "ACPI PM1a control" for i in range(2)},
+    **{ACPI_PM_PORT + 8 + i: "ACPI PM timer" for i in range(4)},
+    0x20: "PIC master", 0x21: "PIC master", 0xA0: "PIC slave", 0xA1: "PIC slave",
+    **{0x40 + i: "PIT" for i in range(4)}, 0x61: "speaker/PIT gate",
+}  # fmt: skip
