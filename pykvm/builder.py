@@ -26,6 +26,7 @@ from .devices.manager import DeviceManager
 from .devices.ports import ConstantPort
 from .devices.uart import Uart16550
 from .errors import ConfigError, PykvmError
+from .events import Events
 from .kvm import Kvm, Vcpu, Vm
 from .kvm.fastpath import FastKind, Space
 from .kvm.state import CpuidEntry
@@ -67,12 +68,15 @@ class MachineParts:
 
 
 def build(
-    config: MachineConfig, kvm: Kvm | None, request_stop: RequestStop, closing: Closing, memory_backing: int | None = None
-) -> MachineParts:
+    config: MachineConfig, kvm: Kvm | None, request_stop: RequestStop, closing: Closing,
+    memory_backing: int | None = None, events: Events | None = None,
+) -> MachineParts:  # fmt: skip
     """Build a machine from ``config``; ``kvm`` is a shared /dev/kvm (else one is opened).
 
-    ``memory_backing`` is a file whose bytes become guest RAM, copy-on-write (a snapshot's).
+    ``memory_backing`` is a file whose bytes become guest RAM, copy-on-write (a snapshot's);
+    devices announce what the host should hear of (a balloon's size) on ``events``.
     """
+    events = events or Events()
     native.check(lib.pykvm_install_kick_handler(KICK_SIGNAL), "sigaction")
     kvm = kvm or closing(Kvm(config.kvm_path))
     check_cpus(kvm, config.cpus)
@@ -92,7 +96,7 @@ def build(
     if acpi is not None:
         attach_acpi_pm(devices, request_stop)
     fw_cfg = attach_fw_cfg(devices, config, memory_map, acpi)
-    virtio_console, balloon = attach_virtio_devices(devices, config, serial_output, memory_map, closing)
+    virtio_console, balloon = attach_virtio_devices(devices, config, serial_output, memory_map, closing, events)
     supported = kvm.supported_cpuid()
     vcpus = [closing(create_vcpu(kvm, vm, i, supported, devices)) for i in range(config.cpus)]
     return MachineParts(kvm, vm, memory_map, memory, devices, serial_output, serial, fw_cfg, acpi,
@@ -199,6 +203,7 @@ def attach_virtio_devices(
     serial_output: SerialOutput,
     memory_map: tuple[E820Entry, ...],
     closing: Closing,
+    events: Events,
 ) -> tuple[VirtioConsole | None, VirtioBalloon | None]:
     """The configured virtio devices, in a fixed order: console, disks, rng, net, balloon.
 
@@ -226,7 +231,8 @@ def attach_virtio_devices(
         from .devices.virtio.balloon import VirtioBalloon
 
         balloon = VirtioBalloon(memory_map, deflate_on_oom=config.deflate_on_oom,
-                                free_page_reporting=config.free_page_reporting, ram_size=config.memory_bytes)  # fmt: skip
+                                free_page_reporting=config.free_page_reporting, ram_size=config.memory_bytes,
+                                on_change=lambda **sizes: events.emit("balloon", **sizes))  # fmt: skip
         devices.attach_virtio(balloon)
     return console, balloon
 

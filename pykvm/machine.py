@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -24,10 +25,11 @@ from .control import Stop
 from .devices.fw_cfg import set_cmdline
 from .dispatch import EXIT_NAMES, ExitDispatcher, address_label
 from .errors import ConfigError, GuestMemoryError, ImageError, PykvmError
-from .kvm import Kvm
+from .events import Events
+from .kvm import Kvm, Vcpu
 from .kvm.fastpath import Space
 from .native import lib
-from .result import RunResult, RunStats
+from .result import MachineStatus, RunResult, RunStats, VcpuStatus
 from .runner import Runner
 from .x86.cpu import apply_entry
 from .x86.entry import CpuMode
@@ -111,8 +113,9 @@ class Machine:
         self._msrs: list[int] | None = None
         self._reset_point: ResetPoint | None = None
         self._serial_error_reported = False
+        self.events = Events()
         try:
-            parts = build(self.config, kvm, self._request_stop, self._closing, memory_file)
+            parts = build(self.config, kvm, self._request_stop, self._closing, memory_file, self.events)
         except BaseException:
             self.close()
             raise
@@ -124,7 +127,7 @@ class Machine:
         self.fw_cfg, self.acpi = parts.fw_cfg, parts.acpi
         self.virtio_console, self.balloon = parts.virtio_console, parts.balloon
         self.dispatch = ExitDispatcher(self.pio, self.mmio)
-        self._runner = Runner(self.vcpus, self.dispatch, self.serial_output, self.stats)
+        self._runner = Runner(self.vcpus, self.dispatch, self.serial_output, self.stats, self.events)
 
     def _closing(self, resource: Any) -> Any:
         self._closers.append(resource.close)
@@ -243,11 +246,15 @@ class Machine:
         Returns once no vCPU executes guest code: True, or False when no run is going (or it
         ended, or ``timeout`` seconds passed).  :meth:`stop` still ends a paused run.
         """
-        return self._runner.pause(timeout)
+        paused = self._runner.pause(timeout)
+        if paused:
+            self.events.emit("paused")
+        return paused
 
     def resume(self) -> None:
         """Let a paused run go on."""
         self._runner.resume()
+        self.events.emit("resumed")
 
     # --- snapshots ----------------------------------------------------------------------
     def snapshot(self, path: str | Path) -> Manifest:
@@ -258,7 +265,11 @@ class Machine:
         """
         from .snapshot import save
 
-        return save(self, path)
+        started = time.monotonic()
+        manifest = save(self, path)
+        self.events.emit("snapshot", path=str(path), memory_bytes=manifest.memory_data_bytes,
+                         seconds=round(time.monotonic() - started, 6))  # fmt: skip
+        return manifest
 
     def reset(self) -> int:
         """Return the machine to its last snapshot (taken or restored): only the pages written
@@ -299,6 +310,16 @@ class Machine:
             self.vm.get_dirty_log(slot.slot)  # starts the log afresh
         self.memory.track_host_writes()
 
+    def status(self) -> MachineStatus:
+        """Whether the machine runs, since when, its exits, and where each vCPU is (a running
+        machine is paused for the moment it takes to read them)."""
+        state = self._runner.state()
+        with self._runner.paused():
+            vcpus = tuple(_vcpu_status(vcpu) for vcpu in self.vcpus)
+        started = self._runner.started
+        uptime = time.monotonic() - started if started is not None else 0.0
+        return MachineStatus(state, uptime, self.stats().exits_by_reason, vcpus)
+
     def stats(self) -> RunStats:
         """Exit counts and time, since the machine was created."""
         by_reason: dict[str, int] = {}
@@ -321,6 +342,11 @@ class Machine:
             fast_handler_ns=sum(v.fast_ns for v in self.vcpus),
             python_handler_ns=self.dispatch.handler_ns,
         )
+
+
+def _vcpu_status(vcpu: Vcpu) -> VcpuStatus:
+    sregs = vcpu.get_sregs()
+    return VcpuStatus(vcpu.id, vcpu.get_regs().rip, CpuMode.of(sregs.cr0, sregs.efer).value, sregs.cs.dpl)
 
 
 def read_image(path: Path) -> bytes:

@@ -97,6 +97,26 @@ class RunResult:
     stats: RunStats = field(default_factory=RunStats)
 
 
+@dataclass(frozen=True)
+class VcpuStatus:
+    """Where one vCPU is: its instruction pointer, mode and privilege level."""
+
+    id: int
+    rip: int
+    mode: str  # "real", "protected" or "long"
+    cpl: int
+
+
+@dataclass(frozen=True)
+class MachineStatus:
+    """What :meth:`Machine.status` reports (``pykvm ctl PATH info`` shows it)."""
+
+    state: str  # "created" (never run), "running", "paused" or "stopped" (between runs)
+    uptime: float  # seconds since the first run started (0 before it)
+    exits_by_reason: dict[str, int]
+    vcpus: tuple[VcpuStatus, ...]
+
+
 def format_registers(regs: Regs, sregs: SRegs) -> str:
     """A register dump, as a few lines of ``name=value``."""
     names = list(vars(regs))

@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 from .console import SerialOutput
 from .control import RunControl, Stop
 from .dispatch import ExitDispatcher
+from .events import Events
 from .kvm import Vcpu
 from .kvm.exits import StopRequested
 from .result import ExitReason, RunResult, RunStats, format_registers, status_of
@@ -32,8 +33,9 @@ class Runner:
 
     def __init__(
         self, vcpus: Sequence[Vcpu], dispatcher: ExitDispatcher, serial_output: SerialOutput,
-        stats: Callable[[], RunStats],
+        stats: Callable[[], RunStats], events: Events,
     ) -> None:  # fmt: skip
+        self._events = events
         self._vcpus = list(vcpus)
         self._dispatch = dispatcher
         self._serial_output = serial_output
@@ -43,10 +45,19 @@ class Runner:
         self._running = False
         self._pending_stop: Stop | None = None  # a stop() that came while no run was going
         self.wall_ns = 0
+        self.started: float | None = None  # time.monotonic() when the first run began
 
     @property
     def running(self) -> bool:
         return self._running
+
+    def state(self) -> str:
+        """``"created"`` (never run), ``"running"``, ``"paused"`` or ``"stopped"`` (between runs)."""
+        with self._lock:
+            if self._running and self._control is not None:
+                return "paused" if self._control.paused else "running"
+            return "stopped" if self.started is not None else "created"
+
 
     # --- ending and pausing ----------------------------------------------------------------
     def request_stop(self, stop: Stop) -> None:
@@ -113,6 +124,9 @@ class Runner:
             for vcpu in self._vcpus[1:]
         ]
         started = time.monotonic_ns()
+        if self.started is None:
+            self.started = time.monotonic()
+        self._events.emit("started", vcpus=len(self._vcpus))
         for thread in helpers:
             thread.start()
         try:
@@ -126,9 +140,12 @@ class Runner:
                 self._running = False
             self.wall_ns += time.monotonic_ns() - started
         if errors:
+            self._events.emit("ended", reason="error", error=str(errors[0]))
             raise errors[0]
         assert control.stop is not None
-        return self._result(control.stop, self._serial_output.captured(capture_start))
+        result = self._result(control.stop, self._serial_output.captured(capture_start))
+        self._events.emit("ended", reason=result.reason.value, status=result.status, exit_value=result.exit_value)
+        return result
 
     def _run_vcpu(self, vcpu: Vcpu, control: RunControl) -> None:
         control.enter(vcpu)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -185,3 +186,55 @@ def test_pause_without_a_run_says_so(machine_factory, tmp_path) -> None:
     machine.load(spin_image(tmp_path), mode="long")
     assert machine.pause(timeout=1) is False
     machine.resume()  # harmless
+
+
+def test_status_says_whether_it_runs_and_where_each_vcpu_is(machine_factory, tmp_path) -> None:
+    machine = machine_factory()
+    machine.load(spin_image(tmp_path, COUNT_AT_CPL3), mode="long", user=True)
+    before = machine.status()
+    assert (before.state, before.uptime) == ("created", 0.0)
+    run = threading.Thread(target=machine.run, kwargs={"timeout": 120})
+    run.start()
+    try:
+        time.sleep(0.2)
+        status = machine.status()
+        assert status.state == "running" and status.uptime > 0
+        (vcpu,) = status.vcpus
+        assert (vcpu.id, vcpu.mode, vcpu.cpl) == (0, "long", 3) and vcpu.rip >= 0x100000
+        machine.pause(timeout=30)
+        assert machine.status().state == "paused"
+        machine.resume()
+    finally:
+        machine.stop()
+        run.join(60)
+    assert machine.status().state == "stopped"
+
+
+def test_lifecycle_events_reach_listeners_and_a_json_lines_file(machine_factory, tmp_path) -> None:
+    from pykvm.events import JsonLinesWriter
+
+    machine = machine_factory()
+    machine.load(guest("exit_code.bin"))
+    seen = []
+    machine.events.listen(seen.append)
+    writer = JsonLinesWriter(str(tmp_path / "events.jsonl"))
+    machine.events.listen(writer)
+    result = machine.run(timeout=30)
+    machine.snapshot(tmp_path / "snap")
+    writer.close()
+    assert [event.name for event in seen] == ["started", "ended", "snapshot"]
+    assert seen[1].properties["status"] == result.status
+    lines = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [line["event"] for line in lines] == ["started", "ended", "snapshot"] and all("timestamp" in line for line in lines)
+
+
+def test_a_listener_that_fails_is_dropped_and_the_machine_goes_on(machine_factory) -> None:
+    machine = machine_factory()
+    machine.load(guest("exit_code.bin"))
+
+    def broken(event: object) -> None:
+        raise RuntimeError("listener bug")
+
+    machine.events.listen(broken)
+    assert machine.run(timeout=30).reason is ExitReason.DEBUG_EXIT
+    assert machine.run(timeout=30).reason is ExitReason.HALTED  # it goes on after its exit, and halts

@@ -11,11 +11,22 @@ from typing import Mapping
 
 
 class CpuMode(str, enum.Enum):
-    """The processor mode a guest is entered in."""
+    """The processor mode a guest is entered in, or runs in."""
 
     REAL = "real"
     PROTECTED = "protected"
     LONG = "long"
+
+    @classmethod
+    def of(cls, cr0: int, efer: int) -> CpuMode:
+        """The mode control registers select: CR0.PE off is real mode; EFER.LMA on is long mode."""
+        if not cr0 & CR0_PE:
+            return cls.REAL
+        return cls.LONG if efer & EFER_LMA else cls.PROTECTED
+
+
+CR0_PE = 1 << 0
+EFER_LMA = 1 << 10
 
 
 @dataclass(frozen=True)

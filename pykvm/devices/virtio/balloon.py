@@ -56,7 +56,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from ...config import parse_size
 from ...errors import ConfigError, GuestMemoryError, StateError
@@ -130,6 +130,7 @@ class VirtioBalloon(VirtioDevice):
     ``memory_map`` (the machine's e820 map) says which pages may be released: only
     :attr:`~pykvm.x86.e820.E820Type.RAM` pages at or above 1 MiB.  Without one, every page of
     guest memory at or above 1 MiB qualifies.  ``ram_size`` (guest RAM) bounds the target.
+    ``on_change(target=...)`` or ``on_change(actual=...)`` (bytes) hears of each change.
     """
 
     name = "balloon"
@@ -142,8 +143,10 @@ class VirtioBalloon(VirtioDevice):
         deflate_on_oom: bool = False,
         free_page_reporting: bool = False,
         ram_size: int | None = None,
+        on_change: Callable[..., None] | None = None,
     ) -> None:
         super().__init__()
+        self._on_change = on_change
         self.features = (1 << F_STATS_VQ) | (deflate_on_oom << F_DEFLATE_ON_OOM) | (free_page_reporting << F_REPORTING)
         # One queue per role that may be negotiated (inflate, deflate, stats, reporting).
         self.queue_max_sizes = (QUEUE_SIZE,) * (3 + free_page_reporting)
@@ -191,6 +194,8 @@ class VirtioBalloon(VirtioDevice):
         with self._changed:
             self.actual_pages = struct.unpack("<I", current)[0]
             self._changed.notify_all()
+        if self._on_change is not None:
+            self._on_change(actual=self.actual)
 
     # --- the host's side: target, actual, statistics -----------------------------------
     @property
@@ -219,6 +224,8 @@ class VirtioBalloon(VirtioDevice):
                 self.num_pages = pages
                 self.stats["target_changes"] += 1
                 self.config_changed()
+                if self._on_change is not None:
+                    self._on_change(target=self.target)
         return pages * PAGE
 
     @property
