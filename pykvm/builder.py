@@ -69,12 +69,13 @@ class MachineParts:
 
 def build(
     config: MachineConfig, kvm: Kvm | None, request_stop: RequestStop, closing: Closing,
-    memory_backing: int | None = None, events: Events | None = None,
+    memory_backing: int | None = None, events: Events | None = None, log_dirty: bool = False,
 ) -> MachineParts:  # fmt: skip
     """Build a machine from ``config``; ``kvm`` is a shared /dev/kvm (else one is opened).
 
     ``memory_backing`` is a file whose bytes become guest RAM, copy-on-write (a snapshot's);
-    devices announce what the host should hear of (a balloon's size) on ``events``.
+    ``log_dirty`` has KVM log the guest's writes to RAM from the start; devices announce what
+    the host should hear of (a balloon's size) on ``events``.
     """
     events = events or Events()
     native.check(lib.pykvm_install_kick_handler(KICK_SIGNAL), "sigaction")
@@ -82,7 +83,7 @@ def build(
     check_cpus(kvm, config.cpus)
     vm = closing(create_vm(kvm))
     memory_map = build_memory_map(config.memory_bytes)
-    memory = closing(create_memory(vm, config.memory_bytes, config.share_pages, memory_backing))
+    memory = closing(create_memory(vm, config.memory_bytes, config.share_pages, memory_backing, log_dirty))
     if config.irqchip:
         create_interrupt_controllers(vm)
     devices = closing(DeviceManager(vm, memory, irqchip=config.irqchip, virtio_notify=config.virtio_notify))
@@ -120,13 +121,14 @@ def create_vm(kvm: Kvm) -> Vm:
     return vm
 
 
-def create_memory(vm: Vm, ram_size: int, share_pages: bool, backing: int | None = None) -> GuestMemory:
-    """Guest RAM as KVM slots; register it before the irqchip (afterwards each slot waits ~7 ms)."""
+def create_memory(
+    vm: Vm, ram_size: int, share_pages: bool, backing: int | None = None, log_dirty: bool = False
+) -> GuestMemory:
+    """Guest RAM as KVM slots; register it before the irqchip (afterwards each slot waits ~7 ms,
+    which is also why dirty logging, when wanted from the start, is asked for here)."""
     memory = GuestMemory(ram_regions(ram_size), backing)
     try:
-        # RAM from a snapshot is logged from the start: the snapshot is the machine's reset point,
-        # and turning logging on later would re-register each slot, after the irqchip (~7 ms each)
-        memory.register(vm, flags=lib.KVM_MEM_LOG_DIRTY_PAGES if backing is not None else 0)
+        memory.register(vm, flags=lib.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
         if share_pages:
             memory.merge(True)  # KSM may merge identical guest pages (while /sys/kernel/mm/ksm/run is 1)
     except BaseException:

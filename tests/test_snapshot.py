@@ -20,7 +20,7 @@ import pytest
 from conftest import guest
 from pykvm import Machine
 from pykvm.config import DiskConfig
-from pykvm.errors import SnapshotError
+from pykvm.errors import PykvmError, SnapshotError
 from pykvm.result import RunResult
 from pykvm.snapshot import format as snapshot_format
 
@@ -181,7 +181,7 @@ def test_reset_puts_back_exactly_what_the_guest_wrote_and_the_run_repeats(machin
     original.load(guest("snapshot.bin"), mode="long")
     original.run(timeout=60)
     original.snapshot(tmp_path / "snap")
-    with Machine.restore(tmp_path / "snap", capture_serial=True) as machine:
+    with Machine.restore(tmp_path / "snap", capture_serial=True, resettable=True) as machine:
         at_snapshot = guest_ram_digest(machine)
         first = machine.run(timeout=60)
         assert guest_ram_digest(machine) != at_snapshot
@@ -213,11 +213,13 @@ def test_pages_a_device_wrote_since_the_snapshot_are_put_back_too(machine_factor
     assert guest_ram_digest(machine) == at_snapshot
 
 
-def test_reset_without_a_snapshot_is_a_clear_error(machine_factory) -> None:
+def test_reset_without_a_reset_point_is_a_clear_error(machine_factory, saved) -> None:
     machine = machine_factory()
     machine.load(guest("hello_long.elf"))
-    with pytest.raises(Exception, match="take a snapshot"):
+    with pytest.raises(PykvmError, match="take a snapshot"):
         machine.reset()
+    with Machine.restore(saved) as restored, pytest.raises(PykvmError, match="resettable=True"):
+        restored.reset()
 
 
 # --- the format: what is refused -------------------------------------------------------------------

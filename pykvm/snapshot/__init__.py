@@ -146,12 +146,14 @@ def restore(
     serial: str = "none",
     capture_serial: bool = False,
     allow_changed_disks: bool = False,
+    resettable: bool = False,
 ) -> Machine:
     """A machine restored from the snapshot at ``path``, ready to :meth:`~pykvm.Machine.run`.
 
     ``serial`` and ``capture_serial`` say where this machine's serial output goes (they are
     the host's choice, not the snapshot's).  A disk image that changed since the snapshot is
-    refused unless ``allow_changed_disks``.
+    refused unless ``allow_changed_disks``.  ``resettable``: the snapshot becomes the
+    machine's reset point (KVM logs the guest's writes from the start).
     """
     from ..machine import Machine
 
@@ -165,17 +167,21 @@ def restore(
         config = dataclasses.replace(config, kvm_path=MachineConfig().kvm_path)
     fd = format.open_memory(path, manifest)
     try:
-        machine = Machine.restoring(config, kvm, fd)
+        machine = Machine.restoring(config, kvm, fd, log_dirty=resettable)
     except BaseException:
         os.close(fd)
         raise
+    point = ResetPoint(state, fd, backs_memory=True)  # owns fd from here: the mapping keeps the file
     try:
         _check_cpu(machine, dict(manifest.cpu_features))
         apply(machine, manifest.cmdline, state)
-        machine.set_reset_point(ResetPoint(state, fd, backs_memory=True))
+        if resettable:
+            machine.set_reset_point(point)
+        else:
+            point.close()
     except BaseException as err:
         machine.close()
-        os.close(fd)
+        point.close()
         if isinstance(err, StateError):
             raise SnapshotError(f"{path}: cannot be restored: {err}") from err
         raise
