@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # optional parts, imported where a machine first needs them (pykvm run's start-up)
     from .control_socket import ControlServer
+    from .devices.testdev import PcTestdevIrqLines, PcTestdevMemory, PcTestdevPorts
     from .devices.virtio.balloon import VirtioBalloon
     from .devices.virtio.console import VirtioConsole
     from .devices.virtio.device import VirtioDevice
@@ -61,7 +62,6 @@ if TYPE_CHECKING:  # optional parts, imported where a machine first needs them (
     from .iothread import IoThread
 
 COM1_BASE, COM1_SIZE = 0x3F8, 8
-DEBUG_EXIT_BASE, DEBUG_EXIT_SIZE = 0xF4, 4
 I8042_BASE, I8042_SIZE = 0x60, 5
 CMOS_BASE, CMOS_SIZE = 0x70, 2
 POST_PORT = 0x80
@@ -143,6 +143,7 @@ class Machine:
         self._attach_i8042()
         self._attach_cmos()
         self._attach_post_port()
+        self.testdev = self._attach_pc_testdev() if self.config.pc_testdev else None
         self._attach_firmware()
         self.virtio: list[VirtioSlot] = []
         self._iothread: IoThread | None = None
@@ -167,7 +168,8 @@ class Machine:
     def _create_interrupt_controllers(self) -> None:
         self.vm.create_irqchip()
         self.vm.set_gsi_routing(gsi_routes())
-        self.vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
+        if self.config.pit:
+            self.vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
 
     def _request_stop(self, reason: ExitReason, diagnosis: str, value: int | None = None) -> None:
         """What devices call to end the run (from a vCPU thread, inside an exit)."""
@@ -188,9 +190,22 @@ class Machine:
         self.pio.register(COM1_BASE, COM1_SIZE, self.serial)
 
     def _attach_debug_exit(self) -> None:
-        self.fast.add(FastKind.DEBUG_EXIT, Space.PIO, DEBUG_EXIT_BASE, DEBUG_EXIT_SIZE)
+        base, size = self.config.debug_exit
+        self.fast.add(FastKind.DEBUG_EXIT, Space.PIO, base, size)
         device = DebugExit(lambda value: self._request_stop(ExitReason.DEBUG_EXIT, f"debug exit {value:#x}", value))
-        self.pio.register(DEBUG_EXIT_BASE, DEBUG_EXIT_SIZE, device)
+        self.pio.register(base, size, device)
+
+    def _attach_pc_testdev(self) -> tuple[PcTestdevPorts, PcTestdevIrqLines, PcTestdevMemory]:
+        """QEMU's pc-testdev (pykvm/devices/testdev.py): its ports, interrupt lines and iomem window."""
+        from .devices import testdev
+
+        ports = testdev.PcTestdevPorts()
+        lines = testdev.PcTestdevIrqLines(self.vm.irq_line if self.config.irqchip else None)
+        iomem = testdev.PcTestdevMemory()
+        self.pio.register(testdev.REGISTER_PORT, ports.SIZE, ports)
+        self.pio.register(testdev.IRQ_LINE_PORT, lines.SIZE, lines)
+        self.mmio.register(testdev.IOMEM_ADDR, iomem.SIZE, iomem)
+        return ports, lines, iomem
 
     def _attach_i8042(self) -> None:
         device = I8042(lambda: self._request_stop(ExitReason.RESET, "the guest reset the machine (i8042)"))
@@ -358,8 +373,8 @@ class Machine:
         path: str | Path,
         *,
         format: str = "auto",
-        cmdline: str = "",
-        modules: Sequence[str | Path] = (),
+        cmdline: str | bytes = b"",
+        modules: Sequence[str | Path | tuple[str | Path, str | bytes]] = (),
         initrd: str | Path | None = None,
         mode: str | CpuMode | None = None,
         load_addr: int | None = None,
@@ -369,12 +384,15 @@ class Machine:
         """Load a guest image (flat, ELF, multiboot, Linux bzImage or PVH) and set the bootstrap processor to enter it.
 
         ``user`` enters long-mode code at CPL3 (with IOPL 3, so it may still do port I/O).
+        ``cmdline`` and module strings are bytes, or str (see :func:`pykvm.boot.plan.to_bytes`).
+        A module is a file, whose string is its name, or a (file, string) pair.
         """
         path = Path(path)
         request = LoadRequest(
             memory_map=self.memory_map,
+            ram=tuple(ram_regions(self.config.memory_bytes)),
             cmdline=cmdline,
-            modules=tuple(Module(Path(m), read_image(Path(m)), str(m)) for m in modules),
+            modules=tuple(_module(m) for m in modules),
             initrd=Module(Path(initrd), read_image(Path(initrd)), str(initrd)) if initrd is not None else None,
             rsdp_addr=self.acpi.base if self.acpi is not None else None,
             mode=CpuMode(mode) if mode is not None else None,
@@ -393,7 +411,7 @@ class Machine:
         except GuestMemoryError as err:
             raise ImageError(str(path), f"does not fit in guest memory: {err}") from err
         apply_entry(self.vcpus[0], self.memory, entry_state)
-        set_cmdline(self.fw_cfg, cmdline)
+        set_cmdline(self.fw_cfg, request.cmdline_bytes)
         self._plan = plan
         return plan
 
@@ -536,6 +554,11 @@ class Machine:
 def _notified(fd: int, transport: VirtioMmioTransport, queue_index: int) -> None:
     os.eventfd_read(fd)
     transport.notify(queue_index)
+
+
+def _module(spec: str | Path | tuple[str | Path, str | bytes]) -> Module:
+    file, string = spec if isinstance(spec, tuple) else (spec, str(spec))
+    return Module(Path(file), read_image(Path(file)), string)
 
 
 def read_image(path: Path) -> bytes:
