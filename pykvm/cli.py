@@ -65,7 +65,8 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 @click.option("--module", "modules", multiple=True, type=click.Path(path_type=Path), help="A multiboot module (repeatable).")
 @click.option("--initrd", type=click.Path(path_type=Path), help="An initial ramdisk (Linux).")
 @click.option("--format", "image_format", type=click.Choice(FORMATS), default="auto", show_default=True)
-@click.option("--mode", type=click.Choice(["real", "protected", "long"]), help="CPU mode of a flat binary [default: real].")
+@click.option("--mode", type=click.Choice(["real", "protected", "long"]),
+              help="CPU mode of a flat binary [default: real]; a Linux bzImage's entry: long (64-bit), protected (32-bit), real (16-bit setup).")  # fmt: skip
 @click.option("--load-addr", type=_Address(), help="Where a flat binary loads [default: 0x7c00 in real mode, else 0x100000].")
 @click.option("--entry", type=_Address(), help="Entry point of a flat binary [default: its load address].")
 @click.option("--user-mode", is_flag=True, help="Enter long-mode code at CPL3.")
