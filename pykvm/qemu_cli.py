@@ -9,6 +9,9 @@ differently are accepted (``-nodefaults``, ``-display none``, ``-no-reboot``: py
 reboots); a few that pykvm cannot honour as asked are accepted with a one-line warning on
 stderr that says what pykvm does instead (a ``-cpu`` model, ``-machine q35``).
 
+pykvm's PC always has its debug-exit ports (0xf4-0xf7 unless ``-device isa-debug-exit``
+moves them), where QEMU has them only when asked.
+
 The probes harnesses run answer as QEMU does: ``--help`` and ``-version`` start with
 "QEMU emulator version", ``-device help`` lists the devices one ``name "...", bus ...`` line
 each, ``-machine help`` and ``-cpu help`` list what is accepted.

@@ -11,11 +11,14 @@ its entry state itself, prints what it found on COM1 and leaves through the debu
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
+from conftest import guest
 from pykvm.boot import elf
 from pykvm.boot.plan import CpuMode
 from pykvm.machine import Machine
@@ -292,3 +295,13 @@ def test_linux_16_bit_entry_runs_the_setup_code(machine_factory: Callable[..., M
     result = boot(machine_factory, path, mode=CpuMode.REAL, cmdline="setup")
     assert result.serial == b"setup\n" and result.status == 1
 
+
+
+def test_a_non_utf8_command_line_reaches_the_kernel_byte_for_byte() -> None:
+    # click hands pykvm run a surrogate-escaped str for such an argument.
+    kernel = guest("multiboot.elf")
+    process = subprocess.run(
+        [sys.executable, "-m", "pykvm", "run", str(kernel), "--cmdline", b"caf\xe9 \xff"], capture_output=True, timeout=60
+    )
+    assert process.returncode == 1, process.stderr
+    assert f"cmdline: {kernel} ".encode() + b"caf\xe9 \xff\n" in process.stdout
