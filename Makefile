@@ -13,7 +13,7 @@ endif
 # Reinstalled when the package's build inputs change (the C extension is built at install time).
 INSTALLED := $(dir $(PYTHON)).pykvm-installed
 
-.PHONY: install guests demo test bench clean linux-guest linux-smoke
+.PHONY: install guests demo test bench clean linux-guest linux-smoke kvm-unit-tests
 
 install: $(INSTALLED)
 
@@ -39,6 +39,12 @@ bench: install guests
 	scripts/install-deps bench
 	$(MAKE) -C bench
 	$(PYTHON) bench/run.py
+
+# KVM's own test suite through its run_tests.sh, under pykvm-qemu and under QEMU: one table
+# (build/kvm-unit-tests; see scripts/kvm-unit-tests for the options, e.g. ARGS="--all").
+kvm-unit-tests: install
+	scripts/install-deps bench
+	$(PYTHON) scripts/kvm-unit-tests $(ARGS)
 
 # The Linux test guest (Debian's kernel + a busybox initramfs) in guests/linux/build/: see guests/linux/build.sh.
 linux-guest: install

@@ -85,14 +85,16 @@ def build(
     memory_map = build_memory_map(config.memory_bytes)
     memory = closing(create_memory(vm, config.memory_bytes, config.share_pages, memory_backing, log_dirty))
     if config.irqchip:
-        create_interrupt_controllers(vm)
+        create_interrupt_controllers(vm, config.pit)
     devices = closing(DeviceManager(vm, memory, irqchip=config.irqchip, virtio_notify=config.virtio_notify))
     serial_output = closing(SerialOutput(config.serial, config.capture_serial))
     serial = attach_serial(devices, serial_output)
-    attach_debug_exit(devices, request_stop)
+    attach_debug_exit(devices, request_stop, *config.debug_exit)
     attach_i8042(devices, request_stop)
     attach_cmos(devices, config.memory_bytes)
     attach_post_port(devices)
+    if config.pc_testdev:
+        attach_pc_testdev(devices, vm if config.irqchip else None)
     acpi = write_firmware_tables(memory, config.cpus) if config.irqchip else None
     if acpi is not None:
         attach_acpi_pm(devices, request_stop)
@@ -137,11 +139,12 @@ def create_memory(
     return memory
 
 
-def create_interrupt_controllers(vm: Vm) -> None:
-    """The in-kernel PIC, IOAPIC and LAPICs, QEMU's GSI routing, and the in-kernel PIT."""
+def create_interrupt_controllers(vm: Vm, pit: bool = True) -> None:
+    """The in-kernel PIC, IOAPIC and LAPICs, QEMU's GSI routing, and (``pit``) the in-kernel PIT."""
     vm.create_irqchip()
     vm.set_gsi_routing(gsi_routes())
-    vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
+    if pit:
+        vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
 
 
 def attach_serial(devices: DeviceManager, output: SerialOutput) -> Uart16550:
@@ -156,10 +159,23 @@ def attach_serial(devices: DeviceManager, output: SerialOutput) -> Uart16550:
     return uart
 
 
-def attach_debug_exit(devices: DeviceManager, request_stop: RequestStop) -> None:
-    fast = devices.fast.add(FastKind.DEBUG_EXIT, Space.PIO, layout.DEBUG_EXIT_PORT, layout.DEBUG_EXIT_PORTS)
+def attach_debug_exit(devices: DeviceManager, request_stop: RequestStop, base: int, size: int) -> None:
+    """QEMU's isa-debug-exit over ``size`` ports from ``base`` (0xf4, 4 by default)."""
+    fast = devices.fast.add(FastKind.DEBUG_EXIT, Space.PIO, base, size)
     device = DebugExit(lambda value: request_stop(Stop(ExitReason.DEBUG_EXIT, f"debug exit {value:#x}", value)))
-    devices.attach("debug-exit", layout.DEBUG_EXIT_PORT, layout.DEBUG_EXIT_PORTS, device, fast=fast)
+    devices.attach("debug-exit", base, size, device, fast=fast)
+
+
+def attach_pc_testdev(devices: DeviceManager, vm: Vm | None) -> None:
+    """QEMU's pc-testdev (pykvm/devices/testdev.py): its ports, interrupt lines and iomem window."""
+    from .devices import testdev
+
+    ports = testdev.PcTestdevPorts()
+    lines = testdev.PcTestdevIrqLines(vm.irq_line if vm is not None else None)
+    iomem = testdev.PcTestdevMemory()
+    devices.attach("pc-testdev", testdev.REGISTER_PORT, ports.SIZE, ports)
+    devices.attach("pc-testdev-irq", testdev.IRQ_LINE_PORT, lines.SIZE, lines)
+    devices.attach("pc-testdev-iomem", testdev.IOMEM_ADDR, iomem.SIZE, iomem, space=Space.MMIO)
 
 
 def attach_i8042(devices: DeviceManager, request_stop: RequestStop) -> None:

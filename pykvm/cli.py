@@ -12,7 +12,7 @@ from typing import NoReturn
 import click
 
 from .boot import FORMATS
-from .config import DiskConfig, MachineConfig, NetConfig
+from .config import DiskConfig, MachineConfig, NetConfig, device_options
 from .console import StdinForwarder
 from .errors import PykvmError
 from .info import format_info, host_info
@@ -66,7 +66,8 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 @click.option("--module", "modules", multiple=True, type=click.Path(path_type=Path), help="A multiboot module (repeatable).")
 @click.option("--initrd", type=click.Path(path_type=Path), help="An initial ramdisk (Linux).")
 @click.option("--format", "image_format", type=click.Choice(FORMATS), default="auto", show_default=True)
-@click.option("--mode", type=click.Choice(["real", "protected", "long"]), help="CPU mode of a flat binary [default: real].")
+@click.option("--mode", type=click.Choice(["real", "protected", "long"]),
+              help="CPU mode of a flat binary [default: real]; a Linux bzImage's entry: long (64-bit), protected (32-bit), real (16-bit setup).")  # fmt: skip
 @click.option("--load-addr", type=_Address(), help="Where a flat binary loads [default: 0x7c00 in real mode, else 0x100000].")
 @click.option("--entry", type=_Address(), help="Entry point of a flat binary [default: its load address].")
 @click.option("--user-mode", is_flag=True, help="Enter long-mode code at CPL3.")
@@ -83,11 +84,13 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 @click.option("--balloon", is_flag=True, help="A virtio-balloon (set its size with `pykvm ctl PATH balloon SIZE`).")
 @click.option("--share-pages", is_flag=True, help="Let the kernel merge identical guest pages (KSM, MADV_MERGEABLE).")
 @click.option("--control", metavar="PATH", help="Serve the control socket (JSON lines, see `pykvm ctl`) at PATH.")
+@click.option("--device", "devices", multiple=True, metavar="SPEC",
+              help="A QEMU test device: pc-testdev, or isa-debug-exit[,iobase=N][,iosize=N] (moves the debug-exit ports).")  # fmt: skip
 @click.pass_obj
 def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdline: str, modules: tuple[Path, ...], initrd: Path | None, image_format: str, mode: str | None,
         load_addr: int | None, entry: int | None, user_mode: bool, serial: str, console: str, disks: tuple[str, ...],
         rng: bool, net: str | None, virtio_notify: str, timeout: float | None, stats: bool,
-        balloon: bool, share_pages: bool, control: str | None) -> None:  # fmt: skip
+        balloon: bool, share_pages: bool, control: str | None, devices: tuple[str, ...]) -> None:  # fmt: skip
     """Boot GUEST (flat binary, ELF, multiboot, Linux bzImage or PVH kernel); exit with the guest's status.
 
     \b
@@ -97,6 +100,9 @@ def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdl
     """
     forwarder = None
     try:
+        device_fields: dict[str, object] = {}
+        for spec in devices:
+            device_fields.update(device_options(spec))
         config = MachineConfig(
             memory=memory,
             cpus=cpus,
@@ -110,6 +116,7 @@ def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdl
             kvm_path=device,
             balloon=balloon,
             share_pages=share_pages,
+            **device_fields,  # type: ignore[arg-type]
         )
         with Machine(config) as vm, _control_server(control, vm):
             vm.load(guest, format=image_format, cmdline=cmdline, modules=modules, initrd=initrd, mode=mode,

@@ -9,7 +9,7 @@ from typing import TypedDict
 
 from .errors import ConfigError
 from .kvm.system import DEFAULT_PATH
-from .x86.layout import MIB, PAGE_SIZE
+from .x86.layout import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, MIB, PAGE_SIZE
 
 MIN_MEMORY = 2 * MIB
 _UNITS = {"": MIB, "k": 1 << 10, "m": MIB, "g": 1 << 30, "t": 1 << 40}
@@ -103,6 +103,11 @@ class MachineConfig:
     deflate_on_oom: bool = False
     free_page_reporting: bool = False
     share_pages: bool = False
+    # QEMU's test devices (pykvm/devices/testdev.py, pykvm/devices/debug_exit.py): pc-testdev, and the
+    # (iobase, iosize) of the debug-exit ports.  device_options() reads them from -device specs.
+    pc_testdev: bool = False
+    debug_exit: tuple[int, int] = (DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS)
+    pit: bool = True  # the in-kernel PIT (with the irqchip); QEMU's -machine pit=off leaves it out
 
     @property
     def memory_bytes(self) -> int:
@@ -124,6 +129,9 @@ class MachineConfig:
             raise ConfigError("the balloon is a virtio device: it needs the in-kernel irqchip")
         if (self.deflate_on_oom or self.free_page_reporting) and not self.balloon:
             raise ConfigError("deflate_on_oom and free_page_reporting are balloon features: set balloon=True")
+        base, size = self.debug_exit
+        if not (0 <= base and 1 <= size and base + size <= PORT_SPACE):
+            raise ConfigError(f"the debug-exit ports [{base:#x}, {base + size:#x}) must lie in the port space 0-0xffff")
 
 
 class MachineOptions(TypedDict, total=False):
@@ -144,3 +152,37 @@ class MachineOptions(TypedDict, total=False):
     deflate_on_oom: bool
     free_page_reporting: bool
     share_pages: bool
+    pc_testdev: bool
+    debug_exit: tuple[int, int]
+    pit: bool
+
+
+PORT_SPACE = 0x10000
+# QEMU's isa-debug-exit when -device names no iobase or iosize (hw/misc/debugexit.c).
+QEMU_DEBUG_EXIT_DEFAULTS = {"iobase": 0x501, "iosize": 0x02}
+TEST_DEVICES = ("pc-testdev", "isa-debug-exit")
+
+
+def device_options(spec: str) -> dict[str, object]:
+    """The :class:`MachineConfig` fields a QEMU ``-device`` spec for a test device sets.
+
+    ``pc-testdev``, or ``isa-debug-exit[,iobase=N][,iosize=N]`` (numbers in any base Python
+    reads; QEMU's defaults 0x501 and 2 where one is left out).
+    """
+    name, *properties = spec.split(",")
+    if name == "pc-testdev" and not properties:
+        return {"pc_testdev": True}
+    if name == "pc-testdev":
+        raise ConfigError(f"device pc-testdev has no properties, but {','.join(properties)!r} was given")
+    if name != "isa-debug-exit":
+        raise ConfigError(f"unknown device {name!r}: pykvm's test devices are {', '.join(TEST_DEVICES)}")
+    values = dict(QEMU_DEBUG_EXIT_DEFAULTS)
+    for item in properties:
+        key, equals, text = item.partition("=")
+        if key not in values or not equals:
+            raise ConfigError(f"device isa-debug-exit has no property {item!r} (it has iobase=N and iosize=N)")
+        try:
+            values[key] = int(text, 0)
+        except ValueError:
+            raise ConfigError(f"device isa-debug-exit: {key}={text!r} is not a number") from None
+    return {"debug_exit": (values["iobase"], values["iosize"])}

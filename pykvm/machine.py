@@ -32,6 +32,7 @@ from .native import lib
 from .result import MachineStatus, RunResult, RunStats, VcpuStatus
 from .runner import Runner
 from .x86.cpu import apply_entry
+from .x86.e820 import ram_regions
 from .x86.entry import CpuMode
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class Machine:
         self._closers: list[Callable[[], None]] = []
         self._closed = False
         self._ready = False  # a guest is loaded, or a state restored
-        self.cmdline = ""
+        self.cmdline = b""
         self._msrs: list[int] | None = None
         self._reset_point: ResetPoint | None = None
         self._serial_error_reported = False
@@ -170,8 +171,8 @@ class Machine:
         path: str | Path,
         *,
         format: str = "auto",
-        cmdline: str = "",
-        modules: Sequence[str | Path] = (),
+        cmdline: str | bytes = b"",
+        modules: Sequence[str | Path | tuple[str | Path, str | bytes]] = (),
         initrd: str | Path | None = None,
         mode: str | CpuMode | None = None,
         load_addr: int | None = None,
@@ -181,12 +182,15 @@ class Machine:
         """Load a guest image (flat, ELF, multiboot, Linux bzImage or PVH) and set the bootstrap processor to enter it.
 
         ``user`` enters long-mode code at CPL3 (with IOPL 3, so it may still do port I/O).
+        ``cmdline`` and module strings are bytes, or str (see :func:`pykvm.boot.plan.to_bytes`).
+        A module is a file, whose string is its name, or a (file, string) pair.
         """
         path = Path(path)
         request = LoadRequest(
             memory_map=self.memory_map,
+            ram=tuple(ram_regions(self.config.memory_bytes)),
             cmdline=cmdline,
-            modules=tuple(Module(Path(m), read_image(Path(m)), str(m)) for m in modules),
+            modules=tuple(_module(m) for m in modules),
             initrd=Module(Path(initrd), read_image(Path(initrd)), str(initrd)) if initrd is not None else None,
             rsdp_addr=self.acpi.base if self.acpi is not None else None,
             mode=CpuMode(mode) if mode is not None else None,
@@ -205,8 +209,8 @@ class Machine:
         except GuestMemoryError as err:
             raise ImageError(str(path), f"does not fit in guest memory: {err}") from err
         apply_entry(self.vcpus[0], self.memory, entry_state)
-        set_cmdline(self.fw_cfg, cmdline)
-        self.mark_ready(cmdline)
+        set_cmdline(self.fw_cfg, request.cmdline_bytes)
+        self.mark_ready(request.cmdline_bytes)
         return plan
 
     # --- running --------------------------------------------------------------------
@@ -288,7 +292,7 @@ class Machine:
             raise PykvmError("nothing to reset to: take a snapshot, or restore one with resettable=True, first")
         return reset(self, self._reset_point)
 
-    def mark_ready(self, cmdline: str) -> None:
+    def mark_ready(self, cmdline: bytes) -> None:
         """The guest is loaded (or its state restored) with this command line: it may run."""
         self._ready, self.cmdline = True, cmdline
 
@@ -352,6 +356,11 @@ class Machine:
 def _vcpu_status(vcpu: Vcpu) -> VcpuStatus:
     sregs = vcpu.get_sregs()
     return VcpuStatus(vcpu.id, vcpu.get_regs().rip, CpuMode.of(sregs.cr0, sregs.efer).value, sregs.cs.dpl)
+
+
+def _module(spec: str | Path | tuple[str | Path, str | bytes]) -> Module:
+    file, string = spec if isinstance(spec, tuple) else (spec, str(spec))
+    return Module(Path(file), read_image(Path(file)), string)
 
 
 def read_image(path: Path) -> bytes:

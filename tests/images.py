@@ -16,18 +16,24 @@ import pytest
 from pykvm.boot import elf, multiboot
 from pykvm.boot.plan import BootPlan, LoadRequest
 from pykvm.x86 import layout
-from pykvm.x86.e820 import build_memory_map
+from pykvm.x86.e820 import build_memory_map, ram_regions
 
 RAM_SIZE = 64 * layout.MIB
 MEMORY_MAP = build_memory_map(RAM_SIZE)
+RAM = tuple(ram_regions(RAM_SIZE))
 KERNEL_ADDR = layout.HIMEM_START
 HLT = b"\xf4"
 DATA_ALIGN = 16
 
 
 def request(**fields: object) -> LoadRequest:
-    """A load request for a 64 MiB machine, with ``fields`` overriding the defaults."""
-    return LoadRequest(memory_map=fields.pop("memory_map", MEMORY_MAP), **fields)  # type: ignore[arg-type]
+    """A load request for a 64 MiB machine, with ``fields`` overriding the defaults.
+
+    A custom ``memory_map`` comes without the machine's memory slots (``ram``), unless given too.
+    """
+    if "memory_map" in fields:
+        fields.setdefault("ram", ())
+    return LoadRequest(memory_map=fields.pop("memory_map", MEMORY_MAP), ram=fields.pop("ram", RAM), **fields)  # type: ignore[arg-type]
 
 
 def peek(plan: BootPlan, gpa: int, size: int) -> bytes:

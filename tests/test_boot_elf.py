@@ -237,14 +237,17 @@ def test_segment_outside_ram() -> None:
     assert "ELF program header 0 (PT_LOAD) [0x10000000, 0x10000020) does not fit in guest RAM" in rejected(image)
 
 
-def test_segment_in_the_bios_hole() -> None:
-    assert "does not fit in guest RAM" in rejected(build_elf([Seg(0xF0000, TEXT)], entry=0xF0000))
+def test_segment_in_the_bios_area_loads_there() -> None:
+    # Reserved in the memory map, but guest memory: QEMU loads such segments, and so does pykvm.
+    plan = elf.load(PATH, build_elf([Seg(0xF0000, TEXT)], entry=0xF0000), request())
+    assert plan.writes[0].gpa == 0xF0000
 
 
-def test_segment_over_the_vmm_boot_structures() -> None:
-    image = build_elf([Seg(0x8000, TEXT)], entry=0x8000)
-    reason = rejected(image)
-    assert "ELF program header 0 (PT_LOAD) [0x8000, 0x8020) overlaps the VMM's boot structures" in reason
+def test_segment_over_the_usual_boot_structures_moves_them() -> None:
+    image = build_elf([Seg(0x8000, TEXT, memsz=0x6000)], entry=0x8000)
+    tables = elf.load(PATH, image, request()).entry.tables
+    assert tables.gdt == layout.BOOT_GDT_START  # free: kept
+    assert not 0x8000 <= tables.tss < 0xE000 and not 0x8000 < tables.stack_pointer <= 0xE000
 
 
 def test_segment_below_the_boot_structures_is_allowed() -> None:

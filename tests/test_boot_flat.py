@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from pykvm.boot import flat
-from pykvm.boot.plan import CpuMode
+from pykvm.boot.plan import BootTables, CpuMode
 from pykvm.errors import ImageError
-from pykvm.x86 import layout
+from pykvm.x86 import gdt, layout
 from pykvm.x86.e820 import E820Entry, E820Type
 from tests.images import HLT, MEMORY_MAP, request
 
@@ -97,31 +97,42 @@ def test_image_outside_ram() -> None:
     )
 
 
-def test_real_mode_image_in_the_ebda() -> None:
-    assert "does not fit in guest RAM" in rejected(load_addr=layout.EBDA_START)
+def test_real_mode_image_in_the_ebda_loads_there() -> None:
+    # The EBDA is reserved in the memory map, but guest memory is there (as on a PC).
+    assert flat.load(PATH, IMAGE, request(load_addr=layout.EBDA_START)).writes[0].gpa == layout.EBDA_START
+
+
+def test_image_past_the_end_of_guest_memory() -> None:
+    assert "the flat image [0x3fffff8, 0x4000008) does not fit in guest RAM" in rejected(
+        mode=CpuMode.PROTECTED, load_addr=64 * layout.MIB - 8
+    )
 
 
 def test_entry_outside_ram() -> None:
-    assert "the entry point [0xa0000, 0xa0001) does not fit in guest RAM" in rejected(entry=layout.LOW_MEMORY_END)
+    assert "the entry point [0x4000000, 0x4000001) does not fit in guest RAM" in rejected(
+        mode=CpuMode.PROTECTED, entry=64 * layout.MIB
+    )
 
 
 @pytest.mark.parametrize("mode", [CpuMode.PROTECTED, CpuMode.LONG])
-def test_protected_and_long_mode_images_avoid_the_boot_structures(mode: CpuMode) -> None:
-    reason = rejected(mode=mode, load_addr=layout.REAL_MODE_LOAD_ADDR)
-    assert "the flat image [0x7c00, 0x7c10) overlaps the VMM's boot structures" in reason
+def test_boot_structures_move_out_of_the_image_s_way(mode: CpuMode) -> None:
+    image = HLT * 0xC000  # over the GDT, page tables, stack and TSS's usual places
+    plan = flat.load(PATH, image, request(mode=mode, load_addr=layout.BOOT_GDT_START))
+    tables = plan.entry.tables
+    structures = [(tables.gdt, gdt.BOOT_GDT_SIZE), (tables.tss, gdt.TSS_SIZE), (tables.stack_pointer - 0xFF0, 0x1000)]
+    if mode is CpuMode.LONG:
+        structures.append((tables.page_tables, layout.PAGE_TABLES_SIZE))
+    for start, size in structures:
+        assert start >= layout.BOOT_GDT_START + len(image) or start + size <= layout.BOOT_GDT_START, hex(start)
 
 
-def test_protected_mode_image_just_after_the_boot_structures_is_allowed() -> None:
-    plan = flat.load(PATH, IMAGE, request(mode=CpuMode.PROTECTED, load_addr=layout.BOOT_AREA_END))
-    assert plan.writes[0].gpa == layout.BOOT_AREA_END
+def test_boot_structures_keep_their_usual_places_when_free() -> None:
+    plan = flat.load(PATH, IMAGE, request(mode=CpuMode.LONG))
+    assert plan.entry.tables == BootTables()
+    assert (plan.entry.tables.gdt, plan.entry.tables.page_tables) == (layout.BOOT_GDT_START, layout.PML4_START)
 
 
-def test_protected_mode_image_ending_at_the_boot_structures_is_allowed() -> None:
-    load_addr = layout.BOOT_GDT_START - len(IMAGE)
-    assert flat.load(PATH, IMAGE, request(mode=CpuMode.PROTECTED, load_addr=load_addr)).kernel_start == load_addr
-
-
-def test_real_mode_image_may_overlap_the_boot_structures() -> None:
+def test_real_mode_needs_no_boot_structures() -> None:
     assert flat.load(PATH, IMAGE, request(load_addr=layout.BOOT_GDT_START)).writes[0].gpa == layout.BOOT_GDT_START
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pykvm.boot import FORMATS, detect, linux, load_image, pvh
+from pykvm.boot.placement import Placement
 from pykvm.boot.plan import BootPlan, CpuMode, LoadRequest, Module
 from pykvm.errors import ImageError
 from pykvm.x86 import layout
@@ -37,7 +38,8 @@ ZP = layout.ZERO_PAGE_START
 # boot.rst: setup header offsets (in the image and in boot_params).
 SETUP_SECTS, SYSSIZE, VID_MODE, BOOT_FLAG, JUMP = 0x1F1, 0x1F4, 0x1FA, 0x1FE, 0x200
 HEADER, VERSION, KERNEL_VERSION, TYPE_OF_LOADER, LOADFLAGS = 0x202, 0x206, 0x20E, 0x210, 0x211
-RAMDISK_IMAGE, RAMDISK_SIZE, HEAP_END_PTR, CMD_LINE_PTR, INITRD_ADDR_MAX = 0x218, 0x21C, 0x224, 0x228, 0x22C
+CODE32_START, RAMDISK_IMAGE, RAMDISK_SIZE, HEAP_END_PTR, CMD_LINE_PTR = 0x214, 0x218, 0x21C, 0x224, 0x228
+INITRD_ADDR_MAX = 0x22C
 KERNEL_ALIGNMENT, RELOCATABLE_KERNEL, XLOADFLAGS, CMDLINE_SIZE = 0x230, 0x234, 0x236, 0x238
 SETUP_DATA, PREF_ADDRESS, INIT_SIZE = 0x250, 0x258, 0x260
 # bootparam.h: struct boot_params.
@@ -45,7 +47,7 @@ ACPI_RSDP_ADDR, EXT_RAMDISK_IMAGE, EXT_RAMDISK_SIZE, EXT_CMD_LINE_PTR = 0x070, 0
 E820_ENTRIES, SENTINEL, E820_TABLE, E820_ENTRY_SIZE = 0x1E8, 0x1EF, 0x2D0, 20
 # What the loader writes into the copied setup header (everything else is the image's).
 WRITTEN = {
-    VID_MODE: 2, TYPE_OF_LOADER: 1, LOADFLAGS: 1, RAMDISK_IMAGE: 4, RAMDISK_SIZE: 4,
+    VID_MODE: 2, TYPE_OF_LOADER: 1, LOADFLAGS: 1, CODE32_START: 4, RAMDISK_IMAGE: 4, RAMDISK_SIZE: 4,
     HEAP_END_PTR: 2, CMD_LINE_PTR: 4, SETUP_DATA: 8,
 }  # fmt: skip
 
@@ -224,14 +226,34 @@ def test_old_protocol(version: int, text: str) -> None:
     assert f"boot protocol {text}" in reason and "2.06 or later" in reason
 
 
-def test_protocol_without_xloadflags() -> None:
-    reason = load_error(bzimage(version=0x020A))
-    assert "2.10" in reason and "no xloadflags" in reason and "64-bit entry point" in reason
+def test_protocol_without_xloadflags_is_entered_at_32_bits() -> None:
+    # Protocol 2.10 has no xloadflags, so no 64-bit entry point: the 32-bit one it has.
+    plan = load(bzimage(version=0x020A))
+    assert plan.entry.mode is CpuMode.PROTECTED and plan.entry.entry == 0x1000000
 
 
-def test_no_xlf_kernel_64() -> None:
-    reason = load_error(bzimage(xloadflags=0x02))
-    assert "xloadflags 0x0002 lacks XLF_KERNEL_64" in reason
+def test_protocol_2_06_before_pref_address_and_init_size() -> None:
+    # Its header ends before pref_address: the kernel loads at 1 MiB and needs what the file holds.
+    image = bzimage(version=0x0206, jump_offset=0x3A)
+    header = linux.parse_header(Path("bzImage"), image)
+    assert (header.pref_address, header.xloadflags, header.init_size) == (0, 0, 0x1000)
+    plan = load(image)
+    assert plan.kernel_start == layout.HIMEM_START and plan.entry.mode is CpuMode.PROTECTED
+
+
+def test_without_xlf_kernel_64_the_32_bit_entry_is_the_default() -> None:
+    plan = load(bzimage(xloadflags=0x02))
+    zero_page_addr = plan.entry.regs["rsi"]
+    assert plan.entry.mode is CpuMode.PROTECTED
+    assert plan.entry.entry == 0x1000000  # the start of the protected-mode kernel, as loaded
+    assert dict(plan.entry.regs) == {"rsi": zero_page_addr}  # EBP, EDI and EBX start at zero
+    page = peek(plan, zero_page_addr, 4096)
+    assert u(page, CODE32_START, 4) == 0x1000000 and page[0x202:0x206] == b"HdrS"
+
+
+def test_no_xlf_kernel_64_refuses_a_long_mode_request() -> None:
+    reason = load_error(bzimage(xloadflags=0x02), mode=CpuMode.LONG)
+    assert "xloadflags 0x0002 lacks XLF_KERNEL_64" in reason and "protected mode" in reason
 
 
 def test_no_loaded_high() -> None:
@@ -264,7 +286,19 @@ def test_no_kernel_after_the_setup() -> None:
 
 def test_truncated_kernel() -> None:
     image = bzimage()[:-0x100]
-    assert "is cut short: syssize says" in load_error(image)
+    assert "is cut short: syssize says the protected-mode kernel is 256 16-byte paragraphs" in load_error(image)
+
+
+@pytest.mark.parametrize("missing", [1, 15])
+def test_a_short_last_paragraph_is_normal(missing: int) -> None:
+    # syssize rounds the kernel's size up to 16 bytes: the file may end up to 15 bytes before syssize * 16.
+    image = bzimage(kernel_size=0x1000, syssize=0x100)[:-missing]
+    plan = load(image)
+    assert plan.writes[0].data == image[2 * 512 :]
+
+
+def test_sixteen_bytes_short_is_cut_short() -> None:
+    assert "is cut short" in load_error(bzimage(kernel_size=0x1000, syssize=0x100)[:-16])
 
 
 def test_init_size_smaller_than_the_kernel() -> None:
@@ -306,8 +340,10 @@ def test_overrides_are_refused(field: str) -> None:
     assert "applies to flat binaries only" in load_error(bzimage(), **{field: 0x200000})
 
 
-def test_protected_mode_is_refused() -> None:
-    assert "64-bit entry point in long mode, but protected mode" in load_error(bzimage(), mode=CpuMode.PROTECTED)
+def test_protected_mode_request_uses_the_32_bit_entry() -> None:
+    plan = load(bzimage(), mode=CpuMode.PROTECTED)
+    assert plan.entry.mode is CpuMode.PROTECTED and plan.entry.entry == 0x1000000
+    assert plan.entry.regs["rsi"] == ZP
 
 
 def test_long_mode_request_is_fine() -> None:
@@ -322,13 +358,13 @@ def test_not_enough_ram_for_init_size() -> None:
 def test_initrd_that_cannot_fit() -> None:
     image = bzimage(init_size=60 * MIB)
     reason = load_error(image, memory_map=build_memory_map(80 * MIB), initrd=initrd(5 * MIB))
-    assert reason.startswith("the initrd initrd.img (0x500000 bytes) does not fit in guest RAM between the kernel's end")
+    assert reason.startswith("the initrd initrd.img (0x500000 bytes) does not fit in guest RAM between 0x4c00000 and")
     assert "give the machine more memory with -m" in reason
 
 
 def test_initrd_under_a_low_initrd_addr_max_that_leaves_no_room() -> None:
     reason = load_error(bzimage(initrd_addr_max=0x1100000), initrd=initrd())
-    assert "(initrd_addr_max 0x1100000)" in reason
+    assert "(initrd_addr_max 0x1100000, above the kernel's end)" in reason
 
 
 def test_empty_initrd() -> None:
@@ -468,13 +504,13 @@ def test_initrd_placement_skips_a_range_that_is_too_small() -> None:
         E820Entry(64 * MIB, 4 * MIB, E820Type.RESERVED),
         E820Entry(68 * MIB, 0x2000, E820Type.RAM),
     )
-    gpa = linux.place_high(Path("k"), "x", 0x3000, limit=4 * GIB, above=0x1200000, memory_map=memory_map, why_limit="")
+    gpa = Placement(Path("k"), memory_map).claim_high("x", 0x3000, limit=4 * GIB, above=0x1200000)
     assert gpa == 64 * MIB - 0x3000
 
 
 def test_initrd_placement_stays_above_the_kernel() -> None:
-    with pytest.raises(ImageError, match="between the kernel's end 0x3fff000"):
-        linux.place_high(Path("k"), "x", 0x2000, limit=4 * GIB, above=0x3FFF000, memory_map=build_memory_map(64 * MIB), why_limit="")
+    with pytest.raises(ImageError, match="between 0x3fff000 and 0x100000000"):
+        Placement(Path("k"), build_memory_map(64 * MIB)).claim_high("x", 0x2000, limit=4 * GIB, above=0x3FFF000)
 
 
 # --- PVH ------------------------------------------------------------------------------------------
@@ -520,7 +556,7 @@ def test_pvh_start_info() -> None:
     assert plan.format == "pvh"
     assert plan.entry.mode is CpuMode.PROTECTED and plan.entry.entry == PVH_ENTRY
     info_addr = plan.entry.regs["rbx"]
-    assert dict(plan.entry.regs) == {"rbx": layout.MULTIBOOT_INFO_START}
+    assert info_addr == layout.MULTIBOOT_INFO_START
     fields = struct.unpack("<IIIIQQQQII", peek(plan, info_addr, 56))
     magic, version, flags, nr_modules, modlist, cmdline, rsdp, memmap, entries, reserved = fields
     assert (magic, version, flags, nr_modules, rsdp, reserved) == (0x336EC578, 1, 0, 1, 0xE0000, 0)
@@ -532,8 +568,9 @@ def test_pvh_start_info() -> None:
     assert entries == len(request().memory_map)
     for index, entry in enumerate(request().memory_map):
         assert struct.unpack("<QQII", peek(plan, memmap + 24 * index, 24)) == (entry.addr, entry.size, int(entry.type), 0)
-    for address in (info_addr, modlist, memmap + 24 * entries - 1):
-        assert layout.MULTIBOOT_INFO_START <= address < layout.MULTIBOOT_INFO_END
+    info = next(write for write in plan.writes if write.gpa == info_addr)
+    for address in (modlist, memmap + 24 * entries - 1, string):
+        assert info_addr <= address < info.end
     assert_writes_disjoint(plan)
 
 
@@ -700,3 +737,41 @@ def test_initramfs_holds_busybox_and_an_init_that_prints_the_marker() -> None:
     assert members["bin/sh"] == (0o120777, b"busybox")
     assert members["bin/busybox"][1][:4] == b"\x7fELF"
     assert members["dev/console"][0] == 0o020600
+
+
+# --- the 16-bit entry ------------------------------------------------------------------------------
+
+
+def test_real_mode_entry_runs_the_setup_at_0x90000() -> None:
+    image = bzimage()
+    plan = load(image, mode=CpuMode.REAL, cmdline="console=ttyS0")
+    entry = plan.entry
+    assert entry.mode is CpuMode.REAL
+    assert (entry.segment, entry.data_segment, entry.entry) == (0x9020, 0x9000, 0x90200)  # CS = seg + 0x20, IP 0
+    assert dict(entry.regs) == {"rsp": 0xE000}
+    setup = peek(plan, 0x90000, 2 * 512)
+    assert u(setup, CMD_LINE_PTR, 4) == 0x9E000 and u(setup, HEAP_END_PTR, 2) == 0xE000 - 0x200
+    assert setup[TYPE_OF_LOADER] == 0xFF and setup[LOADFLAGS] == 0x81
+    assert u(setup, CODE32_START, 4) == plan.kernel_start == 0x1000000
+    assert setup[0x202:0x206] == b"HdrS" and setup[:0x1F1] == image[:0x1F1]
+    assert peek(plan, 0x9E000, 14) == b"console=ttyS0\0"
+    assert peek(plan, 0x1000000, 0x1000) == image[2 * 512 :]
+    assert_writes_disjoint(plan)
+
+
+def test_real_mode_entry_with_a_long_command_line_moves_the_setup_lower() -> None:
+    # At 0x90000 the command line (from 0x9e000) would run into the EBDA at 0x9fc00.
+    plan = load(bzimage(cmdline_size=0x2000), mode=CpuMode.REAL, cmdline="x" * 0x1C00)
+    setup = plan.entry.data_segment << 4
+    assert setup != 0x90000 and setup + 0xE000 + 0x1C01 <= layout.EBDA_START
+    assert u(peek(plan, setup, 1024), CMD_LINE_PTR, 4) == setup + 0xE000
+
+
+def test_real_mode_entry_refuses_a_setup_larger_than_32_kib() -> None:
+    reason = load_error(bzimage(setup_sects=64, kernel_size=0x1000), mode=CpuMode.REAL)
+    assert "the real-mode setup is 0x8200 bytes (setup_sects 64), more than the 0x8000" in reason
+
+
+def test_command_line_bytes_reach_the_kernel_unchanged() -> None:
+    plan = load(bzimage(), cmdline=b"root=/dev/\xe9")
+    assert peek(plan, layout.CMDLINE_START, 12) == b"root=/dev/\xe9\0"

@@ -146,13 +146,23 @@ def test_aout_kernel_outside_ram() -> None:
     assert "does not fit in guest RAM" in rejected(aout_kernel(load_addr=RAM_SIZE))
 
 
-def test_aout_kernel_over_the_boot_structures() -> None:
-    assert "overlaps the VMM's boot structures" in rejected(aout_kernel(load_addr=0x8000))
+def test_aout_kernel_at_0x8000_moves_the_boot_information_out_of_its_way() -> None:
+    image = aout_kernel(load_addr=0x8000, bss_size=0x4000)  # over the usual stack, information and TSS
+    plan = multiboot.load(PATH, image, request(cmdline="x"))
+    kernel = range(0x8000, plan.kernel_end)
+    info = plan.entry.regs["rbx"]
+    assert info not in kernel and plan.entry.tables.tss not in kernel and plan.entry.tables.stack_pointer not in kernel
+    assert peek_string(plan, peek_u32(plan, info + 16)) == b"kernel.mb x"
+    assert plan.entry.tables.gdt == layout.BOOT_GDT_START  # still free: kept
+    assert_writes_disjoint(plan)
 
 
-def test_aout_kernel_over_the_command_line() -> None:
-    reason = rejected(aout_kernel(load_addr=layout.CMDLINE_START - 0x10), cmdline="console=ttyS0")
-    assert "overlaps the kernel command line" in reason
+def test_aout_kernel_over_the_usual_command_line_place_moves_the_command_line() -> None:
+    plan = multiboot.load(PATH, aout_kernel(load_addr=layout.CMDLINE_START - 0x10), request(cmdline="console=ttyS0"))
+    cmdline = peek_u32(plan, plan.entry.regs["rbx"] + 16)
+    assert not plan.kernel_start <= cmdline < plan.kernel_end
+    assert peek_string(plan, cmdline) == b"kernel.mb console=ttyS0"
+    assert_writes_disjoint(plan)
 
 
 def test_address_fields_cut_short_by_the_end_of_the_file() -> None:
@@ -244,9 +254,18 @@ def test_malformed_elf_is_reported_by_the_elf_parser() -> None:
     assert "p_filesz 0xd larger than p_memsz 0x4" in rejected(image)
 
 
-def test_elf_kernel_over_the_command_line() -> None:
+def test_elf_kernel_over_the_usual_command_line_place_moves_the_command_line() -> None:
     image = build_elf([Seg(layout.CMDLINE_START, multiboot_header(0) + HLT)], entry=layout.CMDLINE_START)
-    assert "ELF program header 0 (PT_LOAD) [0x20000, 0x2000d) overlaps the kernel command line" in rejected(image)
+    plan = multiboot.load(PATH, image, request(cmdline="a"))
+    cmdline = peek_u32(plan, plan.entry.regs["rbx"] + 16)
+    assert cmdline != layout.CMDLINE_START and peek_string(plan, cmdline) == b"kernel.mb a"
+
+
+def test_elf_segments_overlapping_each_other_name_both_ranges() -> None:
+    image = build_elf([Seg(KERNEL_ADDR, multiboot_header(0) + HLT, memsz=0x100), Seg(KERNEL_ADDR + 0x80, HLT)], entry=KERNEL_ADDR)
+    reason = rejected(image)
+    assert "ELF program header 0 (PT_LOAD) [0x100000, 0x100100)" in reason
+    assert "ELF program header 1 (PT_LOAD) [0x100080, 0x100081)" in reason
 
 
 def elf_with_address_fields(load_addr: int) -> tuple[bytes, int]:
@@ -296,26 +315,44 @@ def test_memory_sizes_are_capped_and_stop_at_holes() -> None:
     assert info_u32(plan, 8) == 2 * 1024
 
 
-def test_cmdline() -> None:
+def test_cmdline_is_the_image_name_then_the_arguments() -> None:
+    # As QEMU's -kernel k -append args and GRUB's `multiboot k args`: argv[0] is the image.
     plan = multiboot.load(PATH, aout_kernel(), request(cmdline="console=ttyS0 quiet"))
     assert info_u32(plan, 16) == layout.CMDLINE_START
-    assert peek(plan, layout.CMDLINE_START, 20) == b"console=ttyS0 quiet\0"
+    assert peek(plan, layout.CMDLINE_START, 30) == b"kernel.mb console=ttyS0 quiet\0"
 
 
-def test_empty_cmdline_is_an_empty_string() -> None:
+def test_cmdline_names_the_image_as_given() -> None:
+    plan = multiboot.load(Path("x86/vmexit.flat"), aout_kernel(), request(cmdline="cpuid"))
+    assert peek_string(plan, info_u32(plan, 16)) == b"x86/vmexit.flat cpuid"
+
+
+def test_without_arguments_the_name_and_a_space_remain() -> None:
+    # QEMU writes "%s %s" of the kernel's name and the (empty) arguments.
     plan = multiboot.load(PATH, aout_kernel(), request())
-    assert peek(plan, info_u32(plan, 16), 1) == b"\0"
+    assert peek(plan, info_u32(plan, 16), 11) == b"kernel.mb \0"
+
+
+def test_cmdline_is_passed_byte_for_byte() -> None:
+    plan = multiboot.load(PATH, aout_kernel(), request(cmdline=b"caf\xe9 \xff"))
+    assert peek_string(plan, info_u32(plan, 16)) == b"kernel.mb caf\xe9 \xff"
+
+
+def test_a_surrogate_escaped_str_cmdline_gets_its_original_bytes() -> None:
+    # What click hands over for a non-UTF-8 argument.
+    plan = multiboot.load(PATH, aout_kernel(), request(cmdline=b"\xff\xfe".decode("utf-8", "surrogateescape")))
+    assert peek_string(plan, info_u32(plan, 16)) == b"kernel.mb \xff\xfe"
 
 
 def test_cmdline_at_the_size_limit() -> None:
-    cmdline = "x" * (layout.CMDLINE_MAX_SIZE - 1)
+    cmdline = "x" * (layout.CMDLINE_MAX_SIZE - 1 - len("kernel.mb "))
     plan = multiboot.load(PATH, aout_kernel(), request(cmdline=cmdline))
-    assert peek_string(plan, layout.CMDLINE_START) == cmdline.encode()
+    assert peek_string(plan, layout.CMDLINE_START) == b"kernel.mb " + cmdline.encode()
 
 
 def test_cmdline_too_long() -> None:
-    reason = rejected(aout_kernel(), cmdline="x" * layout.CMDLINE_MAX_SIZE)
-    assert f"command line is {layout.CMDLINE_MAX_SIZE + 1} bytes with its NUL" in reason
+    reason = rejected(aout_kernel(), cmdline="x" * (layout.CMDLINE_MAX_SIZE - len("kernel.mb ")))
+    assert f"command line is {layout.CMDLINE_MAX_SIZE} bytes, more than {layout.CMDLINE_MAX_SIZE - 1}" in reason
 
 
 def test_cmdline_with_nul() -> None:
@@ -335,10 +372,9 @@ def test_boot_loader_name() -> None:
     assert peek_string(plan, info_u32(plan, 64)) == b"pykvm"
 
 
-def test_info_and_what_it_points_at_stay_in_the_info_area() -> None:
+def test_info_and_what_it_points_at_are_one_block() -> None:
     plan = multiboot.load(PATH, aout_kernel(), request(modules=MODULES))
     info = next(w for w in plan.writes if w.gpa == INFO)
-    assert info.end <= layout.MULTIBOOT_INFO_END
     for offset in (24, 48, 64):
         assert INFO <= info_u32(plan, offset) < info.end
 
@@ -371,22 +407,27 @@ def test_modules_are_page_aligned_after_the_kernel() -> None:
 def test_module_that_does_not_fit_in_ram() -> None:
     big = Module(Path("big"), bytes(RAM_SIZE), "big")
     reason = rejected(aout_kernel(), modules=(big,))
-    assert "multiboot module 0 (big)" in reason and "does not fit in guest RAM" in reason
+    assert "no room for multiboot module 0 (big) (0x4000000 bytes)" in reason and "with -m" in reason
 
 
-def test_module_over_the_command_line() -> None:
+def test_module_over_the_usual_command_line_place_moves_the_command_line() -> None:
     module = Module(Path("m"), bytes(0x20000), "m")
-    assert "multiboot module 0 (m)" in rejected(aout_kernel(load_addr=0x10000), modules=(module,))
+    plan = multiboot.load(PATH, aout_kernel(load_addr=0x10000), request(modules=(module,)))
+    start = info_u32(plan, 24)
+    module_start = peek_u32(plan, start)
+    cmdline = info_u32(plan, 16)
+    assert not module_start <= cmdline < module_start + 0x20000
+    assert_writes_disjoint(plan)
 
 
-def test_too_many_modules_for_the_info_area() -> None:
-    modules = tuple(Module(Path(f"m{i}"), b"", f"module {i}") for i in range(200))
-    reason = rejected(aout_kernel(), modules=modules)
-    assert "the multiboot information (200 modules" in reason and "more than the 4096 bytes" in reason
-
-
-def test_module_string_too_long_for_the_info_area() -> None:
-    assert "more than the 4096 bytes" in rejected(aout_kernel(), modules=(Module(Path("m"), b"", "x" * 5000),))
+def test_many_modules_and_long_strings_grow_the_information_block() -> None:
+    modules = tuple(Module(Path(f"m{i}"), b"", f"module {i} " + "x" * 100) for i in range(200))
+    plan = multiboot.load(PATH, aout_kernel(), request(modules=modules))
+    info = plan.entry.regs["rbx"]
+    table = peek_u32(plan, info + 24)
+    assert peek_u32(plan, info + 20) == 200
+    assert peek_string(plan, peek_u32(plan, table + 199 * 16 + 8)) == b"module 199 " + b"x" * 100
+    assert_writes_disjoint(plan)
 
 
 def test_module_string_with_nul() -> None:

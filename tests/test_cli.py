@@ -47,7 +47,7 @@ def test_run_multiboot_with_cmdline_and_module(tmp_path: Path) -> None:
     module.write_bytes(b"x" * 100)
     process = pykvm("run", str(guest("multiboot.elf")), "-m", "32M", "--cmdline", "a b c", "--module", str(module))
     out = process.stdout.decode()
-    assert "cmdline: a b c\n" in out and f"mem_upper: {31 * 1024} KiB" in out and f"module 0: {module} 100 bytes" in out
+    assert f"cmdline: {guest('multiboot.elf')} a b c\n" in out and f"mem_upper: {31 * 1024} KiB" in out and f"module 0: {module} 100 bytes" in out
 
 
 def test_run_flat_options_mode_load_address_and_entry(tmp_path: Path) -> None:

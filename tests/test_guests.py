@@ -48,7 +48,7 @@ def test_multiboot_kernel_sees_cmdline_memory_map_modules_and_loader(run_guest, 
     result = run_guest(guest("multiboot.elf"), memory="128M", cmdline="console=ttyS0 hello", modules=[first, second])
     lines = result.serial.decode().splitlines()
     assert lines[0] == "multiboot: magic ok"
-    assert "cmdline: console=ttyS0 hello" in lines
+    assert f"cmdline: {guest('multiboot.elf')} console=ttyS0 hello" in lines  # argv[0] is the image
     assert "mem_lower: 639 KiB" in lines and f"mem_upper: {128 * 1024 - 1024} KiB" in lines
     assert "mmap 0000000000100000 0000000007f00000 1" in lines
     assert "modules: 2" in lines
@@ -59,7 +59,7 @@ def test_multiboot_kernel_sees_cmdline_memory_map_modules_and_loader(run_guest, 
 
 def test_multiboot_aout_kludge_image(run_guest) -> None:
     result = run_guest(guest("multiboot_kludge.bin"), cmdline="kludge")
-    assert b"multiboot: magic ok\ncmdline: kludge\n" in result.serial
+    assert f"multiboot: magic ok\ncmdline: {guest('multiboot_kludge.bin')} kludge\n".encode() in result.serial
     assert result.exit_value == 0
 
 

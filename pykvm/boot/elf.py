@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ImageError
-from ..x86.e820 import E820Entry
 from .flat import LONG_MODE_ENTRY_LIMIT, PROTECTED_MODE_ADDRESS_LIMIT, reject_overrides
-from .plan import BOOT_AREA, BootPlan, CpuMode, EntryState, LoadRequest, MemoryWrite, Reserved, check_clear_of, check_in_ram
+from .placement import Placement
+from .plan import BootPlan, CpuMode, EntryState, LoadRequest, MemoryWrite, check_in_ram
 
 FORMAT = "elf"
 
@@ -285,13 +285,18 @@ def parse(path: Path, image: bytes) -> ElfImage:
     return ElfImage(elf_class=elf_class, entry=header["entry"], segments=segments)
 
 
-def check_placement(
-    path: Path, elf: ElfImage, memory_map: tuple[E820Entry, ...], reserved: tuple[Reserved, ...]
-) -> None:
-    """Check that every segment lies in guest RAM and clear of the ``reserved`` ranges."""
+def place_segments(path: Path, elf: ElfImage, request: LoadRequest) -> Placement:
+    """Check that every segment lies in guest memory and start a placement around them.
+
+    A segment may load anywhere in guest memory, reserved ranges of the memory map
+    included, as QEMU loads it; the VMM's own structures then go where the segments
+    leave room.
+    """
+    placement = Placement(path, request.memory_map)
     for segment in elf.segments:
-        check_in_ram(path, segment.name, segment.paddr, segment.memsz, memory_map)
-        check_clear_of(path, segment.name, segment.paddr, segment.memsz, reserved)
+        check_in_ram(path, segment.name, segment.paddr, segment.memsz, request)
+        placement.occupy(segment.name, segment.paddr, segment.memsz)
+    return placement
 
 
 def entry_point(path: Path, elf: ElfImage) -> int:
@@ -337,13 +342,13 @@ def load(path: Path, image: bytes, request: LoadRequest) -> BootPlan:
     elf = parse(path, image)
     _check_mode(path, elf, request.mode)
     reject_overrides(path, request, "an ELF image")
-    check_placement(path, elf, request.memory_map, (BOOT_AREA,))
+    placement = place_segments(path, elf, request)
     entry = entry_point(path, elf)
     check_entry_limit(path, elf, entry)
     return BootPlan(
         format=FORMAT,
         writes=segment_writes(image, elf),
-        entry=EntryState(mode=elf.elf_class.mode, entry=entry),
+        entry=EntryState(mode=elf.elf_class.mode, entry=entry, tables=placement.boot_tables(elf.elf_class.mode)[0]),
         kernel_start=elf.start,
         kernel_end=elf.end,
     )

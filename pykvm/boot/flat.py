@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..errors import ImageError
 from ..x86 import layout
-from .plan import BOOT_AREA, BootPlan, CpuMode, EntryState, LoadRequest, MemoryWrite, check_clear_of, check_in_ram
+from .placement import Placement
+from .plan import BootPlan, CpuMode, EntryState, LoadRequest, MemoryWrite, check_in_ram
 
 FORMAT = "flat"
 
@@ -101,14 +102,14 @@ def load(path: Path, image: bytes, request: LoadRequest) -> BootPlan:
     _check_not_negative(path, "the load address", load_addr)
     _check_not_negative(path, "the entry point", entry)
     _check_mode_limits(path, mode, load_addr, len(image), entry)
-    check_in_ram(path, "the flat image", load_addr, len(image), request.memory_map)
-    if mode != CpuMode.REAL:
-        check_clear_of(path, "the flat image", load_addr, len(image), (BOOT_AREA,))
-    check_in_ram(path, "the entry point", entry, ENTRY_SIZE, request.memory_map)
+    check_in_ram(path, "the flat image", load_addr, len(image), request)
+    check_in_ram(path, "the entry point", entry, ENTRY_SIZE, request)
+    placement = Placement(path, request.memory_map)
+    placement.occupy("the flat image", load_addr, len(image))
     return BootPlan(
         format=FORMAT,
         writes=(MemoryWrite(load_addr, image),),
-        entry=EntryState(mode=mode, entry=entry),
+        entry=EntryState(mode=mode, entry=entry, tables=placement.boot_tables(mode)[0]),
         kernel_start=load_addr,
         kernel_end=load_addr + len(image),
     )

@@ -1,16 +1,31 @@
-"""Linux bzImage kernels, booted through the x86 boot protocol's 64-bit entry point.
+"""Linux bzImage kernels, booted through the x86 boot protocol: 64-bit, 32-bit or 16-bit entry.
 
 The protocol is the kernel's Documentation/arch/x86/boot.rst.  A bzImage is the
 real-mode setup (the boot sector and ``setup_sects`` sectors, whose setup header
 at 0x1f1 describes the kernel) followed by the protected-mode kernel: a
-decompressor carrying the compressed vmlinux.  Like rust-vmm's linux-loader and
-Firecracker, pykvm never runs the 16-bit setup code: it reads and checks the
-setup header (every field it relies on, before anything is placed, one
-:class:`ImageError` per failure, naming the field), loads the protected-mode
-kernel, builds ``struct boot_params`` (the "zero page": the setup header, then
-the command line, initrd and e820 map fields) and enters the kernel's 64-bit
-entry point, 0x200 past the load address, in long mode with RSI pointing at
-the zero page ("64-bit BOOT PROTOCOL" in boot.rst).
+decompressor carrying the compressed vmlinux.  The setup header is read and
+checked first (every field pykvm relies on, before anything is placed, one
+:class:`ImageError` per failure, naming the field).  ``syssize`` counts 16-byte
+paragraphs rounded up, so the file may hold up to 15 bytes less than
+``syssize * 16``; real loaders load what the file holds, as pykvm does.
+
+Three ways in, as boot.rst describes them:
+
+- **64-bit** (the default for a kernel whose xloadflags has XLF_KERNEL_64): like
+  rust-vmm's linux-loader and Firecracker, pykvm builds ``struct boot_params``
+  (the "zero page": the setup header, then the command line, initrd and e820
+  fields) and enters the protected-mode kernel 0x200 past its load address in
+  long mode, RSI pointing at the zero page;
+- **32-bit** (the default for a kernel without XLF_KERNEL_64, or ``mode=protected``):
+  the same zero page, and the kernel entered at its load address in 32-bit
+  protected mode with paging off, CS = __BOOT_CS (0x10) and DS = ES = SS =
+  __BOOT_DS (0x18) flat, interrupts off, ESI = the zero page and EBP = EDI = EBX = 0;
+- **16-bit** (``mode=real``): the setup code itself, loaded at a 0x90000-style
+  address X with its heap up to X + 0xe000 and the command line after it, entered
+  at (X >> 4) + 0x20 : 0 with DS = ES = SS = X >> 4 and SP = 0xe000, as boot.rst's
+  sample boot loader does.  The setup code builds boot_params itself from BIOS
+  calls; pykvm provides no BIOS, so this path suits setup code that does not
+  need one (the other two are how pykvm boots Linux).
 
 Where the kernel loads: at ``pref_address`` (LOAD_PHYSICAL_ADDR, 16 MiB for
 distribution kernels) when it is above 1 MiB, else at 1 MiB.  Firecracker and
@@ -23,12 +38,16 @@ possible"), is ``kernel_alignment``-aligned where 1 MiB is not, and makes the
 loaded image and the kernel's working area one range,
 ``[pref_address, pref_address + init_size)``, which is what is checked
 against guest RAM.  Loading lower would not save any memory: the kernel
-needs that range either way.
+needs that range either way.  ``code32_start`` tells the setup code (and
+a reader of boot_params) where that is.
 
 The initrd goes page aligned as high as it can: below ``initrd_addr_max + 1``,
 below 4 GiB (pykvm never uses the ``ext_*`` high halves, so it does not rely on
 XLF_CAN_BE_LOADED_ABOVE_4G), inside one RAM range of the memory map (so below
 the MMIO hole) and above the kernel's working area.  QEMU places it the same way.
+The zero page, the command line and the VMM's GDT, TSS, stack and page tables go
+at their preferred low addresses, or where the kernel leaves room
+(:mod:`pykvm.boot.placement`).
 """
 
 from __future__ import annotations
@@ -41,7 +60,8 @@ from ..errors import ImageError
 from ..x86 import layout
 from ..x86.e820 import E820Entry, E820Type
 from .flat import reject_overrides
-from .plan import BOOT_AREA, BootPlan, CpuMode, EntryState, LoadRequest, MemoryWrite, Module, Reserved, check_clear_of, check_in_ram
+from .placement import Claim, Placement, align_up
+from .plan import BootPlan, BootTables, CpuMode, EntryState, LoadRequest, MemoryWrite, Module, nul_terminated
 
 FORMAT = "linux"
 
@@ -52,6 +72,8 @@ DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 SECTOR_SIZE = 512
 # setup_sects = 0 means 4 (boot.rst: "for backwards compatibility").
 DEFAULT_SETUP_SECTS = 4
+# syssize counts the protected-mode kernel in 16-byte paragraphs, rounded up.
+PARAGRAPH = 16
 
 # The setup header: where it starts in the image and in boot_params (the same offset), where
 # the "HdrS" magic is, and the jump instruction whose offset byte gives the header's length.
@@ -63,6 +85,7 @@ BOOT_FLAG = 0xAA55
 
 # Boot protocol versions (major << 8 | minor) that matter here.
 MIN_VERSION = 0x0206  # cmdline_size
+PREF_ADDRESS_VERSION = 0x020A  # pref_address and init_size
 XLOADFLAGS_VERSION = 0x020C  # xloadflags, and so the 64-bit entry point
 
 # loadflags.
@@ -79,9 +102,17 @@ LOADER_UNDEFINED = 0xFF
 # vid_mode 0xffff: "normal" (80x25).  The 64-bit entry skips the video setup anyway.
 VID_MODE_NORMAL = 0xFFFF
 # heap_end_ptr: where the 16-bit setup code's heap ends, minus 0x200, from the start of the
-# real-mode code.  pykvm does not run that code; kvmtool's value, with CAN_USE_HEAP, as the
-# protocol asks of every loader.
+# real-mode code.  For the 32- and 64-bit entries the setup code does not run: kvmtool's value,
+# with CAN_USE_HEAP, as the protocol asks of every loader.
 HEAP_END_PTR = 0xFE00
+HEAP_END_PTR_GAP = 0x200
+# The 16-bit entry (boot.rst's sample loader, protocol >= 2.02 with a kernel loaded high): the
+# setup code (at most 0x8000 bytes with its boot sector), its stack and heap up to 0xe000 from
+# the start, then the command line; entered at segment + 0x20 (past the boot sector), offset 0.
+REAL_MODE_SETUP_MAX = 0x8000
+REAL_MODE_HEAP_END = 0xE000
+REAL_MODE_CODE_SEGMENT_OFFSET = 0x20
+REAL_MODE_ALIGN = layout.PAGE_SIZE
 
 # struct boot_params (arch/x86/include/uapi/asm/bootparam.h): the zero page.
 ZERO_PAGE_SIZE = 4 * layout.KIB
@@ -91,6 +122,7 @@ BP_EXT_RAMDISK_SIZE = 0x0C4
 BP_EXT_CMD_LINE_PTR = 0x0C8
 BP_E820_ENTRIES = 0x1E8
 BP_SETUP_HEADER_END = 0x290  # edd_mbr_sig_buffer follows the header's padding
+SETUP_DATA_VERSION = 0x0209  # setup_data joined the header in protocol 2.09
 BP_E820_TABLE = 0x2D0
 E820_MAX_ENTRIES_ZEROPAGE = 128
 E820_ENTRY = struct.Struct("<QQI")
@@ -99,6 +131,7 @@ E820_ENTRY = struct.Struct("<QQI")
 HDR_VID_MODE = 0x1FA
 HDR_TYPE_OF_LOADER = 0x210
 HDR_LOADFLAGS = 0x211
+HDR_CODE32_START = 0x214
 HDR_RAMDISK_IMAGE = 0x218
 HDR_RAMDISK_SIZE = 0x21C
 HDR_HEAP_END_PTR = 0x224
@@ -113,14 +146,19 @@ LOW_4G = 4 * layout.GIB
 
 @dataclass(frozen=True)
 class Field:
-    """A setup header field pykvm reads: its offset (in the image and in boot_params) and encoding."""
+    """A setup header field pykvm reads: its offset (in the image and in boot_params), encoding, and
+    the protocol version that added it (an older kernel's header ends before it: pykvm takes 0)."""
 
     offset: int
     encoding: struct.Struct
+    since: int = MIN_VERSION
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.encoding.size
 
 
-# The fields pykvm reads, by their boot.rst names.  All exist from protocol 2.12 (xloadflags) on,
-# which the 64-bit entry point needs.
+# The fields pykvm reads, by their boot.rst names.
 FIELDS = {
     "setup_sects": Field(0x1F1, U8),
     "syssize": Field(0x1F4, U32),
@@ -130,13 +168,16 @@ FIELDS = {
     "initrd_addr_max": Field(0x22C, U32),
     "kernel_alignment": Field(0x230, U32),
     "relocatable_kernel": Field(0x234, U8),
-    "xloadflags": Field(0x236, U16),
+    "xloadflags": Field(0x236, U16, XLOADFLAGS_VERSION),
     "cmdline_size": Field(0x238, U32),
-    "pref_address": Field(0x258, U64),
-    "init_size": Field(0x260, U32),
+    "pref_address": Field(0x258, U64, PREF_ADDRESS_VERSION),
+    "init_size": Field(0x260, U32, PREF_ADDRESS_VERSION),
 }
-# The header must reach at least this far for every field above to be in it.
-FIELDS_END = max(field.offset + field.encoding.size for field in FIELDS.values())
+
+
+def fields_end(version: int) -> int:
+    """How far a setup header of protocol ``version`` reaches at least: the end of the fields it has."""
+    return max(field.end for field in FIELDS.values() if field.since <= version)
 
 
 @dataclass(frozen=True)
@@ -158,8 +199,12 @@ class SetupHeader:
 
     @property
     def kernel_offset(self) -> int:
-        """Where the protected-mode kernel starts in the file."""
+        """Where the protected-mode kernel starts in the file (the size of the real-mode setup)."""
         return (self.setup_sects + 1) * SECTOR_SIZE
+
+    @property
+    def has_64bit_entry(self) -> bool:
+        return bool(self.xloadflags & XLF_KERNEL_64)
 
     @property
     def version_text(self) -> str:
@@ -186,21 +231,15 @@ def format_version(version: int) -> str:
     return f"{version >> 8}.{version & 0xFF:02d}"
 
 
-def _align_up(value: int, alignment: int) -> int:
-    return (value + alignment - 1) // alignment * alignment
-
-
-def _align_down(value: int, alignment: int) -> int:
-    return value // alignment * alignment
-
-
 def is_bzimage(image: bytes) -> bool:
     """Whether ``image`` carries the boot protocol's "HdrS" magic at 0x202."""
     return image[HEADER_MAGIC_OFFSET : HEADER_MAGIC_OFFSET + len(HEADER_MAGIC)] == HEADER_MAGIC
 
 
-def _read(image: bytes, name: str) -> int:
+def _read(image: bytes, name: str, version: int = MIN_VERSION) -> int:
     field = FIELDS[name]
+    if field.since > version:
+        return 0
     (value,) = field.encoding.unpack_from(image, field.offset)
     return int(value)
 
@@ -233,14 +272,14 @@ def _check_version(path: Path, image: bytes) -> int:
     return version
 
 
-def _header_end(path: Path, image: bytes) -> int:
+def _header_end(path: Path, image: bytes, version: int) -> int:
     """The end of the setup header: 0x202 + the jump instruction's offset byte (boot.rst)."""
     end = HEADER_MAGIC_OFFSET + image[JUMP_OFFSET_BYTE]
-    if end < FIELDS_END:
+    if end < fields_end(version):
         raise ImageError(
             str(path),
             f"the setup header ends at {end:#x} (0x202 + the byte at 0x201), before the fields of its "
-            f"protocol version end at {FIELDS_END:#x}",
+            f"protocol version end at {fields_end(version):#x}",
         )
     if end > BP_SETUP_HEADER_END:
         raise ImageError(
@@ -253,27 +292,12 @@ def _header_end(path: Path, image: bytes) -> int:
     return end
 
 
-def _check_64bit_entry(path: Path, version: int) -> None:
-    if version < XLOADFLAGS_VERSION:
-        raise ImageError(
-            str(path),
-            f"uses boot protocol {format_version(version)}, which has no xloadflags (added in "
-            f"{format_version(XLOADFLAGS_VERSION)}) and so no 64-bit entry point, which is how pykvm enters Linux",
-        )
-
-
-def _check_flags(path: Path, loadflags: int, xloadflags: int) -> None:
+def _check_loaded_high(path: Path, loadflags: int) -> None:
     if not loadflags & LOADED_HIGH:
         raise ImageError(
             str(path),
             f"loadflags {loadflags:#04x} lacks LOADED_HIGH: the kernel loads at 0x10000 (a zImage), "
             f"which pykvm does not boot",
-        )
-    if not xloadflags & XLF_KERNEL_64:
-        raise ImageError(
-            str(path),
-            f"xloadflags {xloadflags:#06x} lacks XLF_KERNEL_64: the kernel has no 64-bit entry point "
-            f"(a 32-bit kernel?), which is how pykvm enters Linux",
         )
 
 
@@ -285,11 +309,11 @@ def _check_sizes(path: Path, image: bytes, header: SetupHeader) -> None:
             f"has no protected-mode kernel past its setup (setup_sects {header.setup_sects}: the kernel would "
             f"start at {header.kernel_offset:#x}, the file has {len(image):#x} bytes)",
         )
-    if header.syssize * 16 > kernel_size:
+    if align_up(kernel_size, PARAGRAPH) < header.syssize * PARAGRAPH:
         raise ImageError(
             str(path),
-            f"is cut short: syssize says the protected-mode kernel is {header.syssize * 16:#x} bytes, "
-            f"the file holds {kernel_size:#x} of it",
+            f"is cut short: syssize says the protected-mode kernel is {header.syssize} 16-byte paragraphs "
+            f"({header.syssize * PARAGRAPH:#x} bytes), the file holds {kernel_size:#x} bytes of it",
         )
     if header.init_size < kernel_size:
         raise ImageError(
@@ -313,24 +337,25 @@ def parse_header(path: Path, image: bytes) -> SetupHeader:
     """Read and check a bzImage's setup header (nothing about guest memory is checked here)."""
     _check_magic(path, image)
     version = _check_version(path, image)
-    _check_64bit_entry(path, version)
-    header_end = _header_end(path, image)
+    header_end = _header_end(path, image, version)
     boot_flag = _read(image, "boot_flag")
     if boot_flag != BOOT_FLAG:
         raise ImageError(str(path), f"boot_flag (at 0x1fe) is {boot_flag:#06x}, not {BOOT_FLAG:#06x}")
-    _check_flags(path, _read(image, "loadflags"), _read(image, "xloadflags"))
+    _check_loaded_high(path, _read(image, "loadflags"))
+    setup_sects = _read(image, "setup_sects") or DEFAULT_SETUP_SECTS
     header = SetupHeader(
-        setup_sects=_read(image, "setup_sects") or DEFAULT_SETUP_SECTS,
+        setup_sects=setup_sects,
         syssize=_read(image, "syssize"),
         version=version,
         loadflags=_read(image, "loadflags"),
         initrd_addr_max=_read(image, "initrd_addr_max"),
         kernel_alignment=_read(image, "kernel_alignment"),
         relocatable_kernel=bool(_read(image, "relocatable_kernel")),
-        xloadflags=_read(image, "xloadflags"),
+        xloadflags=_read(image, "xloadflags", version),
         cmdline_size=_read(image, "cmdline_size"),
-        pref_address=_read(image, "pref_address"),
-        init_size=_read(image, "init_size"),
+        pref_address=_read(image, "pref_address", version),
+        # Before protocol 2.10 a kernel does not say how much room it needs: the file's size is all a loader knows.
+        init_size=_read(image, "init_size", version) or len(image) - (setup_sects + 1) * SECTOR_SIZE,
         header_end=header_end,
     )
     _check_sizes(path, image, header)
@@ -355,94 +380,60 @@ def runtime_start(header: SetupHeader, load_addr: int) -> int:
     which is ``pref_address`` (head_64.S).
     """
     if header.relocatable_kernel:
-        return max(_align_up(load_addr, header.kernel_alignment), header.pref_address)
+        return max(align_up(load_addr, header.kernel_alignment), header.pref_address)
     return header.pref_address or load_addr
 
 
-def place_kernel(
-    path: Path, header: SetupHeader, kernel_size: int, memory_map: tuple[E820Entry, ...], reserved: tuple[Reserved, ...]
-) -> KernelPlacement:
-    """Where the protected-mode kernel loads, checked against guest RAM and the ``reserved`` ranges."""
+def place_kernel(path: Path, header: SetupHeader, kernel_size: int, mode: CpuMode, placement: Placement, memory_map: tuple[E820Entry, ...]) -> KernelPlacement:
+    """Where the protected-mode kernel loads, checked against guest RAM, and occupied in ``placement``."""
     load_addr = choose_load_addr(header)
     start = runtime_start(header, load_addr)
-    placement = KernelPlacement(load_addr, kernel_size, start, start + header.init_size)
-    if placement.end > layout.IDENTITY_MAP_END:
+    kernel = KernelPlacement(load_addr, kernel_size, start, start + header.init_size)
+    if mode is CpuMode.LONG and kernel.end > layout.IDENTITY_MAP_END:
         raise ImageError(
             str(path),
-            f"the kernel would occupy up to {placement.end:#x} (pref_address {header.pref_address:#x}, "
+            f"the kernel would occupy up to {kernel.end:#x} (pref_address {header.pref_address:#x}, "
             f"init_size {header.init_size:#x}), beyond the identity map of the 64-bit entry ({layout.IDENTITY_MAP_END:#x})",
         )
     for gpa, size in ((load_addr, kernel_size), (start, header.init_size)):
         if not _in_ram(gpa, size, memory_map):
-            needed = _align_up(placement.end, layout.MIB) // layout.MIB
+            needed = align_up(kernel.end, layout.MIB) // layout.MIB
             raise ImageError(
                 str(path),
-                f"the kernel needs guest RAM up to {placement.end:#x} while it boots (loaded at {load_addr:#x}, "
+                f"the kernel needs guest RAM up to {kernel.end:#x} while it boots (loaded at {load_addr:#x}, "
                 f"it works in init_size {header.init_size:#x} bytes from {start:#x}); "
                 f"give the machine at least {needed} MiB with -m",
             )
-    check_clear_of(path, "the protected-mode kernel", load_addr, kernel_size, reserved)
-    check_clear_of(path, f"the kernel's working area (init_size from {start:#x})", start, header.init_size, reserved)
-    return placement
+    placement.occupy(f"the kernel and its working area (init_size from {start:#x})", min(load_addr, start), kernel.end - min(load_addr, start))
+    return kernel
 
 
 def _in_ram(gpa: int, size: int, memory_map: tuple[E820Entry, ...]) -> bool:
     return any(e.type == E820Type.RAM and e.addr <= gpa and gpa + size <= e.end for e in memory_map)
 
 
-def place_high(
-    path: Path, what: str, size: int, *, limit: int, above: int, memory_map: tuple[E820Entry, ...], why_limit: str
-) -> int:
-    """The highest page-aligned address for ``size`` bytes inside one RAM range, below ``limit`` and above ``above``.
-
-    Shared with the PVH loader, which places its initrd module the same way.
-    """
-    if size == 0:
-        raise ImageError(str(path), f"{what} is empty")
-    ram = sorted((entry for entry in memory_map if entry.type == E820Type.RAM), key=lambda entry: entry.addr)
-    for entry in reversed(ram):
-        top = min(entry.end, limit)
-        if top < size:
-            continue
-        gpa = _align_down(top - size, layout.PAGE_SIZE)
-        if gpa >= max(entry.addr, above):
-            return gpa
-    raise ImageError(
-        str(path),
-        f"{what} ({size:#x} bytes) does not fit in guest RAM between the kernel's end {above:#x} and "
-        f"{limit:#x} ({why_limit}); give the machine more memory with -m",
-    )
-
-
-def place_initrd(path: Path, header: SetupHeader, initrd: Module, kernel: KernelPlacement, memory_map: tuple[E820Entry, ...]) -> int:
+def place_initrd(header: SetupHeader, initrd: Module, kernel: KernelPlacement, placement: Placement) -> int:
     """The initrd's address: as high as allowed (see the module documentation)."""
     limit = min(header.initrd_addr_max + 1, LOW_4G)
-    return place_high(
-        path,
+    return placement.claim_high(
         f"the initrd {initrd.path}",
         len(initrd.data),
         limit=limit,
-        above=_align_up(kernel.end, layout.PAGE_SIZE),
-        memory_map=memory_map,
-        why_limit=f"initrd_addr_max {header.initrd_addr_max:#x}" if limit < LOW_4G else "4 GiB",
+        above=align_up(kernel.end, layout.PAGE_SIZE),
+        why_limit=f"initrd_addr_max {header.initrd_addr_max:#x}, above the kernel's end" if limit < LOW_4G else "4 GiB, above the kernel's end",
     )
 
 
 # --- the command line and the zero page ----------------------------------------------------
 
 
-def encode_cmdline(path: Path, cmdline: str, cmdline_size: int) -> bytes:
+def encode_cmdline(path: Path, cmdline: bytes, cmdline_size: int) -> bytes:
     """The command line, NUL-terminated, checked against the kernel's ``cmdline_size``."""
-    data = cmdline.encode()
-    if b"\0" in data:
-        raise ImageError(str(path), "the kernel command line contains a NUL character")
     limit = min(cmdline_size, layout.CMDLINE_MAX_SIZE - 1)
-    if len(data) > limit:
-        where = f"this kernel's cmdline_size is {cmdline_size}" if limit == cmdline_size else (
-            f"pykvm reserves {layout.CMDLINE_MAX_SIZE} bytes for it"
-        )
-        raise ImageError(str(path), f"the kernel command line is {len(data)} bytes, more than {limit} ({where})")
-    return data + b"\0"
+    why = f"this kernel's cmdline_size is {cmdline_size}" if limit == cmdline_size else (
+        f"pykvm reserves {layout.CMDLINE_MAX_SIZE} bytes for it"
+    )
+    return nul_terminated(path, "the kernel command line", cmdline, limit, why)
 
 
 def encode_e820(path: Path, memory_map: tuple[E820Entry, ...]) -> bytes:
@@ -455,31 +446,41 @@ def encode_e820(path: Path, memory_map: tuple[E820Entry, ...]) -> bytes:
     return b"".join(E820_ENTRY.pack(entry.addr, entry.size, int(entry.type)) for entry in memory_map)
 
 
+@dataclass(frozen=True)
+class LoaderFields:
+    """The setup header fields a boot loader fills in (boot.rst's "write" and "modify" fields)."""
+
+    cmdline_addr: int
+    initrd_addr: int
+    initrd_size: int
+    code32_start: int
+    heap_end_ptr: int = HEAP_END_PTR
+
+
+def write_loader_fields(header_area: bytearray, header: SetupHeader, fields: LoaderFields) -> None:
+    """Fill in the loader's setup header fields, in boot_params or in the setup code's own copy (same offsets)."""
+    U8.pack_into(header_area, HDR_TYPE_OF_LOADER, LOADER_UNDEFINED)
+    U8.pack_into(header_area, HDR_LOADFLAGS, header.loadflags | CAN_USE_HEAP)
+    U16.pack_into(header_area, HDR_HEAP_END_PTR, fields.heap_end_ptr)
+    U16.pack_into(header_area, HDR_VID_MODE, VID_MODE_NORMAL)
+    U32.pack_into(header_area, HDR_CODE32_START, fields.code32_start)
+    U32.pack_into(header_area, HDR_CMD_LINE_PTR, fields.cmdline_addr & U32_MASK)
+    U32.pack_into(header_area, HDR_RAMDISK_IMAGE, fields.initrd_addr & U32_MASK)
+    U32.pack_into(header_area, HDR_RAMDISK_SIZE, fields.initrd_size & U32_MASK)
+    if header.version >= SETUP_DATA_VERSION:
+        U64.pack_into(header_area, HDR_SETUP_DATA, 0)
+
+
 def build_boot_params(
-    image: bytes,
-    header: SetupHeader,
-    *,
-    cmdline_addr: int,
-    initrd_addr: int,
-    initrd_size: int,
-    e820: bytes,
-    e820_entries: int,
-    rsdp_addr: int | None,
+    image: bytes, header: SetupHeader, fields: LoaderFields, *, e820: bytes, e820_entries: int, rsdp_addr: int | None
 ) -> bytes:
     """The zero page: zeros, the image's setup header, then the fields a boot loader fills in."""
     page = bytearray(ZERO_PAGE_SIZE)
     page[SETUP_HEADER_START : header.header_end] = image[SETUP_HEADER_START : header.header_end]
-    U8.pack_into(page, HDR_TYPE_OF_LOADER, LOADER_UNDEFINED)
-    U8.pack_into(page, HDR_LOADFLAGS, header.loadflags | CAN_USE_HEAP)
-    U16.pack_into(page, HDR_HEAP_END_PTR, HEAP_END_PTR)
-    U16.pack_into(page, HDR_VID_MODE, VID_MODE_NORMAL)
-    U32.pack_into(page, HDR_CMD_LINE_PTR, cmdline_addr & U32_MASK)
-    U32.pack_into(page, HDR_RAMDISK_IMAGE, initrd_addr & U32_MASK)
-    U32.pack_into(page, HDR_RAMDISK_SIZE, initrd_size & U32_MASK)
-    U64.pack_into(page, HDR_SETUP_DATA, 0)
-    U32.pack_into(page, BP_EXT_CMD_LINE_PTR, cmdline_addr >> 32)
-    U32.pack_into(page, BP_EXT_RAMDISK_IMAGE, initrd_addr >> 32)
-    U32.pack_into(page, BP_EXT_RAMDISK_SIZE, initrd_size >> 32)
+    write_loader_fields(page, header, fields)
+    U32.pack_into(page, BP_EXT_CMD_LINE_PTR, fields.cmdline_addr >> 32)
+    U32.pack_into(page, BP_EXT_RAMDISK_IMAGE, fields.initrd_addr >> 32)
+    U32.pack_into(page, BP_EXT_RAMDISK_SIZE, fields.initrd_size >> 32)
     U64.pack_into(page, BP_ACPI_RSDP_ADDR, rsdp_addr or 0)
     U8.pack_into(page, BP_E820_ENTRIES, e820_entries)
     page[BP_E820_TABLE : BP_E820_TABLE + len(e820)] = e820
@@ -489,6 +490,19 @@ def build_boot_params(
 # --- the loader ----------------------------------------------------------------------------
 
 
+def entry_mode(path: Path, header: SetupHeader, requested: CpuMode | None) -> CpuMode:
+    """How to enter the kernel: as requested, else 64-bit if it has that entry point, else 32-bit."""
+    if requested is None:
+        return CpuMode.LONG if header.has_64bit_entry else CpuMode.PROTECTED
+    if requested is CpuMode.LONG and not header.has_64bit_entry:
+        raise ImageError(
+            str(path),
+            f"xloadflags {header.xloadflags:#06x} lacks XLF_KERNEL_64: the kernel has no 64-bit entry point "
+            f"(a 32-bit kernel?); enter it in protected mode (its 32-bit entry) or real mode (its setup code)",
+        )
+    return requested
+
+
 def _check_request(path: Path, request: LoadRequest) -> None:
     if request.modules:
         raise ImageError(
@@ -496,57 +510,119 @@ def _check_request(path: Path, request: LoadRequest) -> None:
             f"a Linux kernel takes one initrd (--initrd), not multiboot modules (--module: {len(request.modules)} given)",
         )
     reject_overrides(path, request, "a Linux bzImage")
-    if request.mode is not None and request.mode != CpuMode.LONG:
-        raise ImageError(
-            str(path),
-            f"is a Linux bzImage, entered at its 64-bit entry point in long mode, but {request.mode.value} mode was requested",
-        )
 
 
-def load(path: Path, image: bytes, request: LoadRequest) -> BootPlan:
-    """Load a bzImage, its initrd and command line, and enter its 64-bit entry point."""
-    header = parse_header(path, image)
-    _check_request(path, request)
-    cmdline = encode_cmdline(path, request.cmdline or DEFAULT_CMDLINE, header.cmdline_size)
-    check_in_ram(path, "the kernel command line", layout.CMDLINE_START, len(cmdline), request.memory_map)
-    check_in_ram(path, "the zero page (boot_params)", layout.ZERO_PAGE_START, ZERO_PAGE_SIZE, request.memory_map)
-    reserved = (
-        BOOT_AREA,
-        Reserved(layout.CMDLINE_START, layout.CMDLINE_START + len(cmdline), "the kernel command line"),
-    )
+def _entry(mode: CpuMode, kernel: KernelPlacement, zero_page: int, tables: BootTables) -> EntryState:
+    """The 64-bit or 32-bit entry state (see the module documentation)."""
+    if mode is CpuMode.LONG:
+        # boot.rst asks for CS = __BOOT_CS (0x10) and DS = __BOOT_DS (0x18) at the 32-bit entry.  The
+        # 64-bit entry only needs flat segments: startup_64 loads its own GDT before it relies on a
+        # selector.  pykvm's long-mode entry uses its own flat GDT (64-bit code 0x08, data 0x18), as
+        # Firecracker does.  Interrupts are off (RFLAGS.IF = 0) and the identity map covers 4 GiB:
+        # the kernel, its init_size area, the zero page and the command line.
+        return EntryState(mode=mode, entry=kernel.load_addr + ENTRY_64_OFFSET, regs={"rsi": zero_page}, tables=tables)
+    # pykvm's protected-mode GDT has __BOOT_CS at 0x10 and __BOOT_DS at 0x18, flat; EBP, EDI and
+    # EBX start at zero like every register not named here.
+    return EntryState(mode=mode, entry=kernel.load_addr, regs={"rsi": zero_page}, tables=tables)
+
+
+def _load_protected(
+    path: Path, image: bytes, header: SetupHeader, request: LoadRequest, mode: CpuMode
+) -> BootPlan:
+    """The 64-bit or 32-bit boot protocol: the zero page, the command line, the kernel, the initrd."""
+    placement = Placement(path, request.memory_map)
     kernel_data = image[header.kernel_offset :]
-    kernel = place_kernel(path, header, len(kernel_data), request.memory_map, reserved)
-    writes = [MemoryWrite(kernel.load_addr, kernel_data)]
-    initrd_addr = initrd_size = 0
-    if request.initrd is not None:
-        initrd_addr = place_initrd(path, header, request.initrd, kernel, request.memory_map)
-        initrd_size = len(request.initrd.data)
-        writes.append(MemoryWrite(initrd_addr, request.initrd.data))
-    e820 = encode_e820(path, request.memory_map)
+    kernel = place_kernel(path, header, len(kernel_data), mode, placement, request.memory_map)
+    initrd_addr = place_initrd(header, request.initrd, kernel, placement) if request.initrd is not None else 0
+    cmdline = encode_cmdline(path, request.cmdline_bytes or DEFAULT_CMDLINE.encode(), header.cmdline_size)
+    tables, (zero_page_addr, cmdline_addr) = placement.boot_tables(
+        mode,
+        Claim("the zero page (boot_params)", ZERO_PAGE_SIZE, layout.ZERO_PAGE_START, align=layout.PAGE_SIZE),
+        Claim("the kernel command line", len(cmdline), layout.CMDLINE_START),
+    )
+    fields = LoaderFields(
+        cmdline_addr=cmdline_addr,
+        initrd_addr=initrd_addr,
+        initrd_size=len(request.initrd.data) if request.initrd is not None else 0,
+        code32_start=kernel.load_addr,
+    )
     zero_page = build_boot_params(
         image,
         header,
-        cmdline_addr=layout.CMDLINE_START,
-        initrd_addr=initrd_addr,
-        initrd_size=initrd_size,
-        e820=e820,
+        fields,
+        e820=encode_e820(path, request.memory_map),
         e820_entries=len(request.memory_map),
         rsdp_addr=request.rsdp_addr,
     )
-    writes += [MemoryWrite(layout.ZERO_PAGE_START, zero_page), MemoryWrite(layout.CMDLINE_START, cmdline)]
-    # boot.rst asks for CS = __BOOT_CS (0x10) and DS = __BOOT_DS (0x18) at the 32-bit entry.  The
-    # 64-bit entry only needs flat segments: startup_64 loads its own GDT before it relies on a
-    # selector.  pykvm's long-mode entry uses its own flat GDT (64-bit code 0x08, data 0x18), as
-    # Firecracker does.  Interrupts are off (RFLAGS.IF = 0) and the identity map covers 4 GiB:
-    # the kernel, its init_size area, the zero page and the command line.
+    writes = [MemoryWrite(kernel.load_addr, kernel_data)]
+    if request.initrd is not None:
+        writes.append(MemoryWrite(initrd_addr, request.initrd.data))
+    writes += [MemoryWrite(zero_page_addr, zero_page), MemoryWrite(cmdline_addr, cmdline)]
+    return BootPlan(
+        format=FORMAT,
+        writes=tuple(writes),
+        entry=_entry(mode, kernel, zero_page_addr, tables),
+        kernel_start=kernel.load_addr,
+        kernel_end=kernel.end,
+    )
+
+
+def _load_real(path: Path, image: bytes, header: SetupHeader, request: LoadRequest) -> BootPlan:
+    """The 16-bit boot protocol: the setup code with its heap and command line, the kernel, the initrd."""
+    if header.kernel_offset > REAL_MODE_SETUP_MAX:
+        raise ImageError(
+            str(path),
+            f"the real-mode setup is {header.kernel_offset:#x} bytes (setup_sects {header.setup_sects}), "
+            f"more than the {REAL_MODE_SETUP_MAX:#x} the 16-bit entry gives it",
+        )
+    placement = Placement(path, request.memory_map)
+    kernel_data = image[header.kernel_offset :]
+    kernel = place_kernel(path, header, len(kernel_data), CpuMode.REAL, placement, request.memory_map)
+    initrd_addr = place_initrd(header, request.initrd, kernel, placement) if request.initrd is not None else 0
+    cmdline = encode_cmdline(path, request.cmdline_bytes or DEFAULT_CMDLINE.encode(), header.cmdline_size)
+    [setup_addr] = placement.claim(
+        Claim(
+            "the kernel's real-mode setup code, its heap and the command line",
+            REAL_MODE_HEAP_END + len(cmdline),
+            layout.LINUX_SETUP_START,
+            align=REAL_MODE_ALIGN,
+            limit=layout.LOW_MEMORY_END,
+        )
+    )
+    setup = bytearray(image[: header.kernel_offset])
+    fields = LoaderFields(
+        cmdline_addr=setup_addr + REAL_MODE_HEAP_END,
+        initrd_addr=initrd_addr,
+        initrd_size=len(request.initrd.data) if request.initrd is not None else 0,
+        code32_start=kernel.load_addr,
+        heap_end_ptr=REAL_MODE_HEAP_END - HEAP_END_PTR_GAP,
+    )
+    write_loader_fields(setup, header, fields)
+    writes = [MemoryWrite(kernel.load_addr, kernel_data), MemoryWrite(setup_addr, bytes(setup))]
+    if request.initrd is not None:
+        writes.append(MemoryWrite(initrd_addr, request.initrd.data))
+    writes.append(MemoryWrite(fields.cmdline_addr, cmdline))
+    segment = setup_addr >> 4
     return BootPlan(
         format=FORMAT,
         writes=tuple(writes),
         entry=EntryState(
-            mode=CpuMode.LONG,
-            entry=kernel.load_addr + ENTRY_64_OFFSET,
-            regs={"rsi": layout.ZERO_PAGE_START},
+            mode=CpuMode.REAL,
+            entry=setup_addr + REAL_MODE_CODE_SEGMENT_OFFSET * PARAGRAPH,
+            segment=segment + REAL_MODE_CODE_SEGMENT_OFFSET,
+            data_segment=segment,
+            regs={"rsp": REAL_MODE_HEAP_END},
         ),
         kernel_start=kernel.load_addr,
         kernel_end=kernel.end,
     )
+
+
+def load(path: Path, image: bytes, request: LoadRequest) -> BootPlan:
+    """Load a bzImage, its initrd and command line, and enter it through its 64-, 32- or 16-bit entry."""
+    header = parse_header(path, image)
+    _check_request(path, request)
+    mode = entry_mode(path, header, request.mode)
+    if mode is CpuMode.REAL:
+        return _load_real(path, image, header, request)
+    return _load_protected(path, image, header, request, mode)

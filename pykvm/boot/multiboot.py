@@ -7,6 +7,17 @@ kernel is entered in 32-bit protected mode with EAX = 0x2BADB002 and EBX
 pointing at the boot information: memory sizes, the e820 memory map, the
 command line, the modules (placed page-aligned after the kernel) and the boot
 loader's name.
+
+The command line a kernel gets starts with the image's name, then the user's
+arguments, as boot loaders pass it (GRUB's ``multiboot /boot/k args``, and QEMU's
+``-kernel k -append args``, which writes ``"%s %s"`` of the two, so the space is
+there even without arguments): kernels that parse it as argv (kvm-unit-tests)
+find their first argument in argv[1].  A module's string is passed as given
+(QEMU's ``-initrd "file args"`` gives ``"file args"``).
+
+The kernel loads wherever it says, anywhere in guest memory; the boot
+information, command line, modules and the VMM's GDT, TSS and stack go where
+it leaves room (:mod:`pykvm.boot.placement`).
 """
 
 from __future__ import annotations
@@ -19,8 +30,9 @@ from ..errors import ImageError
 from ..x86 import layout
 from ..x86.e820 import E820Entry, E820Type
 from . import elf
-from .flat import PROTECTED_MODE_ADDRESS_LIMIT, reject_overrides
-from .plan import BOOT_AREA, BootPlan, CpuMode, EntryState, LoadRequest, MemoryWrite, Module, Reserved, check_clear_of, check_in_ram
+from .flat import reject_overrides
+from .placement import Claim, Placement, align_up
+from .plan import BootPlan, CpuMode, EntryState, LoadRequest, MemoryWrite, Module, check_in_ram, nul_terminated, to_bytes
 
 FORMAT = "multiboot"
 
@@ -81,6 +93,8 @@ LOWER_MEMORY_LIMIT = layout.LOW_MEMORY_END
 
 BOOT_LOADER_NAME = "pykvm"
 NUL = b"\0"
+# Between the image's name and the arguments on the command line.
+NAME_SEPARATOR = b" "
 
 
 @dataclass(frozen=True)
@@ -105,16 +119,13 @@ class Header:
 
 @dataclass(frozen=True)
 class Kernel:
-    """The kernel's placement: its writes, entry, and the range it occupies."""
+    """The kernel's placement: its writes, entry, the range it occupies, and the memory left around it."""
 
     writes: tuple[MemoryWrite, ...]
     entry: int
     start: int
     end: int
-
-
-def _align_up(value: int, alignment: int) -> int:
-    return (value + alignment - 1) // alignment * alignment
+    placement: Placement
 
 
 def _header_offsets(image: bytes) -> list[int]:
@@ -229,14 +240,7 @@ def _aout_bss_end(path: Path, fields: AddressFields, load_end: int) -> int:
     return fields.bss_end_addr
 
 
-def _load_aout(
-    path: Path,
-    image: bytes,
-    header: Header,
-    fields: AddressFields,
-    request: LoadRequest,
-    reserved: tuple[Reserved, ...],
-) -> Kernel:
+def _load_aout(path: Path, image: bytes, header: Header, fields: AddressFields, request: LoadRequest) -> Kernel:
     load_offset = _aout_load_offset(path, header, fields)
     load_end = _aout_load_end(path, image, fields, load_offset)
     bss_end = _aout_bss_end(path, fields, load_end)
@@ -247,13 +251,14 @@ def _load_aout(
             f"[{fields.load_addr:#x}, {bss_end:#x})",
         )
     what = "the multiboot kernel (load_addr to bss_end_addr)"
-    check_in_ram(path, what, fields.load_addr, bss_end - fields.load_addr, request.memory_map)
-    check_clear_of(path, what, fields.load_addr, bss_end - fields.load_addr, reserved)
+    check_in_ram(path, what, fields.load_addr, bss_end - fields.load_addr, request)
+    placement = Placement(path, request.memory_map)
+    placement.occupy(what, fields.load_addr, bss_end - fields.load_addr)
     data = image[load_offset : load_offset + load_end - fields.load_addr].ljust(bss_end - fields.load_addr, NUL)
-    return Kernel((MemoryWrite(fields.load_addr, data),), fields.entry_addr, fields.load_addr, bss_end)
+    return Kernel((MemoryWrite(fields.load_addr, data),), fields.entry_addr, fields.load_addr, bss_end, placement)
 
 
-def _load_elf(path: Path, image: bytes, request: LoadRequest, reserved: tuple[Reserved, ...]) -> Kernel:
+def _load_elf(path: Path, image: bytes, request: LoadRequest) -> Kernel:
     if not elf.is_elf(image):
         raise ImageError(
             str(path),
@@ -267,50 +272,36 @@ def _load_elf(path: Path, image: bytes, request: LoadRequest, reserved: tuple[Re
             "is an ELF64 multiboot kernel; multiboot kernels are 32-bit (ELF32 i386); "
             "boot a 64-bit ELF with --format elf",
         )
-    elf.check_placement(path, image_elf, request.memory_map, reserved)
+    placement = elf.place_segments(path, image_elf, request)
     entry = elf.entry_point(path, image_elf)
-    return Kernel(elf.segment_writes(image, image_elf), entry, image_elf.start, image_elf.end)
+    return Kernel(elf.segment_writes(image, image_elf), entry, image_elf.start, image_elf.end, placement)
 
 
-def encode_cmdline(path: Path, cmdline: str) -> bytes:
-    """The command line as NUL-terminated UTF-8, checked against its reserved size."""
-    data = cmdline.encode() + NUL
-    if NUL in data[:-1]:
-        raise ImageError(str(path), "the kernel command line contains a NUL character")
-    if len(data) > layout.CMDLINE_MAX_SIZE:
-        raise ImageError(
-            str(path),
-            f"the kernel command line is {len(data)} bytes with its NUL, "
-            f"more than the {layout.CMDLINE_MAX_SIZE} bytes reserved for it",
-        )
-    return data
+def encode_cmdline(path: Path, cmdline: bytes) -> bytes:
+    """A command line, NUL-terminated, checked against the room pykvm gives it."""
+    return nul_terminated(
+        path, "the kernel command line", cmdline, layout.CMDLINE_MAX_SIZE - 1, f"pykvm reserves {layout.CMDLINE_MAX_SIZE} bytes for it"
+    )
 
 
-def _encode_string(path: Path, what: str, text: str) -> bytes:
-    data = text.encode() + NUL
-    if NUL in data[:-1]:
-        raise ImageError(str(path), f"{what} contains a NUL character")
-    return data
+def kernel_command_line(path: Path, arguments: bytes) -> bytes:
+    """What a multiboot kernel gets: its image's name, a space, then the arguments (as QEMU passes it)."""
+    return to_bytes(str(path)) + NAME_SEPARATOR + arguments
 
 
-def place_modules(
-    path: Path,
-    modules: tuple[Module, ...],
-    kernel_end: int,
-    memory_map: tuple[E820Entry, ...],
-    reserved: tuple[Reserved, ...],
-) -> tuple[int, ...]:
-    """The load address of each module: page aligned, one after another, after the kernel."""
+def _encode_string(path: Path, what: str, text: str | bytes) -> bytes:
+    return nul_terminated(path, what, to_bytes(text), layout.CMDLINE_MAX_SIZE - 1, "the room for a string")
+
+
+def place_modules(placement: Placement, modules: tuple[Module, ...], kernel_end: int) -> tuple[int, ...]:
+    """The load address of each module: page aligned, one after another, after the kernel if there is room."""
     addresses = []
-    gpa = _align_up(kernel_end, MODULE_ALIGN)
+    gpa = align_up(kernel_end, MODULE_ALIGN)
     for index, module in enumerate(modules):
         what = f"multiboot module {index} ({module.path})"
-        if gpa + len(module.data) > PROTECTED_MODE_ADDRESS_LIMIT:
-            raise ImageError(str(path), f"{what} would end above 4 GiB, out of a 32-bit kernel's reach")
-        check_in_ram(path, what, gpa, len(module.data), memory_map)
-        check_clear_of(path, what, gpa, len(module.data), reserved)
+        [gpa] = placement.claim(Claim(what, len(module.data), preferred=gpa, align=MODULE_ALIGN))
         addresses.append(gpa)
-        gpa = _align_up(gpa + len(module.data), MODULE_ALIGN)
+        gpa = align_up(gpa + len(module.data), MODULE_ALIGN)
     return tuple(addresses)
 
 
@@ -345,7 +336,7 @@ class _InfoArea:
 
     def put(self, data: bytes) -> int:
         """Append ``data`` (4-byte aligned) and return its guest-physical address."""
-        self.data.extend(bytes(_align_up(len(self.data), INFO_ALIGN) - len(self.data)))
+        self.data.extend(bytes(align_up(len(self.data), INFO_ALIGN) - len(self.data)))
         gpa = self.start + len(self.data)
         self.data.extend(data)
         return gpa
@@ -364,21 +355,9 @@ def _put_modules(path: Path, area: _InfoArea, modules: tuple[Module, ...], addre
     return table
 
 
-def _check_info_size(path: Path, area: _InfoArea, request: LoadRequest) -> None:
-    room = layout.MULTIBOOT_INFO_END - layout.MULTIBOOT_INFO_START
-    if len(area.data) > room:
-        raise ImageError(
-            str(path),
-            f"the multiboot information ({len(request.modules)} modules with their strings, "
-            f"{len(request.memory_map)} memory map entries) needs {len(area.data)} bytes, more than the "
-            f"{room} bytes reserved at {layout.MULTIBOOT_INFO_START:#x}; use fewer modules or shorter strings",
-        )
-    check_in_ram(path, "the multiboot information", area.start, len(area.data), request.memory_map)
-
-
-def build_info(path: Path, request: LoadRequest, module_addresses: tuple[int, ...]) -> bytes:
-    """The boot information structure and everything it points at, except the command line."""
-    area = _InfoArea(layout.MULTIBOOT_INFO_START)
+def build_info(path: Path, request: LoadRequest, module_addresses: tuple[int, ...], cmdline_addr: int, start: int) -> bytes:
+    """The boot information structure at ``start`` and everything it points at, except the command line."""
+    area = _InfoArea(start)
     info = area.put(bytes(INFO_SIZE))
     mmap = encode_memory_map(request.memory_map)
     mmap_addr = area.put(mmap)
@@ -388,7 +367,7 @@ def build_info(path: Path, request: LoadRequest, module_addresses: tuple[int, ..
         INFO_FLAGS: INFO_FLAGS_SET,
         INFO_MEM_LOWER: lower_memory_kib(request.memory_map),
         INFO_MEM_UPPER: upper_memory_kib(request.memory_map),
-        INFO_CMDLINE: layout.CMDLINE_START,
+        INFO_CMDLINE: cmdline_addr,
         INFO_MODS_COUNT: len(request.modules),
         INFO_MODS_ADDR: mods_addr,
         INFO_MMAP_LENGTH: len(mmap),
@@ -397,7 +376,6 @@ def build_info(path: Path, request: LoadRequest, module_addresses: tuple[int, ..
     }
     for offset, value in fields.items():
         area.set_u32(info, offset, value)
-    _check_info_size(path, area, request)
     return bytes(area.data)
 
 
@@ -408,12 +386,10 @@ def _check_mode(path: Path, mode: CpuMode | None) -> None:
         )
 
 
-def _load_kernel(
-    path: Path, image: bytes, header: Header, request: LoadRequest, reserved: tuple[Reserved, ...]
-) -> Kernel:
+def _load_kernel(path: Path, image: bytes, header: Header, request: LoadRequest) -> Kernel:
     if header.address_fields is not None:
-        return _load_aout(path, image, header, header.address_fields, request, reserved)
-    return _load_elf(path, image, request, reserved)
+        return _load_aout(path, image, header, header.address_fields, request)
+    return _load_elf(path, image, request)
 
 
 def load(path: Path, image: bytes, request: LoadRequest) -> BootPlan:
@@ -421,23 +397,26 @@ def load(path: Path, image: bytes, request: LoadRequest) -> BootPlan:
     header = read_header(path, image)
     _check_mode(path, request.mode)
     reject_overrides(path, request, "a multiboot kernel")
-    cmdline = encode_cmdline(path, request.cmdline)
-    check_in_ram(path, "the kernel command line", layout.CMDLINE_START, len(cmdline), request.memory_map)
-    cmdline_area = Reserved(layout.CMDLINE_START, layout.CMDLINE_START + len(cmdline), "the kernel command line")
-    reserved = (BOOT_AREA, cmdline_area)
-    kernel = _load_kernel(path, image, header, request, reserved)
-    addresses = place_modules(path, request.modules, kernel.end, request.memory_map, reserved)
-    info = build_info(path, request, addresses)
+    cmdline = encode_cmdline(path, kernel_command_line(path, request.cmdline_bytes))
+    kernel = _load_kernel(path, image, header, request)
+    placement = kernel.placement
+    addresses = place_modules(placement, request.modules, kernel.end)
+    info_size = len(build_info(path, request, addresses, cmdline_addr=0, start=0))
+    tables, (cmdline_addr, info_addr) = placement.boot_tables(
+        CpuMode.PROTECTED,
+        Claim("the kernel command line", len(cmdline), layout.CMDLINE_START),
+        Claim("the multiboot information", info_size, layout.MULTIBOOT_INFO_START),
+    )
+    info = build_info(path, request, addresses, cmdline_addr, start=info_addr)
     module_writes = tuple(MemoryWrite(gpa, module.data) for gpa, module in zip(addresses, request.modules))
     return BootPlan(
         format=FORMAT,
-        writes=kernel.writes
-        + module_writes
-        + (MemoryWrite(layout.CMDLINE_START, cmdline), MemoryWrite(layout.MULTIBOOT_INFO_START, info)),
+        writes=kernel.writes + module_writes + (MemoryWrite(cmdline_addr, cmdline), MemoryWrite(info_addr, info)),
         entry=EntryState(
             mode=CpuMode.PROTECTED,
             entry=kernel.entry,
-            regs={"rax": BOOTLOADER_MAGIC, "rbx": layout.MULTIBOOT_INFO_START},
+            regs={"rax": BOOTLOADER_MAGIC, "rbx": info_addr},
+            tables=tables,
         ),
         kernel_start=kernel.start,
         kernel_end=kernel.end,

@@ -2,45 +2,92 @@
 
 Loaders are pure: they parse and validate an image and return a
 :class:`BootPlan`; the machine applies it.  Nothing here touches KVM.
+
+Command lines and module strings are bytes, as the boot protocols define them
+(NUL-terminated, each protocol with its size limit).  A ``str`` is turned into
+bytes in one place, :func:`to_bytes`, the way the operating system encodes
+command-line arguments, so a non-UTF-8 argument reaches the guest byte for byte.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ImageError
-from ..x86 import layout
 from ..x86.e820 import E820Entry, E820Type
-from ..x86.entry import CpuMode, EntryState, MemoryWrite
+from ..x86.entry import BootTables, CpuMode, EntryState, MemoryWrite
 
 __all__ = [
-    "BOOT_AREA", "BootPlan", "CpuMode", "EntryState", "LoadRequest", "MemoryWrite", "Module", "Reserved",
-    "check_clear_of", "check_in_ram",
+    "BootPlan", "BootTables", "CpuMode", "EntryState", "LoadRequest", "MemoryWrite", "Module",
+    "check_in_ram", "nul_terminated", "to_bytes",
 ]  # fmt: skip
+
+NUL = b"\0"
+
+
+def to_bytes(text: str | bytes) -> bytes:
+    """A command line or module string as the guest gets it.
+
+    Bytes stay as they are; a ``str`` is encoded as the operating system encodes
+    command-line arguments (:func:`os.fsencode`), so the bytes of an argument that
+    was not valid UTF-8, which Python keeps as surrogate escapes, come back unchanged.
+    """
+    return text if isinstance(text, bytes) else os.fsencode(text)
+
+
+def nul_terminated(path: Path, what: str, data: bytes, max_length: int, why: str) -> bytes:
+    """``data`` with its terminating NUL; refused if it holds a NUL or is longer than ``max_length`` bytes.
+
+    ``why`` names the limit (the protocol field or reservation that sets it).
+    """
+    if NUL in data:
+        raise ImageError(str(path), f"{what} contains a NUL character at byte {data.index(NUL)}")
+    if len(data) > max_length:
+        raise ImageError(str(path), f"{what} is {len(data)} bytes, more than {max_length} ({why})")
+    return data + NUL
 
 
 @dataclass(frozen=True)
 class Module:
-    """A file handed to a multiboot kernel (or an initrd), with its string."""
+    """A file handed to a multiboot kernel (or an initrd), with its string (bytes, or a str, see :func:`to_bytes`)."""
 
     path: Path
     data: bytes
-    string: str
+    string: str | bytes
 
 
 @dataclass(frozen=True)
 class LoadRequest:
-    """Everything a loader is told besides the image itself."""
+    """Everything a loader is told besides the image itself.
+
+    ``memory_map`` is the map the guest is given; ``ram`` the (gpa, size) ranges backed by
+    memory (the machine's memory slots), where an image may load even if the map calls
+    the range reserved (the EBDA, the BIOS area); empty, it is the map's RAM ranges.
+    ``cmdline`` is the kernel's arguments (bytes, or a str, see :func:`to_bytes`).
+    """
 
     memory_map: tuple[E820Entry, ...]
-    cmdline: str = ""
+    cmdline: str | bytes = b""
     modules: tuple[Module, ...] = ()
     initrd: Module | None = None
     rsdp_addr: int | None = None  # where the ACPI RSDP is, for boot protocols that pass it
     mode: CpuMode | None = None
     load_addr: int | None = None
     entry: int | None = None
+    ram: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def cmdline_bytes(self) -> bytes:
+        return to_bytes(self.cmdline)
+
+    @property
+    def ram_ranges(self) -> tuple[tuple[int, int], ...]:
+        """(start, end) of each range of guest memory an image may load into."""
+        if self.ram:
+            return tuple((gpa, gpa + size) for gpa, size in self.ram)
+        return tuple((entry.addr, entry.end) for entry in self.memory_map if entry.type == E820Type.RAM)
 
 
 @dataclass(frozen=True)
@@ -54,41 +101,12 @@ class BootPlan:
     kernel_end: int
 
 
-def check_in_ram(path: Path, what: str, gpa: int, size: int, memory_map: tuple[E820Entry, ...]) -> None:
-    """Raise :class:`ImageError` unless [gpa, gpa+size) lies inside one RAM range of the map."""
-    for entry in memory_map:
-        if entry.type == E820Type.RAM and entry.addr <= gpa and gpa + size <= entry.end:
-            return
+def check_in_ram(path: Path, what: str, gpa: int, size: int, request: LoadRequest) -> None:
+    """Raise :class:`ImageError` unless [gpa, gpa+size) lies inside one range of guest memory."""
+    if gpa >= 0 and any(start <= gpa and gpa + size <= end for start, end in request.ram_ranges):
+        return
     raise ImageError(
         str(path),
         f"{what} [{gpa:#x}, {gpa + size:#x}) does not fit in guest RAM "
         f"(give the machine more memory with -m, or load it elsewhere)",
     )
-
-
-@dataclass(frozen=True)
-class Reserved:
-    """A guest-physical range the VMM writes itself, which an image must not overlap."""
-
-    start: int
-    end: int
-    name: str
-
-
-# Written by the VMM for protected and long mode entry.
-BOOT_AREA = Reserved(
-    layout.BOOT_AREA_START,
-    layout.BOOT_AREA_END,
-    "the VMM's boot structures (GDT, page tables, stack, boot information, TSS)",
-)
-
-
-def check_clear_of(path: Path, what: str, gpa: int, size: int, reserved: tuple[Reserved, ...]) -> None:
-    """Raise :class:`ImageError` if [gpa, gpa+size) overlaps one of the ``reserved`` ranges."""
-    for area in reserved:
-        if gpa < area.end and area.start < gpa + size:
-            raise ImageError(
-                str(path),
-                f"{what} [{gpa:#x}, {gpa + size:#x}) overlaps {area.name} "
-                f"at [{area.start:#x}, {area.end:#x}); load it elsewhere",
-            )

@@ -8,10 +8,12 @@ note named "Xen" of type 18 whose value is the physical address to enter, in 32-
 protected mode with paging off, EBX pointing at ``struct hvm_start_info``: the command
 line, the modules (the initrd is module 0) and the memory map.
 
-pykvm writes hvm_start_info, the module list, the memory map and the module strings
-in the boot information area that multiboot also uses
-([MULTIBOOT_INFO_START, MULTIBOOT_INFO_END)), and the command line at CMDLINE_START.
-Modules go page aligned as high as they fit below 4 GiB, as a bzImage's initrd does.
+pykvm writes hvm_start_info with the module list, the memory map and the module
+strings in one block, preferably where multiboot's information goes
+(``layout.MULTIBOOT_INFO_START``), and the command line preferably at
+``layout.CMDLINE_START``; both move where the kernel leaves room when it loads there
+(:mod:`pykvm.boot.placement`).  Modules go page aligned as high as they fit below
+4 GiB, as a bzImage's initrd does.
 
 Detection: an ELF carrying the note is a PVH kernel under ``--format auto``, unless it
 also has a multiboot header: multiboot wins, as it does over plain ELF and as QEMU
@@ -27,12 +29,12 @@ from typing import Iterator
 
 from ..errors import ImageError
 from ..x86 import layout
-from ..x86.e820 import E820Entry
 from . import elf
 from .flat import PROTECTED_MODE_ADDRESS_LIMIT, reject_overrides
-from .linux import DEFAULT_CMDLINE, place_high
+from .linux import DEFAULT_CMDLINE
 from .multiboot import encode_cmdline
-from .plan import BOOT_AREA, BootPlan, CpuMode, EntryState, LoadRequest, MemoryWrite, Module, Reserved, check_in_ram
+from .placement import Claim, Placement, align_up
+from .plan import BootPlan, CpuMode, EntryState, LoadRequest, MemoryWrite, Module, nul_terminated, to_bytes
 
 FORMAT = "pvh"
 
@@ -74,10 +76,6 @@ class EntryNote:
         return None if encoding is None else int(encoding.unpack(self.desc)[0])
 
 
-def _align(value: int, alignment: int) -> int:
-    return (value + alignment - 1) // alignment * alignment
-
-
 def _note_segments(image: bytes) -> Iterator[tuple[int, int, int]]:
     """(file offset, size, note alignment) of each PT_NOTE segment inside the file; nothing for a malformed ELF."""
     if not elf.is_elf(image) or len(image) < elf.EI_NIDENT:
@@ -103,8 +101,8 @@ def _notes(image: bytes, start: int, size: int, align: int) -> Iterator[tuple[in
     while position + NOTE_HEADER.size <= end:
         namesz, descsz, note_type = NOTE_HEADER.unpack_from(image, position)
         name_at = position + NOTE_HEADER.size
-        desc_at = name_at + _align(namesz, align)
-        next_at = desc_at + _align(descsz, align)
+        desc_at = name_at + align_up(namesz, align)
+        next_at = desc_at + align_up(descsz, align)
         if desc_at + descsz > end:
             return
         yield position, image[name_at : name_at + namesz].rstrip(NUL), note_type, image[desc_at : desc_at + descsz]
@@ -154,24 +152,20 @@ def entry_point(path: Path, image: bytes, kernel: elf.ElfImage) -> int:
     return entry
 
 
-def place_modules(path: Path, modules: tuple[Module, ...], kernel_end: int, memory_map: tuple[E820Entry, ...]) -> tuple[int, ...]:
-    """Each module's address: page aligned, as high as it fits below 4 GiB and the module before it, above the kernel."""
-    addresses: list[int] = []
-    limit = PROTECTED_MODE_ADDRESS_LIMIT
-    above = _align(kernel_end, MODULE_ALIGN)
-    for index, module in enumerate(modules):
-        gpa = place_high(
-            path,
+def place_modules(placement: Placement, modules: tuple[Module, ...], kernel_end: int) -> tuple[int, ...]:
+    """Each module's address: page aligned, as high as it fits below 4 GiB, above the kernel."""
+    above = align_up(kernel_end, MODULE_ALIGN)
+    return tuple(
+        placement.claim_high(
             f"PVH module {index} ({module.path})",
             len(module.data),
-            limit=limit,
+            limit=PROTECTED_MODE_ADDRESS_LIMIT,
             above=above,
-            memory_map=memory_map,
-            why_limit="4 GiB" if not addresses else f"the module placed before it, at {limit:#x}",
+            align=MODULE_ALIGN,
+            why_limit="4 GiB, above the kernel's end",
         )
-        addresses.append(gpa)
-        limit = gpa
-    return tuple(addresses)
+        for index, module in enumerate(modules)
+    )
 
 
 class _InfoArea:
@@ -183,24 +177,23 @@ class _InfoArea:
 
     def put(self, data: bytes) -> int:
         """Append ``data`` (8-byte aligned) and return its guest-physical address."""
-        self.data.extend(bytes(_align(len(self.data), INFO_ALIGN) - len(self.data)))
+        self.data.extend(bytes(align_up(len(self.data), INFO_ALIGN) - len(self.data)))
         gpa = self.start + len(self.data)
         self.data.extend(data)
         return gpa
 
 
 def _module_string(path: Path, index: int, module: Module) -> bytes:
-    data = module.string.encode() + NUL
-    if NUL in data[:-1]:
-        raise ImageError(str(path), f"the string of PVH module {index} contains a NUL character")
-    return data
+    return nul_terminated(
+        path, f"the string of PVH module {index}", to_bytes(module.string), layout.CMDLINE_MAX_SIZE - 1, "the room for a string"
+    )
 
 
 def build_start_info(
-    path: Path, request: LoadRequest, modules: tuple[Module, ...], addresses: tuple[int, ...], cmdline_addr: int
+    path: Path, request: LoadRequest, modules: tuple[Module, ...], addresses: tuple[int, ...], cmdline_addr: int, start: int
 ) -> bytes:
-    """hvm_start_info, then the module list, the module strings and the memory map."""
-    area = _InfoArea(layout.MULTIBOOT_INFO_START)
+    """hvm_start_info at ``start``, then the module list, the module strings and the memory map."""
+    area = _InfoArea(start)
     info = area.put(bytes(START_INFO.size))
     strings = [area.put(_module_string(path, index, module)) for index, module in enumerate(modules)]
     modlist = b"".join(
@@ -223,15 +216,6 @@ def build_start_info(
         len(request.memory_map),
         0,
     )
-    room = layout.MULTIBOOT_INFO_END - layout.MULTIBOOT_INFO_START
-    if len(area.data) > room:
-        raise ImageError(
-            str(path),
-            f"the PVH start info ({len(modules)} modules with their strings, {len(request.memory_map)} memory map "
-            f"entries) needs {len(area.data)} bytes, more than the {room} bytes reserved at "
-            f"{layout.MULTIBOOT_INFO_START:#x}; use fewer modules or shorter names",
-        )
-    check_in_ram(path, "the PVH start info", area.start, len(area.data), request.memory_map)
     return bytes(area.data)
 
 
@@ -246,21 +230,25 @@ def load(path: Path, image: bytes, request: LoadRequest) -> BootPlan:
     entry = entry_point(path, image, kernel)
     _check_mode(path, request.mode)
     reject_overrides(path, request, "a PVH kernel")
-    cmdline = encode_cmdline(path, request.cmdline or DEFAULT_CMDLINE)
-    check_in_ram(path, "the kernel command line", layout.CMDLINE_START, len(cmdline), request.memory_map)
-    cmdline_area = Reserved(layout.CMDLINE_START, layout.CMDLINE_START + len(cmdline), "the kernel command line")
-    elf.check_placement(path, kernel, request.memory_map, (BOOT_AREA, cmdline_area))
+    cmdline = encode_cmdline(path, request.cmdline_bytes or DEFAULT_CMDLINE.encode())
+    placement = elf.place_segments(path, kernel, request)
     modules = ((request.initrd,) if request.initrd is not None else ()) + request.modules
-    addresses = place_modules(path, modules, kernel.end, request.memory_map)
-    info = build_start_info(path, request, modules, addresses, layout.CMDLINE_START)
+    addresses = place_modules(placement, modules, kernel.end)
+    info_size = len(build_start_info(path, request, modules, addresses, cmdline_addr=0, start=0))
+    tables, (cmdline_addr, info_addr) = placement.boot_tables(
+        CpuMode.PROTECTED,
+        Claim("the kernel command line", len(cmdline), layout.CMDLINE_START),
+        Claim("the PVH start info", info_size, layout.MULTIBOOT_INFO_START, align=INFO_ALIGN),
+    )
+    info = build_start_info(path, request, modules, addresses, cmdline_addr, start=info_addr)
     return BootPlan(
         format=FORMAT,
         writes=elf.segment_writes(image, kernel)
         + tuple(MemoryWrite(gpa, module.data) for gpa, module in zip(addresses, modules))
-        + (MemoryWrite(layout.CMDLINE_START, cmdline), MemoryWrite(layout.MULTIBOOT_INFO_START, info)),
+        + (MemoryWrite(cmdline_addr, cmdline), MemoryWrite(info_addr, info)),
         # The PVH ABI: 32-bit protected mode, paging off, CS a flat 32-bit code segment (any
         # selector), DS/ES/SS flat data, EBX = hvm_start_info; pykvm's protected-mode entry.
-        entry=EntryState(mode=CpuMode.PROTECTED, entry=entry, regs={"rbx": layout.MULTIBOOT_INFO_START}),
+        entry=EntryState(mode=CpuMode.PROTECTED, entry=entry, regs={"rbx": info_addr}, tables=tables),
         kernel_start=kernel.start,
         kernel_end=kernel.end,
     )

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..kvm.state import GPR_NAMES, CpuidEntry, DTable, Regs, Segment, SRegs
 from . import gdt, layout, paging
-from .entry import CpuMode, EntryState, MemoryWrite
+from .entry import BootTables, CpuMode, EntryState, MemoryWrite
 
 if TYPE_CHECKING:
     from ..kvm import Vcpu
@@ -64,16 +64,16 @@ BOOT_MSRS = {
 }
 
 
-def boot_structures(mode: CpuMode) -> list[MemoryWrite]:
-    """What must be in guest memory before entering ``mode``: GDT, TSS, page tables."""
+def boot_structures(mode: CpuMode, tables: BootTables = BootTables()) -> list[MemoryWrite]:
+    """What must be in guest memory before entering ``mode``: GDT, TSS, page tables, at ``tables``."""
     if mode is CpuMode.REAL:
         return []
     writes = [
-        MemoryWrite(layout.BOOT_GDT_START, gdt.boot_gdt()),
-        MemoryWrite(layout.BOOT_TSS_START, gdt.boot_tss(rsp0=layout.BOOT_STACK_POINTER)),
+        MemoryWrite(tables.gdt, gdt.boot_gdt(tables.tss)),
+        MemoryWrite(tables.tss, gdt.boot_tss(rsp0=tables.stack_pointer)),
     ]
     if mode is CpuMode.LONG:
-        writes += [MemoryWrite(gpa, data) for gpa, data in paging.identity_page_tables()]
+        writes += [MemoryWrite(gpa, data) for gpa, data in paging.identity_page_tables(tables.page_tables)]
     return writes
 
 
@@ -90,16 +90,22 @@ def _with_segments(sregs: SRegs, code: Segment, data: Segment) -> SRegs:
     return dataclasses.replace(sregs, cs=code, ds=data, es=data, fs=data, gs=data, ss=data)
 
 
+def _real_mode_code_segment(entry: EntryState) -> int:
+    """The segment real-mode code is entered with: as given, or the one putting ``entry`` in its first 64 KiB."""
+    return entry.segment if entry.segment is not None else (entry.entry >> 4) & 0xF000
+
+
 def entry_sregs(entry: EntryState, initial: SRegs) -> SRegs:
     """The special registers that enter ``entry`` (``initial``: the vCPU's reset state)."""
     if entry.mode is CpuMode.REAL:
-        code = _real_segment((entry.entry >> 4) & 0xF000, code=True)
-        return dataclasses.replace(_with_segments(initial, code, _real_segment(0)), cr0=CR0_ET)
+        code = _real_segment(_real_mode_code_segment(entry), code=True)
+        data = _real_segment(entry.data_segment)
+        return dataclasses.replace(_with_segments(initial, code, data), cr0=CR0_ET)
     ldt = Segment(type=_LDT_TYPE, s=0, present=0, unusable=1, limit=0)
     tables = dict(
-        gdt=DTable(layout.BOOT_GDT_START, len(gdt.boot_gdt()) - 1),
+        gdt=DTable(entry.tables.gdt, gdt.BOOT_GDT_SIZE - 1),
         idt=DTable(0, 0),
-        tr=gdt.TSS,
+        tr=gdt.tss_segment(entry.tables.tss),
         ldt=ldt,
     )
     if entry.mode is CpuMode.PROTECTED:
@@ -108,7 +114,7 @@ def entry_sregs(entry: EntryState, initial: SRegs) -> SRegs:
     return dataclasses.replace(
         _with_segments(initial, code, data),
         cr0=CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG,
-        cr3=layout.PML4_START,
+        cr3=entry.tables.page_tables,
         cr4=CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT,
         efer=EFER_LME | EFER_LMA,
         **tables,
@@ -121,10 +127,10 @@ def entry_regs(entry: EntryState) -> Regs:
     if unknown:
         raise ValueError(f"unknown register names in the entry state: {sorted(unknown)}")
     if entry.mode is CpuMode.REAL:
-        code_base = ((entry.entry >> 4) & 0xF000) << 4
+        code_base = _real_mode_code_segment(entry) << 4
         regs = Regs(rip=entry.entry - code_base, rsp=layout.REAL_MODE_LOAD_ADDR)
     else:
-        regs = Regs(rip=entry.entry, rsp=layout.BOOT_STACK_POINTER)
+        regs = Regs(rip=entry.entry, rsp=entry.tables.stack_pointer)
     if entry.user:
         regs.rflags |= RFLAGS_IOPL3
     return dataclasses.replace(regs, **entry.regs)
@@ -148,7 +154,7 @@ def vcpu_cpuid(supported: list[CpuidEntry], vcpu_id: int) -> list[CpuidEntry]:
 
 def apply_entry(vcpu: Vcpu, memory: GuestMemory, entry: EntryState) -> None:
     """Write the boot structures ``entry`` needs into ``memory`` and enter it on ``vcpu``."""
-    for write in boot_structures(entry.mode):
+    for write in boot_structures(entry.mode, entry.tables):
         memory.write(write.gpa, write.data)
     vcpu.set_sregs(entry_sregs(entry, vcpu.get_sregs()))
     vcpu.set_regs(entry_regs(entry))

@@ -66,8 +66,11 @@ def segment(flags: int, base: int, limit: int, selector: int) -> Segment:
     )
 
 
-def boot_gdt() -> bytes:
-    """The boot GDT: null, code64, code32, data, (unused), user data, user code64, then a 16-byte TSS descriptor."""
+def boot_gdt(tss_base: int = layout.BOOT_TSS_START) -> bytes:
+    """The boot GDT: null, code64, code32, data, (unused), user data, user code64, then a 16-byte TSS descriptor.
+
+    The TSS descriptor points at ``tss_base``.
+    """
     entries = [
         0,
         gdt_entry(CODE64_FLAGS, 0, _FLAT_LIMIT),
@@ -76,8 +79,8 @@ def boot_gdt() -> bytes:
         0,  # where Linux keeps its 32-bit user code segment
         gdt_entry(USER_DATA_FLAGS, 0, _FLAT_LIMIT),
         gdt_entry(USER_CODE64_FLAGS, 0, _FLAT_LIMIT),
-        gdt_entry(TSS_FLAGS, layout.BOOT_TSS_START, TSS_LIMIT),
-        layout.BOOT_TSS_START >> 32,  # upper half of the 64-bit TSS descriptor
+        gdt_entry(TSS_FLAGS, tss_base, TSS_LIMIT),
+        tss_base >> 32,  # upper half of the 64-bit TSS descriptor
     ]
     return struct.pack(f"<{len(entries)}Q", *entries)
 
@@ -95,9 +98,16 @@ def boot_tss(rsp0: int) -> bytes:
     return bytes(tss) + bytes(_IO_BITMAP_SIZE - 1) + b"\xff"
 
 
+def tss_segment(base: int) -> Segment:
+    """The task register's state for the boot TSS at ``base``."""
+    return segment(TSS_FLAGS, base, TSS_LIMIT, TSS_SELECTOR)
+
+
+BOOT_GDT_SIZE = len(boot_gdt())
+TSS_SIZE = TSS_LIMIT + 1
 CODE64 = segment(CODE64_FLAGS, 0, _FLAT_LIMIT, CODE64_SELECTOR)
 CODE32 = segment(CODE32_FLAGS, 0, _FLAT_LIMIT, CODE32_SELECTOR)
 DATA = segment(DATA_FLAGS, 0, _FLAT_LIMIT, DATA_SELECTOR)
 USER_DATA = segment(USER_DATA_FLAGS, 0, _FLAT_LIMIT, USER_DATA_SELECTOR)
 USER_CODE64 = segment(USER_CODE64_FLAGS, 0, _FLAT_LIMIT, USER_CODE64_SELECTOR)
-TSS = segment(TSS_FLAGS, layout.BOOT_TSS_START, TSS_LIMIT, TSS_SELECTOR)
+TSS = tss_segment(layout.BOOT_TSS_START)

@@ -1,8 +1,12 @@
-"""Fixed guest-physical addresses of the x86 machine pykvm builds.
+"""Guest-physical addresses of the x86 machine pykvm builds.
 
 Every address the VMM places something at lives here, with what it is for.
-Low memory (below 1 MiB) holds the VMM's boot structures; kernels load at
-``HIMEM_START``; the MMIO hole below 4 GiB is never RAM.
+The VMM's boot structures (GDT, TSS, page tables, stack, boot information,
+command line) have a preferred place in low memory (below 1 MiB): a loader
+puts each one there when the image leaves that range free, and elsewhere in
+free RAM otherwise (:mod:`pykvm.boot.placement`), so an image may load
+anywhere in guest RAM.  Kernels usually load at ``HIMEM_START``; the MMIO
+hole below 4 GiB is never RAM.
 """
 
 KIB = 1 << 10
@@ -11,40 +15,47 @@ GIB = 1 << 30
 PAGE_SIZE = 4 * KIB
 HUGE_PAGE_SIZE = 2 * MIB
 
+# The real-mode interrupt vector table and the BIOS data area: the VMM never places
+# anything below this address.
+BOOT_STRUCTURES_LOWEST = 0x500
+# The preferred places of the VMM's boot structures follow.
 # Global descriptor table written by the VMM for protected and long mode entry.
 BOOT_GDT_START = 0x500
 # Identity-mapping page tables for long mode: PML4, one PDPT, four page directories
-# of 2 MiB pages, covering the low 4 GiB (RAM and the MMIO hole).
+# of 2 MiB pages, covering the low 4 GiB (RAM and the MMIO hole); one block of pages.
 PML4_START = 0x1000
 PDPT_START = 0x2000
 PD_START = 0x3000
 PD_COUNT = 4
+PAGE_TABLES_SIZE = (2 + PD_COUNT) * PAGE_SIZE
 IDENTITY_MAP_END = 4 * GIB
 # Linux boot_params ("zero page").
 ZERO_PAGE_START = 0x7000
 # Real mode: where a flat binary loads by default (where a BIOS puts a boot sector).
 REAL_MODE_LOAD_ADDR = 0x7C00
-# Stack pointer the VMM sets at entry (grows down towards the zero page).
+# The stack the VMM gives protected and long mode entry (the stack pointer sits just
+# below its top), also the TSS's RSP0.
+BOOT_STACK_START = 0x8000
+BOOT_STACK_SIZE = 0x1000
 BOOT_STACK_POINTER = 0x8FF0
-# Multiboot information structure and what it points at (memory map, names).
+# Multiboot information structure (or PVH start info) and what it points at.
 MULTIBOOT_INFO_START = 0x9000
-MULTIBOOT_INFO_END = 0xA000
 # The TSS the VMM's GDT points at: RSP0 for interrupts taken at CPL3, and an I/O
 # permission bitmap allowing every port (8 KiB + the terminating byte).
 BOOT_TSS_START = 0xA000
 BOOT_TSS_END = 0xC100
-# Everything above, from the GDT to the TSS: images must not load over it.
-BOOT_AREA_START = BOOT_GDT_START
-BOOT_AREA_END = BOOT_TSS_END
 # End of conventional memory (640 KiB): the EBDA, VGA memory and BIOS area follow.
 EBDA_START = 0x9FC00
 LOW_MEMORY_END = 0xA0000
 # The BIOS area, reserved in the memory map (ACPI tables live here).
 BIOS_AREA_START = 0xE0000
 BIOS_AREA_END = 0x100000
-# Kernel command line.
+# Kernel command line (a multiboot or PVH kernel's, and a bzImage's 32/64-bit entry's).
 CMDLINE_START = 0x20000
 CMDLINE_MAX_SIZE = 0x10000
+# A bzImage entered through its 16-bit setup code: where the setup goes (its segment is
+# 0x9000, the "0x90000-style" placement of boot.rst), and the heap and command line after it.
+LINUX_SETUP_START = 0x90000
 # Where kernels (multiboot, ELF, bzImage) and protected/long mode flat binaries load.
 HIMEM_START = 0x100000
 # The MMIO hole below 4 GiB: never RAM; devices and the LAPIC/IOAPIC live here.
