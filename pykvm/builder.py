@@ -37,7 +37,7 @@ from .x86 import layout
 from .x86.acpi import AcpiTables, build_acpi_tables
 from .x86.cpu import BOOT_MSRS, vcpu_cpuid
 from .x86.e820 import E820Entry, build_memory_map, ram_regions
-from .x86.interrupts import COM1_IRQ, gsi_routes
+from .x86.interrupts import BIOS_IRQ0_VECTOR, BIOS_IRQ8_VECTOR, COM1_IRQ, PIC_IRQ_BASE_OFFSET, Irqchip, gsi_routes
 from .x86.mptable import build_mptable
 
 if TYPE_CHECKING:
@@ -140,9 +140,18 @@ def create_memory(
 
 
 def create_interrupt_controllers(vm: Vm, pit: bool = True) -> None:
-    """The in-kernel PIC, IOAPIC and LAPICs, QEMU's GSI routing, and (``pit``) the in-kernel PIT."""
+    """The in-kernel PIC, IOAPIC and LAPICs, QEMU's GSI routing, and (``pit``) the in-kernel PIT.
+
+    The PICs deliver at the vectors a PC BIOS leaves them on (SeaBIOS's ``pic_reset``: 0x08 for
+    IRQ 0-7, 0x70 for IRQ 8-15), as guests written for QEMU, which always runs a BIOS, expect
+    of a PIC they did not program themselves.
+    """
     vm.create_irqchip()
     vm.set_gsi_routing(gsi_routes())
+    for chip, base in ((Irqchip.PIC_MASTER, BIOS_IRQ0_VECTOR), (Irqchip.PIC_SLAVE, BIOS_IRQ8_VECTOR)):
+        state = bytearray(vm.get_irqchip(chip))
+        state[PIC_IRQ_BASE_OFFSET] = base
+        vm.set_irqchip(chip, bytes(state))
     if pit:
         vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
 

@@ -26,6 +26,11 @@ PIT_IOAPIC_PIN = 2
 COM1_IRQ = 4
 ACPI_SCI_IRQ = 9
 PIC_INPUTS = 8
+# Where a PC BIOS leaves the PICs' interrupt vectors, and where struct kvm_pic_state keeps
+# the vector base (the byte after last_irr, irr, imr, isr and priority_add).
+BIOS_IRQ0_VECTOR = 0x08
+BIOS_IRQ8_VECTOR = 0x70
+PIC_IRQ_BASE_OFFSET = 5
 # ISA IRQs no legacy device of this machine uses, handed to virtio-mmio devices in order
 # (edge-triggered, as Firecracker's; the kernel learns them from virtio_mmio.device=).
 VIRTIO_IRQS = (5, 6, 7, 10, 11, 12, 14, 15)
