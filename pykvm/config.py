@@ -103,6 +103,11 @@ class MachineConfig:
     deflate_on_oom: bool = False
     free_page_reporting: bool = False
     share_pages: bool = False
+    # Debugging (pykvm/debugger.py): serve gdb's remote protocol at this address (tcp::PORT,
+    # tcp:HOST:PORT or unix:PATH), and hold the vCPUs before the first instruction until gdb
+    # continues them (QEMU's -gdb and -S).
+    gdb: str | None = None
+    gdb_wait: bool = False
 
     @property
     def memory_bytes(self) -> int:
@@ -124,6 +129,12 @@ class MachineConfig:
             raise ConfigError("the balloon is a virtio device: it needs the in-kernel irqchip")
         if (self.deflate_on_oom or self.free_page_reporting) and not self.balloon:
             raise ConfigError("deflate_on_oom and free_page_reporting are balloon features: set balloon=True")
+        if self.gdb is not None:
+            from .gdbstub.server import parse_address  # only a machine served to gdb needs it
+
+            parse_address(self.gdb)
+        elif self.gdb_wait:
+            raise ConfigError("gdb_wait holds the guest until gdb continues it: give gdb an address too")
 
 
 class MachineOptions(TypedDict, total=False):
@@ -144,3 +155,5 @@ class MachineOptions(TypedDict, total=False):
     deflate_on_oom: bool
     free_page_reporting: bool
     share_pages: bool
+    gdb: str | None
+    gdb_wait: bool
