@@ -33,7 +33,11 @@ from pykvm.gdbstub import (
     UnsupportedError,
 )
 from pykvm.info import Privilege, debug_support, kvm_backend
+from pykvm.kvm.debug import GuestDebug, HardwareBreakpoint
+from pykvm.kvm.exits import GuestDebugExit
+from pykvm.native import lib
 from pykvm.result import ExitReason, RunResult
+from vcpu_watchdog import run_watched
 
 pytestmark = pytest.mark.kvm
 
@@ -160,6 +164,38 @@ def test_a_breakpoint_is_met_again_after_a_step_over_it(debug, labels) -> None: 
         assert d.resume(vcpu0=Action.STEP) == Stop(0, StopReason.STEP)
         d.debugger.insert_breakpoint(BreakpointKind.SOFTWARE, labels["count_loop"], 1)
     assert d.resume() == Exited(ANSWER_26)
+
+
+def test_a_step_executes_the_next_instruction_even_with_an_interrupt_pending(debug) -> None:  # type: ignore[no-untyped-def]
+    irq = symbols(guest("step_irq.elf"))
+    d = debug("step_irq.elf")
+    if not d.machine.vm.set_guest_debug_flags() & lib.KVM_GUESTDBG_BLOCKIRQ:
+        pytest.skip("this host's KVM does not offer KVM_GUESTDBG_BLOCKIRQ")
+    d.debugger.insert_breakpoint(BreakpointKind.SOFTWARE, irq["pending"], 1)  # IRQ 0 is pending there
+    assert d.resume() == Stop(0, StopReason.SOFTWARE_BREAKPOINT)
+    d.debugger.remove_breakpoint(BreakpointKind.SOFTWARE, irq["pending"], 1)
+    rips = []
+    for _ in range(4):  # sti; nop (its shadow); nop: where the interrupt would come; nop
+        assert d.resume(vcpu0=Action.STEP) == Stop(0, StopReason.STEP)
+        rips.append(d.debugger.read_registers(0)["rip"])
+    assert rips == [irq["pending"] + 1, irq["shadowed"], irq["shadowed"] + 1, irq["shadowed"] + 2]
+    assert d.dword(irq["ticks"]) == 0
+    assert d.resume() == Exited(1)  # continuing lets the interrupts in
+    assert d.result().serial == b"ticks: 3\n"
+
+
+def test_without_blocking_interrupts_that_step_would_enter_the_handler(machine_factory) -> None:  # type: ignore[no-untyped-def]
+    """What the step above is kept from: the guest really has an interrupt pending there."""
+    irq = symbols(guest("step_irq.elf"))
+    machine = machine_factory(memory="64M")
+    machine.load(guest("step_irq.elf"))
+    vcpu = machine.vcpus[0]
+    vcpu.set_guest_debug(GuestDebug(hardware_breakpoints=(HardwareBreakpoint(irq["pending"]),)))
+    assert isinstance(run_watched(vcpu), GuestDebugExit)
+    vcpu.set_guest_debug(GuestDebug(single_step=True))
+    pcs = [run_watched(vcpu).pc for _ in range(3)]  # type: ignore[union-attr]
+    assert pcs[:2] == [irq["pending"] + 1, irq["shadowed"]]
+    assert irq["tick_isr"] <= pcs[2] < irq["tick_isr"] + 16  # in the handler
 
 
 # --- registers and memory ---------------------------------------------------------------------------
