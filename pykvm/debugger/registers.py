@@ -58,8 +58,10 @@ def privilege(sregs: SRegs) -> Privilege:
 
 
 def linear_rip(vcpu: Vcpu) -> int:
-    """The linear address of the vCPU's next instruction (CS base + RIP; real mode: CS * 16 + IP)."""
-    return (vcpu.get_sregs().cs.base + vcpu.get_regs().rip) & (1 << 64) - 1
+    """The linear address of the vCPU's next instruction: CS base + RIP (real mode: CS * 16 + IP;
+    64-bit code has no CS base)."""
+    cs = vcpu.get_sregs().cs
+    return ((0 if cs.l else cs.base) + vcpu.get_regs().rip) & (1 << 64) - 1
 
 
 def read_registers(vcpu: Vcpu) -> dict[str, int]:

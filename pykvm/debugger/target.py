@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..control import RunControl
+from ..errors import KvmIoctlError
 from ..control import Stop as RunStop
 from ..gdbstub import (
     Action,
@@ -130,12 +131,15 @@ class MachineDebugger:
             self._found(Stop(vcpu.id, StopReason.SOFTWARE_BREAKPOINT), control)
             return True
         stop = self._debug_stop(vcpu, exit)
-        if stop is None:
-            with self._lock:
-                stepping = self._actions.get(vcpu.id) is Action.STEP
-            vcpu.set_guest_debug(self._guest_debug(stepping, inject=exit.exception))
-        else:
+        if stop is not None:
             self._found(stop, control)
+            return True
+        with self._lock:
+            stepping = self._actions.get(vcpu.id) is Action.STEP
+        try:
+            vcpu.set_guest_debug(self._guest_debug(stepping, inject=exit.exception))
+        except KvmIoctlError:
+            return False  # KVM cannot give it back (another exception is pending): the run ends, as without one
         return True
 
     def _debug_stop(self, vcpu: Vcpu, exit: GuestDebugExit) -> Stop | None:
@@ -228,8 +232,11 @@ class MachineDebugger:
                 raise DebugTargetError("the guest is running already")
             for vcpu_id, action in actions.items():
                 self._check_can_resume(self._vcpus[vcpu_id], action)
-            for vcpu in self._vcpus.values():
-                vcpu.set_guest_debug(self._guest_debug(actions.get(vcpu.id) is Action.STEP))
+            try:
+                for vcpu in self._vcpus.values():
+                    vcpu.set_guest_debug(self._guest_debug(actions.get(vcpu.id) is Action.STEP))
+            except KvmIoctlError as err:
+                raise DebugTargetError(f"KVM refused the breakpoints and steps asked for: {err}") from err
             self._event, self._actions = None, dict(actions)
             if self._control is not None:
                 self._control.resume(actions)
