@@ -297,6 +297,19 @@ def test_detach_removes_every_breakpoint_and_the_guest_runs_to_its_end(debug, la
     assert d.machine.memory.read(labels["count_loop"], 1) == original
 
 
+def test_the_guests_end_removes_its_breakpoints_and_a_new_run_is_a_new_guest(debug, labels) -> None:  # type: ignore[no-untyped-def]
+    d = debug("debug_long.elf")
+    original = d.machine.memory.read(labels["serial_getc"], 1)  # a routine the guest never calls
+    d.debugger.insert_breakpoint(BreakpointKind.SOFTWARE, labels["serial_getc"], 1)
+    d.debugger.insert_breakpoint(BreakpointKind.HARDWARE, labels["serial_getc"], 1)
+    assert d.resume() == Exited(ANSWER_26)
+    d.result()
+    assert d.machine.memory.read(labels["serial_getc"], 1) == original
+    again = d.machine.run(timeout=GUARD)  # on after its debug exit: cli; hlt, undisturbed and unheld
+    assert again.reason is ExitReason.HALTED
+    assert d.debugger.wait_stop(0) == Exited(0)
+
+
 def test_an_emulation_failure_that_is_no_breakpoint_still_ends_the_run(debug) -> None:  # type: ignore[no-untyped-def]
     d = debug("unbacked_jump.bin", mode="long")  # jumps into the MMIO hole: KVM cannot fetch there
     d.debugger.insert_breakpoint(BreakpointKind.SOFTWARE, 0x100000, 1)  # its first instruction
@@ -335,6 +348,16 @@ def test_a_step_in_user_mode_is_refused_where_it_would_go_to_the_guest(debug) ->
     with pytest.raises(UnsupportedError, match="cannot step vCPU 0: single steps do not stop the guest in user mode"):
         d.debugger.resume({0: Action.STEP})
     assert d.debugger.wait_stop(0) == Stop(0, StopReason.INTERRUPTED)  # still stopped
+    assert d.resume() == Exited(ANSWER_26)
+
+
+@pytest.mark.skipif(Privilege.USER in SUPPORT.software_breakpoints, reason="int3 stops user-mode code on this host")
+def test_resuming_user_mode_code_with_software_breakpoints_is_refused_where_the_guest_takes_them(debug, labels) -> None:  # type: ignore[no-untyped-def]
+    d = debug("debug_long.elf", user=True)
+    d.debugger.insert_breakpoint(BreakpointKind.SOFTWARE, labels["counted"], 1)
+    with pytest.raises(UnsupportedError, match="cannot resume vCPU 0 in user mode with software breakpoints set"):
+        d.debugger.resume({0: Action.CONTINUE})
+    d.debugger.remove_breakpoint(BreakpointKind.SOFTWARE, labels["counted"], 1)
     assert d.resume() == Exited(ANSWER_26)
 
 

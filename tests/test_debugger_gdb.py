@@ -192,13 +192,14 @@ def test_gdb_debugs_a_long_mode_guest_and_detaches(served) -> None:  # type: ign
 def test_gdb_debugs_a_real_mode_guest_with_a_hardware_breakpoint(served) -> None:  # type: ignore[no-untyped-def]
     guest_ = served("debug_real.bin", "debug_real.elf", mode="real")
     output = guest_.gdb("info registers eip cs", "hbreak counted", "continue", "print *(int *)&counter",
-                        "set var *(int *)&answer = 1", "stepi", "info registers eip eax", "continue")  # fmt: skip
+                        "set var *(int *)&answer = 1", "stepi", "info registers eip eax", "set $eax = 7",
+                        "continue")  # fmt: skip
     assert "eip            0x7c00              0x7c00 <_start>" in output
     assert "Hardware assisted breakpoint 1 at 0x7c0f" in output
     assert "Breakpoint 1, 0x00007c0f in counted ()" in output and "$1 = 5" in output
     assert "eip            0x7c13              0x7c13 <loaded>" in output and "eax            0x1                 1" in output
-    assert "[Inferior 1 (Remote target) exited with code 015]" in output  # answer 6: status 13
-    assert guest_.result().serial == b"answer 6\n"
+    assert "[Inferior 1 (Remote target) exited with code 031]" in output  # 7 + 5: status 25
+    assert guest_.result().serial == b"answer 12\n"
 
 
 @pytest.mark.skipif(Privilege.REAL in SUPPORT.software_breakpoints, reason="int3 stops real-mode guests on this host")

@@ -38,6 +38,7 @@ Breakpoints, and what this host can do (:func:`pykvm.info.debug_support`):
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -71,6 +72,8 @@ from .memory import DebugMemory
 
 if TYPE_CHECKING:
     from ..machine import Machine
+
+log = logging.getLogger(__name__)
 
 #: Run endings that came from outside the guest: gdb is told the guest was killed.
 ENDED_FROM_OUTSIDE = (ExitReason.STOPPED, ExitReason.TIMEOUT)
@@ -113,11 +116,19 @@ class MachineDebugger:
                 control.resume(self._actions)
 
     def run_ended(self, stop: RunStop) -> None:
+        """The guest's life is over: its breakpoints go (gdb, told so, removes none) and so does
+        debugging, so that a later run of the machine starts as a new guest."""
         with self._lock:
             self._control, self._pending = None, None
             if not isinstance(self._event, Killed):
                 ended = stop.reason in ENDED_FROM_OUTSIDE
                 self._event = Killed() if ended else Exited(status_of(stop.reason, stop.value))
+            self._forget_breakpoints()
+            for vcpu in self._vcpus.values():
+                try:
+                    vcpu.set_guest_debug(GuestDebug(enable=False))
+                except KvmIoctlError as err:  # the run's own outcome matters more: say so and go on
+                    log.warning("could not turn guest debugging off on vCPU %d: %s", vcpu.id, err)
             self._lock.notify_all()
 
     def handle_exit(self, vcpu: Vcpu, exit: GuestDebugExit | InternalErrorExit, control: RunControl) -> bool:
@@ -195,13 +206,14 @@ class MachineDebugger:
     def insert_breakpoint(self, kind: BreakpointKind, address: int, length: int) -> None:
         with self._lock:
             if kind is BreakpointKind.SOFTWARE:
+                if not self._where(kind):
+                    raise UnsupportedError(self._never_fire(kind))
                 if address not in self._software:
                     gpa = self._memory.physical(self._stopped_vcpu(self._current_vcpu()), address)
                     self._memory.plant(gpa)
                     self._software[address] = gpa
                 return
-            where = self._support.hardware_breakpoints if kind is BreakpointKind.HARDWARE else self._support.watchpoints
-            if not where:
+            if not self._where(kind):
                 raise UnsupportedError(self._never_fire(kind))
             self._hardware.insert(kind, address, length)
 
@@ -214,7 +226,17 @@ class MachineDebugger:
             if gpa is not None and gpa not in self._software.values():
                 self._memory.unplant(gpa)
 
+    def _where(self, kind: BreakpointKind) -> frozenset[Privilege]:
+        """Where breakpoints of ``kind`` stop the guest on this host."""
+        if kind is BreakpointKind.SOFTWARE:
+            return self._support.software_breakpoints
+        if kind is BreakpointKind.HARDWARE:
+            return self._support.hardware_breakpoints
+        return self._support.watchpoints
+
     def _never_fire(self, kind: BreakpointKind) -> str:
+        if kind is BreakpointKind.SOFTWARE:
+            return f"an int3 never stops the guest on {self._host}: use hbreak"
         if kind is BreakpointKind.HARDWARE:
             return f"hardware breakpoints never stop the guest on {self._host}"
         return (f"data watchpoints never fire on {self._host}: `set can-use-hw-watchpoints 0` "
@@ -301,11 +323,14 @@ class MachineDebugger:
         with self._lock:
             if isinstance(self._event, (Exited, Killed)):
                 return
-            for gpa in set(self._software.values()):
-                self._memory.unplant(gpa)
-            self._software.clear()
-            self._hardware.clear()
+            self._forget_breakpoints()
         self.resume({vcpu: Action.CONTINUE for vcpu in self._vcpus})
+
+    def _forget_breakpoints(self) -> None:
+        for gpa in set(self._software.values()):
+            self._memory.unplant(gpa)
+        self._software.clear()
+        self._hardware.clear()
 
     def kill(self) -> None:
         with self._lock:
