@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def test_the_guest_waits_before_its_first_instruction_until_resumed(debug, label
     d = debug("debug_long.elf")
     assert d.debugger.wait_stop(0) == Stop(0, StopReason.INTERRUPTED)
     while not d.machine.running:
-        pass
+        time.sleep(0.01)
     assert d.debugger.read_registers(0)["rip"] == labels["_start"]
     d.debugger.write_memory(0, labels["answer"], (100).to_bytes(4, "little"))  # lands before the guest reads it
     assert d.resume() == Exited(211)  # answer 105
