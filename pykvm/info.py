@@ -135,7 +135,7 @@ def format_info(info: dict[str, Any]) -> str:
         "capabilities:",
         *(f"  {name:<24} {'yes' if value else 'no'}{f' ({value})' if value > 1 else ''}" for name, value in info["capabilities"].items()),
         "debugging (pykvm run --gdb), where each event stops the guest:",
-        *(f"  {name.replace('_', ' '):<24} {', '.join(info['debugging'][name]) or 'nowhere'}" for name in _DEBUG_EVENTS),
+        *(f"  {event.replace('_', ' '):<24} {', '.join(info['debugging'][event]) or 'nowhere'}" for event in _DEBUG_EVENTS),
     ]
     if info["debugging"]["note"]:
         lines.append(f"  ({info['debugging']['note']})")

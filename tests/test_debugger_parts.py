@@ -73,6 +73,8 @@ def test_what_the_debug_registers_cannot_watch_is_refused() -> None:
     debug = DebugRegisters()
     with pytest.raises(UnsupportedError, match="cannot watch reads alone: use awatch"):
         debug.insert(BreakpointKind.READ_WATCHPOINT, 0x1000, 4)
+    with pytest.raises(UnsupportedError, match="one instruction address \\(length 1, not 2\\)"):
+        debug.insert(BreakpointKind.HARDWARE, 0x1000, 2)
     with pytest.raises(UnsupportedError, match="more than x86's debug registers can watch"):
         debug.insert(BreakpointKind.WRITE_WATCHPOINT, 0x1000, 1 << 40)  # refused before anything is built
     debug.insert(BreakpointKind.WRITE_WATCHPOINT, 0x1000, 32)  # four 8-byte pieces: the most there is

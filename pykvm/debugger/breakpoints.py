@@ -47,12 +47,12 @@ class DebugRegisters:
             raise UnsupportedError("x86 debug registers cannot watch reads alone: use awatch (reads and writes)")
         if self._find(kind, address, length) is not None:
             return
+        if kind is BreakpointKind.HARDWARE and length != 1:
+            raise UnsupportedError(f"an x86 hardware breakpoint stops at one instruction address (length 1, not {length})")
         if length > HARDWARE_BREAKPOINTS * _PIECE_SIZES[0]:
             raise UnsupportedError(f"{length} bytes are more than x86's debug registers can watch at once")
-        if kind is BreakpointKind.HARDWARE:
-            pieces = (HardwareBreakpoint(address),)
-        else:
-            pieces = tuple(HardwareBreakpoint(start, _REGISTER_KINDS[kind], size) for start, size in _aligned(address, length))
+        register_kind = _REGISTER_KINDS[kind]
+        pieces = tuple(HardwareBreakpoint(start, register_kind, size) for start, size in _aligned(address, length))
         used = sum(len(watch.pieces) for watch in self._watches)
         if used + len(pieces) > HARDWARE_BREAKPOINTS:
             raise UnsupportedError(

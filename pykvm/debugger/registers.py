@@ -128,11 +128,11 @@ def _load_selector(segment: Segment, name: str, selector: int, mode: CpuMode) ->
 
 def _fpu_registers(xsave: bytes) -> dict[str, int]:
     fcw, fsw, ftwx, fop, last_ip, last_dp, mxcsr, _, fpr, xmm = _FXSAVE.unpack_from(xsave)
-    values = {name: int.from_bytes(fpr[i * _SLOT : i * _SLOT + _X87_BITS // 8], "little") for i, name in enumerate(_STACK)}
+    values = {name: int.from_bytes(fpr[i * _SLOT : i * _SLOT + 10], "little") for i, name in enumerate(_STACK)}
     values.update(
-        fctrl=fcw, fstat=fsw, ftag=_full_tag_word(ftwx, fsw, values), fop=fop & _FOP_MASK,
-        fioff=last_ip & 0xFFFFFFFF, fiseg=last_ip >> 32 & 0xFFFF, fooff=last_dp & 0xFFFFFFFF, foseg=last_dp >> 32 & 0xFFFF,
-        mxcsr=mxcsr,
+        fctrl=fcw, fstat=fsw, ftag=_full_tag_word(ftwx, fsw, values), fop=fop & _FOP_MASK, mxcsr=mxcsr,
+        fioff=last_ip & 0xFFFFFFFF, fiseg=last_ip >> 32 & 0xFFFF,
+        fooff=last_dp & 0xFFFFFFFF, foseg=last_dp >> 32 & 0xFFFF,
     )  # fmt: skip
     values.update({f"xmm{i}": int.from_bytes(xmm[i * _SLOT : (i + 1) * _SLOT], "little") for i in range(16)})
     return values
@@ -145,7 +145,7 @@ def _changed_fpu(xsave: bytes, values: Mapping[str, int]) -> bytes:
     stack = bytearray(fpr)
     for i, name in enumerate(_STACK):
         if name in values:
-            stack[i * _SLOT : i * _SLOT + _X87_BITS // 8] = (values[name] & (1 << _X87_BITS) - 1).to_bytes(10, "little")
+            stack[i * _SLOT : i * _SLOT + 10] = (values[name] & (1 << _X87_BITS) - 1).to_bytes(10, "little")
     vectors = bytearray(xmm)
     for i in range(16):
         if f"xmm{i}" in values:
