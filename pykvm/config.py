@@ -103,7 +103,7 @@ class MachineConfig:
     deflate_on_oom: bool = False
     free_page_reporting: bool = False
     share_pages: bool = False
-    # Debugging (pykvm/debugger.py): serve gdb's remote protocol at this address (tcp::PORT,
+    # Debugging (pykvm/debugger/): serve gdb's remote protocol at this address (tcp::PORT,
     # tcp:HOST:PORT or unix:PATH), and hold the vCPUs before the first instruction until gdb
     # continues them (QEMU's -gdb and -S).
     gdb: str | None = None

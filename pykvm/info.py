@@ -64,9 +64,10 @@ DEBUG_SUPPORT = {
         hardware_breakpoints=_EMULATED,
         watchpoints=frozenset(),
         software_breakpoints=frozenset({Privilege.KERNEL}),
-        note="user-mode code runs natively there and its debug exceptions go to the guest; the rest is "
+        note="on kvm_pvm user-mode code runs natively and its debug exceptions go to the guest; the rest is "
         "emulated, and the emulator checks no data watchpoint, gives a real-mode int3 to the guest's "
-        "interrupt table and ends a protected or long mode int3 in an emulation failure, which pykvm claims",
+        "interrupt table, and ends a protected- or long-mode int3 in an emulation failure, which pykvm "
+        "takes as the breakpoint",
     ),
 }
 
