@@ -17,7 +17,9 @@ stopped before the first instruction; if it is still stopped when the run starts
 vCPU is held before it executes anything (QEMU's ``-S``).  The end of the run is
 :class:`~pykvm.gdbstub.Exited` with the machine's exit status, or
 :class:`~pykvm.gdbstub.Killed` when something outside the guest ended it (``kill``,
-``--timeout``, Ctrl-C): a stop request always wins over the debugger.
+``--timeout``, Ctrl-C): a stop request always wins over the debugger.  The end removes
+every breakpoint and turns guest debugging off; a later run of the machine is a new
+guest, which runs until a gdb stops it.
 
 Breakpoints, and what this host can do (:func:`pykvm.info.debug_support`):
 
