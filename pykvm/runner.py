@@ -126,6 +126,9 @@ class Runner:
             thread.start()
         try:
             self._run_vcpu(self._vcpus[0], control)
+        except KeyboardInterrupt:  # Ctrl-C on the bootstrap processor's thread: the user stopped the run
+            control.request_stop(Stop(ExitReason.STOPPED, "interrupted", signal.SIGINT))
+            raise
         finally:
             control.request_stop(Stop(ExitReason.UNHANDLED, "the run was abandoned"))  # no-op if already stopping
             done.set()
