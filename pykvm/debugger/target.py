@@ -62,7 +62,7 @@ from ..gdbstub import (
     StopReason,
     UnsupportedError,
 )
-from ..info import DebugSupport, Privilege, debug_support, kvm_backend
+from ..info import Privilege, debug_support, kvm_backend
 from ..kvm import Vcpu
 from ..kvm.debug import BP_VECTOR, DB_VECTOR, DR6_SINGLE_STEP, GuestDebug
 from ..kvm.exits import GuestDebugExit, InternalErrorExit
@@ -85,13 +85,13 @@ _WAITING_FOR_SIPI = (lib.KVM_MP_STATE_UNINITIALIZED, lib.KVM_MP_STATE_INIT_RECEI
 class MachineDebugger:
     """The debug interface of ``machine``, for :class:`~pykvm.gdbstub.GdbServer` (module doc).
 
-    ``support`` says what guest debugging this host can do (default: what
-    :func:`~pykvm.info.debug_support` knows of the backend serving ``/dev/kvm``).
+    What it refuses follows what guest debugging this host can do
+    (:func:`~pykvm.info.debug_support` of the backend serving ``/dev/kvm``).
     """
 
-    def __init__(self, machine: Machine, support: DebugSupport | None = None) -> None:
+    def __init__(self, machine: Machine) -> None:
         backend = kvm_backend()
-        self._support = support or debug_support(backend)
+        self._support = debug_support(backend)
         self._host = f"this host's KVM ({backend})" if backend else "this host's KVM"
         self._machine = machine
         self._vcpus = {vcpu.id: vcpu for vcpu in machine.vcpus}
