@@ -231,7 +231,8 @@ def test_a_selector_is_loaded_in_real_mode_and_refused_elsewhere(debug) -> None:
     assert real.machine.vcpus[0].get_sregs().ds.base == 0x12340
     long = debug("debug_long.elf")
     with pytest.raises(UnsupportedError, match="cs cannot be set in long mode"):
-        long.debugger.write_registers(0, {"cs": 0x3B})
+        long.debugger.write_registers(0, {"cs": 0x3B, "rax": 5})
+    assert long.debugger.read_registers(0)["rax"] == 0  # nothing of a refused write is done
 
 
 def test_memory_is_read_by_virtual_address_up_to_the_first_unmapped_one(debug, labels) -> None:  # type: ignore[no-untyped-def]

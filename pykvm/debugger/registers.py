@@ -91,14 +91,17 @@ def _write(vcpu: Vcpu, values: Mapping[str, int]) -> None:
     unknown -= {"fs_base", "gs_base", "kernel_gs_base"}
     if unknown:
         raise UnsupportedError(f"there is no register {sorted(unknown)[0]} to set")
+    sregs = None  # computed first: a selector that cannot be loaded refuses the whole write
+    if any(name in values for name in (*SELECTORS, *CONTROL, "fs_base", "gs_base")):
+        sregs = _changed_sregs(vcpu.get_sregs(), values)
     if any(name in values for name in _GENERAL):
         regs = vcpu.get_regs()
         for name in _GENERAL:
             if name in values:
                 setattr(regs, name, values[name])
         vcpu.set_regs(regs)
-    if any(name in values for name in (*SELECTORS, *CONTROL, "fs_base", "gs_base")):
-        vcpu.set_sregs(_changed_sregs(vcpu.get_sregs(), values))
+    if sregs is not None:
+        vcpu.set_sregs(sregs)
     if "kernel_gs_base" in values:
         if vcpu.set_msrs({MSR_KERNEL_GS_BASE: values["kernel_gs_base"]}) != 1:
             raise DebugTargetError(f"KVM refused kernel_gs_base {values['kernel_gs_base']:#x}")
