@@ -86,11 +86,15 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 @click.option("--control", metavar="PATH", help="Serve the control socket (JSON lines, see `pykvm ctl`) at PATH.")
 @click.option("--device", "devices", multiple=True, metavar="SPEC",
               help="A QEMU test device: pc-testdev, or isa-debug-exit[,iobase=N][,iosize=N] (moves the debug-exit ports).")  # fmt: skip
+@click.option("--gdb", "gdb", metavar="tcp::PORT|tcp:HOST:PORT|unix:PATH",
+              help="Serve the guest to gdb (`target remote`) there; tcp::PORT listens on 127.0.0.1 only.")  # fmt: skip
+@click.option("--gdb-wait", is_flag=True, help="Hold the guest before its first instruction until gdb continues it.")
 @click.pass_obj
 def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdline: str, modules: tuple[Path, ...], initrd: Path | None, image_format: str, mode: str | None,
         load_addr: int | None, entry: int | None, user_mode: bool, serial: str, console: str, disks: tuple[str, ...],
         rng: bool, net: str | None, virtio_notify: str, timeout: float | None, stats: bool,
-        balloon: bool, share_pages: bool, control: str | None, devices: tuple[str, ...]) -> None:  # fmt: skip
+        balloon: bool, share_pages: bool, control: str | None, devices: tuple[str, ...], gdb: str | None,
+        gdb_wait: bool) -> None:  # fmt: skip
     """Boot GUEST (flat binary, ELF, multiboot, Linux bzImage or PVH kernel); exit with the guest's status.
 
     \b
@@ -117,10 +121,15 @@ def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdl
             balloon=balloon,
             share_pages=share_pages,
             **device_fields,  # type: ignore[arg-type]
+            gdb=gdb,
+            gdb_wait=gdb_wait,
         )
         with Machine(config) as vm, _control_server(control, vm):
             vm.load(guest, format=image_format, cmdline=cmdline, modules=modules, initrd=initrd, mode=mode,
                     load_addr=load_addr, entry=entry, user=user_mode)  # fmt: skip
+            if vm.gdb_server is not None:
+                waiting = "waiting for gdb" if gdb_wait else "gdb can attach"
+                click.echo(f"pykvm: {waiting}: target remote {vm.gdb_server.gdb_address}", err=True)
             if serial == "stdio":
                 forwarder = StdinForwarder(vm.serial.receive)
                 forwarder.start()

@@ -108,6 +108,11 @@ class MachineConfig:
     pc_testdev: bool = False
     debug_exit: tuple[int, int] = (DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS)
     pit: bool = True  # the in-kernel PIT (with the irqchip); QEMU's -machine pit=off leaves it out
+    # Debugging (pykvm/debugger/): serve gdb's remote protocol at this address (tcp::PORT,
+    # tcp:HOST:PORT or unix:PATH), and hold the vCPUs before the first instruction until gdb
+    # continues them (QEMU's -gdb and -S).
+    gdb: str | None = None
+    gdb_wait: bool = False
 
     @property
     def memory_bytes(self) -> int:
@@ -132,6 +137,12 @@ class MachineConfig:
         base, size = self.debug_exit
         if not (0 <= base and 1 <= size and base + size <= PORT_SPACE):
             raise ConfigError(f"the debug-exit ports [{base:#x}, {base + size:#x}) must lie in the port space 0-0xffff")
+        if self.gdb is not None:
+            from .gdbstub.server import parse_address  # only a machine served to gdb needs it
+
+            parse_address(self.gdb)
+        elif self.gdb_wait:
+            raise ConfigError("gdb_wait holds the guest until gdb continues it: give gdb an address too")
 
 
 class MachineOptions(TypedDict, total=False):
@@ -155,6 +166,8 @@ class MachineOptions(TypedDict, total=False):
     pc_testdev: bool
     debug_exit: tuple[int, int]
     pit: bool
+    gdb: str | None
+    gdb_wait: bool
 
 
 PORT_SPACE = 0x10000
@@ -186,3 +199,4 @@ def device_options(spec: str) -> dict[str, object]:
         except ValueError:
             raise ConfigError(f"device isa-debug-exit: {key}={text!r} is not a number") from None
     return {"debug_exit": (values["iobase"], values["iosize"])}
+

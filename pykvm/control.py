@@ -12,7 +12,9 @@ yet sees it at its first KVM_RUN.
 A run can also be *paused* without ending (for a snapshot, or a debugger looking at the
 guest): :meth:`RunControl.pause` holds every vCPU, sets their stop flags and kicks them,
 and returns once every vCPU thread is parked at an exit boundary
-(:meth:`RunControl.park`); :meth:`RunControl.resume` lets all, or some, go on.  A stop
+(:meth:`RunControl.park`); :meth:`RunControl.resume` lets all, or some, go on.  A
+debugger, which must not block where it learns of an event, holds with
+:meth:`RunControl.hold` and waits with :meth:`RunControl.wait_parked`.  A stop
 request always wins over a pause: parked threads wake and leave.
 
 With the in-kernel irqchip, HLT never leaves the kernel, so a guest that halts with
@@ -96,13 +98,25 @@ class RunControl:
     def pause(self, timeout: float | None = None) -> bool:
         """Hold every vCPU at its next exit boundary; wait until every vCPU thread but the
         caller's own is parked.  False if the run ended (or ``timeout`` passed) instead."""
+        self.hold()
+        return self.wait_parked(timeout)
+
+    def hold(self) -> None:
+        """Hold every vCPU at its next exit boundary, and return at once (:meth:`wait_parked`
+        waits for them).  Called before the run's threads start, it holds every vCPU before
+        the guest's first instruction."""
         with self._changed:
             if self.stop is not None:
-                return False
+                return
             self._held = {vcpu.id for vcpu in self._vcpus}
             for vcpu in self._vcpus:
                 vcpu.request_stop()
             self._kick_threads()
+
+    def wait_parked(self, timeout: float | None = None) -> bool:
+        """Wait until every vCPU thread but the caller's own is parked.  False if the run
+        ended (or ``timeout`` passed) first."""
+        with self._changed:
             me = threading.get_ident()
             settled = self._changed.wait_for(
                 lambda: self.stop is not None

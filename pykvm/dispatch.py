@@ -3,6 +3,9 @@
 Port I/O and MMIO go through a bus to exactly one device (one vCPU at a time:
 device models are not required to be thread-safe).  Every other exit either ends
 the run, with a reason and a diagnosis, or is ignored (an interrupted KVM_RUN).
+A debugger attached as :attr:`ExitDispatcher.debug_handler` sees guest debug exits
+and emulation failures first, and keeps those that are its own events (a breakpoint
+it planted, a step it asked for).
 
 Accesses are counted by address for ``--stats``: the first :data:`ADDRESSES_KEPT`
 addresses one by one, the rest together (a guest scanning the address space cannot
@@ -14,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 from .control import RunControl, Stop
 from .devices.bus import Bus
@@ -48,6 +51,9 @@ _SYSTEM_EVENT_SHUTDOWN = 1
 _SYSTEM_EVENT_RESET = 2
 _EMULATION_SUBERROR = 1
 _EMULATION_FLAG_INSN_BYTES = 1
+#: Looks at a guest debug exit or an emulation failure on its vCPU's thread; True if it
+#: was the debugger's own event (then the run goes on under the debugger's control).
+DebugExitHandler = Callable[[Vcpu, GuestDebugExit | InternalErrorExit, RunControl], bool]
 
 
 class ExitDispatcher:
@@ -60,6 +66,7 @@ class ExitDispatcher:
         self.by_address: Counter[tuple[str, int, bool]] = Counter()  # (space, address, is_write)
         self.other_addresses = 0  # accesses beyond the first ADDRESSES_KEPT addresses
         self.handler_ns = 0
+        self.debug_handler: DebugExitHandler | None = None
 
     def handle(self, vcpu: Vcpu, exit: Exit, control: RunControl) -> None:
         stop = control.request_stop
@@ -73,6 +80,8 @@ class ExitDispatcher:
             case Interrupted():
                 if control.stop is None:
                     control.report(vcpu)  # a halt probe (or a stray signal)
+            case GuestDebugExit() | InternalErrorExit() if self.debug_handler and self.debug_handler(vcpu, exit, control):
+                pass
             case HltExit(interrupts_enabled=enabled):
                 why = "with interrupts enabled, but nothing can interrupt it" if enabled else "with interrupts disabled"
                 stop(Stop(ExitReason.HALTED, f"the guest halted {why}", vcpu_id=vcpu.id))

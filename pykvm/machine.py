@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from .config import MachineOptions
+    from .debugger import MachineDebugger
+    from .gdbstub import GdbServer
     from .devices.virtio.device import VirtioDevice
     from .devices.manager import VirtioSlot
     from .snapshot import Manifest, ResetPoint
@@ -64,6 +66,9 @@ class Machine:
         devices: the :class:`~pykvm.devices.manager.DeviceManager` (every attached device).
         serial: the COM1 UART (``vm.serial.receive(b"...")`` feeds it input).
         balloon: the virtio-balloon, if ``balloon=True``; virtio_console likewise.
+        gdb_server: the :class:`~pykvm.gdbstub.GdbServer` serving the guest to gdb, if
+            ``gdb`` names an address (``gdb_server.gdb_address`` is what gdb connects to);
+            with ``gdb_wait`` the guest waits before its first instruction until gdb continues it.
         kvm, vm: the /dev/kvm and VM handles (:class:`~pykvm.kvm.Kvm`, :class:`~pykvm.kvm.Vm`).
 
     >>> with Machine(memory="64M", capture_serial=True) as vm:     # doctest: +SKIP
@@ -134,6 +139,15 @@ class Machine:
         self.virtio_console, self.balloon = parts.virtio_console, parts.balloon
         self.dispatch = ExitDispatcher(self.pio, self.mmio)
         self._runner = Runner(self.vcpus, self.dispatch, self.serial_output, self.stats, self.events)
+        self.gdb_server: GdbServer | None = None
+        if self.config.gdb is not None:
+            from .debugger import serve_gdb  # only a machine served to gdb needs it
+
+            try:
+                self.gdb_server = self._closing(serve_gdb(self, self.config.gdb, wait=self.config.gdb_wait))
+            except BaseException:
+                self.close()
+                raise
 
     def _closing(self, resource: Any) -> Any:
         self._closers.append(resource.close)
@@ -141,6 +155,14 @@ class Machine:
 
     def _request_stop(self, stop: Stop) -> None:
         self._runner.request_stop(stop)
+
+    def attach_debugger(self, debugger: MachineDebugger) -> None:
+        """Give ``debugger`` the first look at guest debug exits and emulation failures, and tell
+        it when each run starts and ends (one debugger per machine: see :mod:`pykvm.debugger`)."""
+        if self.dispatch.debug_handler is not None:
+            raise PykvmError("this machine has a debugger already")
+        self.dispatch.debug_handler = debugger.handle_exit
+        self._runner.observer = debugger
 
     def attach_virtio(self, device: VirtioDevice) -> VirtioSlot:
         """Put ``device`` behind the next virtio-mmio window and IRQ (see :meth:`kernel_device_args`)."""

@@ -6,6 +6,8 @@ something ends the run: the guest (debug exit, reset, poweroff, a fault), the ti
 or :meth:`Runner.stop`.  How a stop reaches a vCPU that sits in KVM_RUN, and how a run
 is paused at exit boundaries, is :mod:`pykvm.control`'s; what each exit means is
 :mod:`pykvm.dispatch`'s.  The runner turns the stop into a :class:`~pykvm.result.RunResult`.
+A :class:`RunObserver` (a debugger) learns of each run's control before any vCPU runs,
+and of how the run ended.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from .console import SerialOutput
 from .control import RunControl, Stop
@@ -26,6 +28,16 @@ from .result import ExitReason, RunResult, RunStats, format_registers, status_of
 
 # How often the monitor thread looks for a guest whose every vCPU halted for good.
 HALT_PROBE_INTERVAL = 0.1
+
+
+class RunObserver(Protocol):
+    """Follows the runs of a machine (see :attr:`Runner.observer`)."""
+
+    def run_started(self, control: RunControl) -> None:
+        """A run begins; no vCPU has executed anything yet (``control.hold()`` keeps them so)."""
+
+    def run_ended(self, stop: Stop) -> None:
+        """The run is over (every vCPU thread has left) because of ``stop``."""
 
 
 class Runner:
@@ -46,6 +58,7 @@ class Runner:
         self._pending_stop: Stop | None = None  # a stop() that came while no run was going
         self.wall_ns = 0
         self.started: float | None = None  # time.monotonic() when the first run began
+        self.observer: RunObserver | None = None
 
     @property
     def running(self) -> bool:
@@ -110,6 +123,8 @@ class Runner:
     def run(self, timeout: float | None = None) -> RunResult:
         """Run the guest until it stops (or ``timeout`` seconds pass) and say how it ended."""
         control = RunControl(self._vcpus)
+        if self.observer is not None:
+            self.observer.run_started(control)
         capture_start = self._serial_output.captured_size()
         with self._lock:
             self._control, self._running = control, True
@@ -131,6 +146,9 @@ class Runner:
             thread.start()
         try:
             self._run_vcpu(self._vcpus[0], control)
+        except KeyboardInterrupt:  # Ctrl-C on the bootstrap processor's thread: the user stopped the run
+            control.request_stop(Stop(ExitReason.STOPPED, "interrupted", signal.SIGINT))
+            raise
         finally:
             control.request_stop(Stop(ExitReason.UNHANDLED, "the run was abandoned"))  # no-op if already stopping
             done.set()
@@ -139,6 +157,9 @@ class Runner:
             with self._lock:
                 self._running = False
             self.wall_ns += time.monotonic_ns() - started
+            if self.observer is not None:
+                assert control.stop is not None
+                self.observer.run_ended(control.stop)
         if errors:
             self._events.emit("ended", reason="error", error=str(errors[0]))
             raise errors[0]

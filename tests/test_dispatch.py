@@ -12,6 +12,7 @@ from pykvm.errors import DeviceError
 from pykvm.kvm.exits import (
     DebugPortExit,
     FailEntryExit,
+    GuestDebugExit,
     HltExit,
     InternalErrorExit,
     IoExit,
@@ -94,6 +95,24 @@ def test_every_other_exit_ends_the_run_with_its_reason(exit, reason) -> None:
     run = control()
     dispatch.handle(FakeVcpu(), exit, run)  # type: ignore[arg-type]
     assert run.stop is not None and run.stop.reason is reason
+
+
+def test_a_debug_handler_keeps_its_own_events_and_leaves_the_others_to_end_the_run() -> None:
+    dispatch, _, _ = dispatcher()
+    seen: list[object] = []
+
+    def claim_debug_exits(vcpu, exit, control) -> bool:  # type: ignore[no-untyped-def]
+        seen.append(exit)
+        return isinstance(exit, GuestDebugExit)
+
+    dispatch.debug_handler = claim_debug_exits
+    run = control()
+    step, failure = GuestDebugExit(1, 0x1000, 1 << 14, 0), InternalErrorExit(1, ())
+    dispatch.handle(FakeVcpu(), step, run)  # type: ignore[arg-type]
+    dispatch.handle(FakeVcpu(), HltExit(False), control())  # type: ignore[arg-type]  # not a debug event
+    assert run.stop is None and seen == [step]
+    dispatch.handle(FakeVcpu(), failure, run)  # type: ignore[arg-type]
+    assert seen == [step, failure] and run.stop is not None and run.stop.reason is ExitReason.INTERNAL_ERROR
 
 
 def test_an_emulation_failure_names_the_instruction_bytes() -> None:

@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import threading
+import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
 
@@ -24,6 +25,7 @@ from pykvm.gdbstub import (
     GdbServer,
     GdbServerError,
     Killed,
+    UnsupportedError,
 )
 from pykvm.gdbstub.packets import checksum, escape, frame
 from pykvm.gdbstub.registers import I386, X86_64
@@ -408,6 +410,21 @@ def test_ctrl_c_interrupts_a_running_guest(serve) -> None:  # type: ignore[no-un
     assert not target.running and target.regs[0]["rip"] == CODE
 
 
+def test_a_refused_resume_tells_gdb_why_on_its_console(serve, make_target, caplog) -> None:  # type: ignore[no-untyped-def]
+    target = make_target()
+
+    def refuse(actions: object) -> None:
+        raise UnsupportedError("cannot step vCPU 0: not here")
+
+    target.resume = refuse
+    _, gdb = serve(target)
+    gdb.send(b"s")
+    assert gdb.reply() == b"O" + b"cannot step vCPU 0: not here\n".hex().encode()  # gdb waits: it prints this
+    assert gdb.reply() == b"E5f"
+    assert gdb.ask(b"?") == b"T05thread:1;"  # still stopped
+    assert "gdb asked for what this machine cannot do: cannot step vCPU 0: not here" in caplog.text
+
+
 def test_packets_while_the_guest_runs_are_refused(serve) -> None:  # type: ignore[no-untyped-def]
     target, gdb = serve(jmp(-2))
     gdb.send(b"c")
@@ -615,6 +632,39 @@ def test_close_returns_while_the_target_never_stops(make_target) -> None:  # typ
     closer.join(60)  # a guard against a hang, not a speed limit
     assert not closer.is_alive() and not server._thread.is_alive()
     gdb.close()
+
+
+class LateTarget(FakeTarget):
+    """Keeps its stops to itself while the server polls (once ``late`` is set): as a guest
+    that ends just when its machine closes the server."""
+
+    late = False
+
+    def wait_stop(self, timeout: float):  # type: ignore[no-untyped-def]
+        if self.late and timeout > 0:
+            time.sleep(timeout)
+            return None
+        return super().wait_stop(timeout)
+
+
+def test_close_still_tells_a_waiting_gdb_how_the_guest_ended() -> None:
+    target = LateTarget(NOP + NOP + HLT)
+    target.regs[0]["rax"] = 7
+    server = GdbServer(target, "tcp::0", hold=True)
+    gdb = Client(server.address)
+    try:
+        assert gdb.ask(b"?") == b"T05thread:1;"
+        target.late = True
+        gdb.send(b"c")
+        while not target.resumes or target.running:  # until the guest has run and ended
+            time.sleep(0.01)
+        server.close()
+        assert gdb.reply() == b"W07"
+        assert gdb.closed()
+    finally:
+        gdb.close()
+        server.close()
+        target.close()
 
 
 def test_close_before_any_gdb_leaves_the_target_alone(make_target) -> None:  # type: ignore[no-untyped-def]

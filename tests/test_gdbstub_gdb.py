@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 from fake_debug_target import CODE, DATA, HLT, INC_RAX, NOP, STORE_AL, FakeTarget, jmp
 
-from pykvm.gdbstub import Action, BreakpointKind, CpuMode, GdbServer, Killed
+from pykvm.gdbstub import Action, BreakpointKind, CpuMode, GdbServer, Killed, UnsupportedError
 
 GDB = shutil.which("gdb")
 pytestmark = pytest.mark.skipif(GDB is None, reason="gdb is not installed (apt-get install gdb)")
@@ -110,6 +110,18 @@ def test_gdb_stops_on_a_watchpoint(debug) -> None:  # type: ignore[no-untyped-de
     assert "Old value = 0 '\\000'\nNew value = 5 '\\005'" in output
     assert "rip            0x400003            0x400003" in output
     assert (BreakpointKind.WRITE_WATCHPOINT, DATA, 1) not in target.breakpoints
+
+
+def test_gdb_shows_why_the_target_refused_to_resume(debug) -> None:  # type: ignore[no-untyped-def]
+    target, server = debug()
+
+    def refuse(actions: object) -> None:
+        raise UnsupportedError("cannot step vCPU 0: single steps do not stop the guest here")
+
+    target.resume = refuse
+    output = run_gdb(server, "stepi", "info registers rip")
+    assert "cannot step vCPU 0: single steps do not stop the guest here\n" in output
+    assert "rip            0x400000            0x400000" in output  # nothing ran
 
 
 def test_gdb_interrupts_a_running_guest_with_ctrl_c(debug) -> None:  # type: ignore[no-untyped-def]

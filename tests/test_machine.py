@@ -13,7 +13,7 @@ from conftest import guest
 from pykvm import Machine, MachineConfig
 from pykvm.errors import ConfigError, ImageError, PykvmError
 from pykvm.kvm.exits import FailEntryExit, OtherExit
-from pykvm.control import RunControl
+from pykvm.control import RunControl, Stop
 from pykvm.result import ExitReason, status_of
 
 pytestmark = pytest.mark.kvm
@@ -179,6 +179,50 @@ def test_a_paused_run_executes_nothing_until_resumed_and_stop_still_wins(machine
         machine.stop()
         runner.join(60)
     assert not runner.is_alive() and results[0].reason is ExitReason.STOPPED
+
+
+class HoldingObserver:
+    """Holds every vCPU before the first instruction, as a debugger waiting for gdb does."""
+
+    def __init__(self) -> None:
+        self.controls: list[RunControl] = []
+        self.stops: list[Stop] = []
+
+    def run_started(self, control: RunControl) -> None:
+        control.hold()
+        self.controls.append(control)
+
+    def run_ended(self, stop: Stop) -> None:
+        self.stops.append(stop)
+
+    def handle_exit(self, vcpu, exit, control) -> bool:  # type: ignore[no-untyped-def]
+        return False
+
+
+def test_a_run_held_from_its_start_executes_nothing_until_resumed(machine_factory, tmp_path) -> None:
+    machine = machine_factory()
+    machine.load(spin_image(tmp_path, COUNT_AT_CPL3), mode="long", user=True)
+    observer = HoldingObserver()
+    machine.attach_debugger(observer)  # type: ignore[arg-type]
+    results = []
+    runner = threading.Thread(target=lambda: results.append(machine.run(timeout=120)))
+    runner.start()
+    try:
+        while not observer.controls:
+            time.sleep(0.01)
+        assert observer.controls[0].wait_parked(30)
+        vcpu = machine.vcpus[0]
+        assert vcpu.guest_ns == 0 and vcpu.get_regs().rax == 0  # parked before its first KVM_RUN
+        observer.controls[0].resume()
+        while vcpu.guest_ns == 0:  # until it has been in the guest (the halt probe brings it out now and then)
+            time.sleep(0.01)
+        assert machine.pause(timeout=30)
+        assert vcpu.get_regs().rax > 0  # it ran once resumed
+    finally:
+        machine.stop()
+        runner.join(60)
+    assert results[0].reason is ExitReason.STOPPED
+    assert [stop.reason for stop in observer.stops] == [ExitReason.STOPPED]
 
 
 def test_pause_without_a_run_says_so(machine_factory, tmp_path) -> None:

@@ -19,24 +19,14 @@ section .text
 %include "lib/pc.inc"
 
 TICKS           equ 50
-TICK_VECTOR     equ PIC1_VECTOR + 0     ; IRQ 0
 
 MULTIBOOT_HEADER
 
 _start:
         mov esp, stack_top
         call pc_init
-        mov al, 0xff & ~(1 << 0)        ; master: only IRQ 0
-        mov ah, 0xff                    ; slave: nothing
-        call pic_init
-        mov eax, TICK_VECTOR
         mov edx, pit_isr
-        call idt_set_gate
-        mov eax, PIC1_VECTOR + 7        ; spurious IRQ 7 / 15 of the PICs: ignore
-        mov edx, pc_isr_iret
-        call idt_set_gate
-        mov eax, PIC2_VECTOR + 7
-        call idt_set_gate
+        call pic_timer_init
 
         call rtc_seconds
         mov ebp, eax                    ; seconds before

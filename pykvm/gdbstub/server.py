@@ -20,7 +20,8 @@ the next gdb finds it there.
 
 ``GdbServer(target, address, hold=True)`` holds the guest before its first instruction
 until gdb continues it (QEMU's ``-S``); otherwise the server lets it run at once.
-:meth:`GdbServer.close` stops serving promptly whatever gdb or the guest are doing; it
+:meth:`GdbServer.close` stops serving promptly whatever gdb or the guest are doing (a
+stop or the guest's end that came just before still goes to a gdb waiting for it); it
 leaves the target as it is, for the machine that owns it.
 """
 
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 #: How long the server waits for a stop before it looks at the connection again (so a
 #: Ctrl-C or a close waits at most this long).
 POLL_INTERVAL = 0.05
+#: How long :meth:`GdbServer.close` lets the connection tell gdb how the guest stopped or
+#: ended before it cuts the connection (a gdb that reads nothing holds it no longer).
+CLOSE_GRACE = 2.0
 _ADDRESS_FORMS = "tcp::PORT, tcp:HOST:PORT or unix:PATH"
 
 
@@ -111,6 +115,8 @@ class GdbServer:
                 return
             self._closing = True
             os.write(self._wake_w, b"x")
+        self._thread.join(CLOSE_GRACE)  # the guest's end, if it just came, still reaches gdb
+        with self._lock:
             if self._connection is not None:
                 _shutdown(self._connection)
         self._thread.join()
@@ -223,6 +229,10 @@ class _Connection:
                         self.server._turn_away()
                     else:
                         return
+            if session.running:  # closing: a stop or end that came meanwhile is gdb's last word
+                event = self.target.wait_stop(0)
+                if event is not None:
+                    self._send(session.stopped(event))
 
     def _read(self, flags: int = 0) -> bool:
         """Receive and handle what gdb sent; False once it has gone or said goodbye (D, k)."""
@@ -249,6 +259,8 @@ class _Connection:
             if isinstance(item, Packet):
                 self._ack(b"+")
                 reply = self.session.handle(item.data)
+                for line in self.session.take_console_output():
+                    self._send(b"O" + line.encode().hex().encode())
                 if reply is not None:
                     self._send(reply)
                 if self.session.finished:

@@ -11,6 +11,11 @@ or a guest that ended ``E03`` (ESRCH), an unmapped address ``E0e`` (EFAULT), som
 the target cannot do ``E5f`` (EOPNOTSUPP), any other failure of the target ``E05``
 (EIO), and a packet this stub does not know the empty reply.  Nothing a client sends
 makes :meth:`Session.handle` raise.
+
+An error packet carries no words that gdb shows, so what the target cannot do is also
+logged, and when the target refuses to resume, its reason goes to gdb's console first
+(:meth:`Session.take_console_output`: gdb, waiting for a stop reply, prints ``O``
+packets).
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ class Session:
         self.running = False
         self.finished = False  # the connection ends once this reply is sent (D, k)
         self.no_ack = False
+        self._console: list[str] = []  # for gdb's console, before the next reply
         self.current = stop.vcpu if isinstance(stop, Stop) else self.vcpus[0]  # the last stop's thread
         self._general = self.current  # Hg: the thread registers and memory are read through
         self._continue: int | None = None  # Hc: the thread ``c``/``s`` act on; None for all
@@ -140,8 +146,16 @@ class Session:
         except Exception:  # a bug here must not end the session, nor the guest
             log.exception("gdb packet %r failed", data[:40])
             return E_TARGET
-        log.debug("gdb packet %r refused: %s", data[:40], message)
+        if reply == E_UNSUPPORTED:
+            log.warning("gdb asked for what this machine cannot do: %s", message)
+        else:
+            log.debug("gdb packet %r refused: %s", data[:40], message)
         return reply
+
+    def take_console_output(self) -> list[str]:
+        """Lines to show on gdb's console (as ``O`` packets) before the reply to the last packet."""
+        lines, self._console = self._console, []
+        return lines
 
     def stopped(self, event: StopEvent) -> bytes:
         """The target stopped after a resume: note it, and give the stop reply."""
@@ -328,7 +342,11 @@ class Session:
     # --- running -----------------------------------------------------------------------------
     def _resume(self, actions: Mapping[int, Action]) -> None:
         self._require_live()
-        self.target.resume(actions)
+        try:
+            self.target.resume(actions)
+        except DebugTargetError as err:
+            self._console.append(f"{err}\n")  # gdb waits for a stop reply: it shows console output
+            raise
         self.running = True
 
     def _set_pc(self, vcpu: int, field: bytes) -> None:

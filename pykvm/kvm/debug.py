@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..errors import StateError
 
 HARDWARE_BREAKPOINTS = 4  # DR0-DR3
+DB_VECTOR, BP_VECTOR = 1, 3  # #DB (steps, debug registers) and #BP (int3)
 DR6_BREAKPOINT_HIT = 0xF  # DR6 B0-B3: which of DR0-DR3 matched
 DR6_SINGLE_STEP = 1 << 14  # DR6 BS
 _DR7_EXACT = 0x600  # GE (exact data breakpoints) and bit 10, which always reads as 1
@@ -52,18 +53,29 @@ class HardwareBreakpoint:
 
 @dataclass(frozen=True)
 class GuestDebug:
-    """Guest debugging for one vCPU; ``enable=False`` turns it off (and the rest is ignored)."""
+    """Guest debugging for one vCPU; ``enable=False`` turns it off (and the rest is ignored).
+
+    ``block_irq`` keeps interrupts from being delivered while single-stepping, so that a step
+    executes the next instruction rather than entering an interrupt handler
+    (``KVM_GUESTDBG_BLOCKIRQ``, where ``Vm.set_guest_debug_flags()`` offers it).  ``inject``
+    gives the guest a #DB (:data:`DB_VECTOR`) or #BP (:data:`BP_VECTOR`) it raised but the
+    debugger does not own (``KVM_GUESTDBG_INJECT_DB`` / ``_INJECT_BP``), once.
+    """
 
     enable: bool = True
     single_step: bool = False
     software_breakpoints: bool = False
     hardware_breakpoints: tuple[HardwareBreakpoint, ...] = ()
+    block_irq: bool = False
+    inject: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.hardware_breakpoints) > HARDWARE_BREAKPOINTS:
             raise StateError(
                 f"{len(self.hardware_breakpoints)} hardware breakpoints asked for; x86 has {HARDWARE_BREAKPOINTS}"
             )
+        if self.inject not in (None, DB_VECTOR, BP_VECTOR):
+            raise StateError(f"KVM_SET_GUEST_DEBUG injects #DB (1) or #BP (3), not vector {self.inject}")
 
     def dr7(self) -> int:
         """DR7 arming every hardware breakpoint (0 without any)."""

@@ -11,7 +11,7 @@ from ..errors import StateError
 from ..native import check, ffi, lib
 from . import ioctls
 from .convert import check_present, check_size, fill_struct, new_struct, to_record
-from .debug import GuestDebug
+from .debug import BP_VECTOR, DB_VECTOR, GuestDebug
 from .exits import (
     DebugPortExit,
     Exit,
@@ -42,6 +42,7 @@ MSRS_PER_IOCTL = 255
 MSR_IA32_TSC_DEADLINE = 0x6E0
 # KVM_GET_CPUID2 fails with E2BIG when the array is too small; KVM allows 256 entries.
 _CPUID_ENTRIES_START, _CPUID_ENTRIES_MAX = 64, 256
+_GUESTDBG_INJECT = {DB_VECTOR: lib.KVM_GUESTDBG_INJECT_DB, BP_VECTOR: lib.KVM_GUESTDBG_INJECT_BP}
 
 
 class Vcpu:
@@ -230,7 +231,8 @@ class Vcpu:
 
     # --- debugging --------------------------------------------------------------------
     def set_guest_debug(self, debug: GuestDebug) -> None:
-        """See ``KVM_SET_GUEST_DEBUG``: single-step, software and hardware breakpoints.
+        """See ``KVM_SET_GUEST_DEBUG``: single-step, software and hardware breakpoints, and
+        re-injecting a guest's own #DB or #BP.
 
         Each event then ends :meth:`run` with a :class:`GuestDebugExit`;
         ``GuestDebug(enable=False)`` turns debugging off again.
@@ -242,6 +244,8 @@ class Vcpu:
                 | (lib.KVM_GUESTDBG_SINGLESTEP if debug.single_step else 0)
                 | (lib.KVM_GUESTDBG_USE_SW_BP if debug.software_breakpoints else 0)
                 | (lib.KVM_GUESTDBG_USE_HW_BP if debug.hardware_breakpoints else 0)
+                | (lib.KVM_GUESTDBG_BLOCKIRQ if debug.block_irq else 0)
+                | (_GUESTDBG_INJECT[debug.inject] if debug.inject is not None else 0)
             )
             request.arch.debugreg = list(debug.debugreg())
         self._ioctl(ioctls.KVM_SET_GUEST_DEBUG, request)
