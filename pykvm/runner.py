@@ -14,30 +14,47 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from .console import SerialOutput
 from .control import RunControl, Stop
 from .dispatch import ExitDispatcher
 from .kvm import Vcpu
-from .kvm.exits import StopRequested
+from .kvm.exits import Exit, StopRequested
 from .result import ExitReason, RunResult, RunStats, format_registers, status_of
 
 # How often the monitor thread looks for a guest whose every vCPU halted for good.
 HALT_PROBE_INTERVAL = 0.1
 
 
+class RunObserver(Protocol):
+    """Watches the runs of a machine from its bootstrap processor's thread (record and replay,
+    :mod:`pykvm.replay`)."""
+
+    def before_entry(self, vcpu: Vcpu, control: RunControl) -> None:
+        """vCPU 0 is about to enter the guest: every exit it made has been answered (also after an
+        interrupted KVM_RUN, a pause, and at the start of a run)."""
+
+    def run_ended(self, result: RunResult) -> RunResult:
+        """The run ended with ``result``; returns the result to report."""
+
+
 class Runner:
-    """Runs ``vcpus`` through ``dispatcher``; ``stats`` gives the machine's statistics for a result."""
+    """Runs ``vcpus`` through ``dispatcher``; ``stats`` gives the machine's statistics for a result.
+
+    An ``observer`` sees vCPU 0 before each of its entries into the guest and every result;
+    without one, the vCPU threads run the loop of :meth:`Vcpu.run` and dispatch alone.
+    """
 
     def __init__(
         self, vcpus: Sequence[Vcpu], dispatcher: ExitDispatcher, serial_output: SerialOutput,
-        stats: Callable[[], RunStats],
+        stats: Callable[[], RunStats], observer: RunObserver | None = None,
     ) -> None:  # fmt: skip
         self._vcpus = list(vcpus)
         self._dispatch = dispatcher
         self._serial_output = serial_output
         self._stats = stats
+        self._observer = observer
         self._lock = threading.RLock()  # re-entrant: stop() may run in a signal handler
         self._control: RunControl | None = None
         self._running = False
@@ -128,14 +145,16 @@ class Runner:
         if errors:
             raise errors[0]
         assert control.stop is not None
-        return self._result(control.stop, self._serial_output.captured(capture_start))
+        result = self._result(control.stop, self._serial_output.captured(capture_start))
+        return result if self._observer is None else self._observer.run_ended(result)
 
     def _run_vcpu(self, vcpu: Vcpu, control: RunControl) -> None:
         control.enter(vcpu)
         handle = self._dispatch.handle
+        enter = self._entry(vcpu, control)
         try:
             while True:
-                exit = vcpu.run()
+                exit = enter()
                 if isinstance(exit, StopRequested):
                     if not control.park(vcpu):
                         return
@@ -143,6 +162,18 @@ class Runner:
                 handle(vcpu, exit, control)
         finally:
             control.leave(vcpu)
+
+    def _entry(self, vcpu: Vcpu, control: RunControl) -> Callable[[], Exit]:
+        """How ``vcpu``'s thread enters the guest: :meth:`Vcpu.run`, after the observer's look for vCPU 0."""
+        observer = self._observer
+        if observer is None or vcpu is not self._vcpus[0]:
+            return vcpu.run
+
+        def observed() -> Exit:
+            observer.before_entry(vcpu, control)
+            return vcpu.run()
+
+        return observed
 
     def _run_ap(self, vcpu: Vcpu, control: RunControl, errors: list[BaseException]) -> None:
         try:
