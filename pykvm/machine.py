@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .config import MachineOptions
     from .devices.virtio.device import VirtioDevice
     from .devices.manager import VirtioSlot
+    from .host_inputs import HostInputs
     from .snapshot import Manifest, ResetPoint
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class Machine:
             your own device models on them (``vm.pio.register(0x3e0, 8, device)``).
         devices: the :class:`~pykvm.devices.manager.DeviceManager` (every attached device).
         serial: the COM1 UART (``vm.serial.receive(b"...")`` feeds it input).
+        host_inputs: what the devices take from the host (:class:`~pykvm.host_inputs.HostInputs`:
+            clocks, random bytes, disk data); ``vm.host_inputs.serial_input(b"...")`` feeds the
+            UART as host input, which a recording machine logs.
         balloon: the virtio-balloon, if ``balloon=True``; virtio_console likewise.
         kvm, vm: the /dev/kvm and VM handles (:class:`~pykvm.kvm.Kvm`, :class:`~pykvm.kvm.Vm`).
 
@@ -77,17 +81,19 @@ class Machine:
         self._construct(dataclasses.replace(config, **options) if options else config, kvm, None)
 
     @classmethod
-    def restoring(cls, config: MachineConfig, kvm: Kvm | None, memory_file: int) -> Machine:
+    def restoring(
+        cls, config: MachineConfig, kvm: Kvm | None, memory_file: int, host_inputs: HostInputs | None = None
+    ) -> Machine:
         """A machine whose guest RAM is ``memory_file`` (copy-on-write), for :func:`pykvm.snapshot.restore`
         to put a saved state into; not ready to run until it has."""
         machine = cls.__new__(cls)
-        machine._construct(config, kvm, memory_file)
+        machine._construct(config, kvm, memory_file, host_inputs)
         return machine
 
     @classmethod
     def restore(
         cls, path: str | Path, *, kvm: Kvm | None = None, serial: str = "none", capture_serial: bool = False,
-        allow_changed_disks: bool = False,
+        allow_changed_disks: bool = False, record: str | Path | None = None, replay: str | Path | None = None,
     ) -> Machine:  # fmt: skip
         """A machine restored from the snapshot at ``path`` (see :meth:`snapshot`), ready to run.
 
@@ -95,13 +101,29 @@ class Machine:
         RAM size and many machines restored from one snapshot share the pages none of them
         changed.  ``serial`` and ``capture_serial`` are as for a new machine; a disk image that
         changed since the snapshot is refused unless ``allow_changed_disks``.
+
+        ``record`` logs every host input the guest takes from then on to that file, ``replay``
+        feeds a log's inputs back instead of the host's (see :mod:`pykvm.replay`; both capture
+        the serial output).
         """
+        options: dict[str, Any] = dict(kvm=kvm, serial=serial, allow_changed_disks=allow_changed_disks)
+        if record is not None and replay is not None:
+            raise ConfigError("a machine either records its host inputs or replays them, not both")
+        if record is not None:
+            from .replay import restore_recording
+
+            return restore_recording(path, record, **options)
+        if replay is not None:
+            from .replay import restore_replaying
+
+            return restore_replaying(path, replay, **options)
         from .snapshot import restore
 
-        return restore(path, kvm=kvm, serial=serial, capture_serial=capture_serial,
-                       allow_changed_disks=allow_changed_disks)  # fmt: skip
+        return restore(path, capture_serial=capture_serial, **options)
 
-    def _construct(self, config: MachineConfig, kvm: Kvm | None, memory_file: int | None) -> None:
+    def _construct(
+        self, config: MachineConfig, kvm: Kvm | None, memory_file: int | None, host_inputs: HostInputs | None = None
+    ) -> None:
         self.config = config
         self.config.validate()
         self._closers: list[Callable[[], None]] = []
@@ -112,7 +134,7 @@ class Machine:
         self._reset_point: ResetPoint | None = None
         self._serial_error_reported = False
         try:
-            parts = build(self.config, kvm, self._request_stop, self._closing, memory_file)
+            parts = build(self.config, kvm, self._request_stop, self._closing, memory_file, host_inputs)
         except BaseException:
             self.close()
             raise
@@ -123,8 +145,9 @@ class Machine:
         self.serial, self.serial_output = parts.serial, parts.serial_output
         self.fw_cfg, self.acpi = parts.fw_cfg, parts.acpi
         self.virtio_console, self.balloon = parts.virtio_console, parts.balloon
+        self.host_inputs = parts.host_inputs
         self.dispatch = ExitDispatcher(self.pio, self.mmio)
-        self._runner = Runner(self.vcpus, self.dispatch, self.serial_output, self.stats)
+        self._runner = Runner(self.vcpus, self.dispatch, self.serial_output, self.stats, self.host_inputs.observer)
 
     def _closing(self, resource: Any) -> Any:
         self._closers.append(resource.close)
