@@ -41,9 +41,10 @@ reproduced, because KVM gives pykvm no hold on them:
   restore), the PIT counter and kvmclock read back in the kernel, RDRAND/RDSEED: a guest that
   branches on them diverges;
 - *SMP interleaving*: several vCPUs race; record and replay refuse a machine with more than one;
-- *what the log does not see*: virtio-net traffic (refused), host I/O errors on a disk, a
-  balloon target set during the run, a snapshot or reset of the recording machine (each
-  reads the PM timer), and input given to ``vm.serial.receive`` directly.
+- *what the log does not see*: virtio-net traffic (refused), host I/O errors on a disk, the
+  disk image's identity (virtio-blk's GET_ID answer derives from its inode unless a serial is
+  configured), a balloon target set during the run, a snapshot or reset of the recording
+  machine (each reads the PM timer), and input given to ``vm.serial.receive`` directly.
 
 Divergence is reported, never silently followed: a clock, random or disk read at another exit
 than logged (or of another kind, or size), a disk read whose data has another hash, logged
