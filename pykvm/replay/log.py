@@ -35,6 +35,7 @@ from ..devices.state import check_bytes, check_choice, check_int
 from ..errors import ReplayError, StateError
 from ..result import ExitReason
 from ..snapshot.codec import decode, encode
+from ..x86.interrupts import VIRTIO_IRQS
 
 FORMAT_NAME = "pykvm-replay-log"
 FORMAT_VERSION = 1
@@ -46,6 +47,7 @@ INPUT_DEVICES = ("serial", "console")
 CLOCKS = ("wall", "monotonic")
 MAX_EXIT = (1 << 64) - 1
 MAX_NS = (1 << 63) - 1
+MAX_DISKS = len(VIRTIO_IRQS)  # a machine has at most one virtio device per interrupt line
 MAX_DISK_BYTES = 1 << 62
 EXIT_STATUS_MAX = 255
 EXIT_VALUE_MAX = (1 << 32) - 1
@@ -258,7 +260,7 @@ def check_entry(entry: Entry) -> None:
     elif isinstance(event, RandomBytes):
         check_bytes(event, "data", MAX_EVENT_DATA)
     elif isinstance(event, DiskRead):
-        check_int(event, "disk", 0, MAX_EXIT)
+        check_int(event, "disk", 0, MAX_DISKS - 1)
         check_int(event, "offset", 0, MAX_DISK_BYTES)
         check_int(event, "length", 0, MAX_DISK_BYTES)
         _check_sha256(event, "sha256")

@@ -11,7 +11,7 @@ from ..control import Stop
 from ..errors import PykvmError, ReplayError
 from ..result import ExitReason, RunResult, status_of
 from .log import ClockRead, DiskRead, Entry, HostInput, LogReader, RandomBytes, RunEnd, describe, sha256_of
-from .timeline import HOST_ENDINGS, ExitTimeline
+from .timeline import ExitTimeline
 
 if TYPE_CHECKING:
     from ..control import RunControl
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 E = TypeVar("E")
+# Endings the host decides (its timeout, a stop or a signal), at whatever exit the guest was.
+HOST_ENDINGS = (ExitReason.TIMEOUT, ExitReason.STOPPED)
 
 
 class Replayer(ExitTimeline):

@@ -5,15 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..host_inputs import HostInputs, Receive
-from ..result import ExitReason, RunResult
 
 if TYPE_CHECKING:
     from ..control import RunControl
     from ..kvm import Vcpu
+    from ..result import RunResult
     from ..runner import RunObserver
-
-# Endings the host decides (its timeout, a stop or a signal), at whatever exit the guest was.
-HOST_ENDINGS = (ExitReason.TIMEOUT, ExitReason.STOPPED)
 
 
 class ExitTimeline(HostInputs):
