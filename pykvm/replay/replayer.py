@@ -24,8 +24,8 @@ HOST_ENDINGS = (ExitReason.TIMEOUT, ExitReason.STOPPED)
 
 
 class Replayer(ExitTimeline):
-    """Answers the devices from ``log`` and hands its host input over at its exits; the host's
-    clocks, random bytes and input are never read.
+    """Answers the devices from the log ``reader`` reads, and hands its host input over at its
+    exits; the host's clocks, random bytes and input are never read.
 
     Every question a device asks must be the log's next entry, at the same exit; host input is
     handed over in :meth:`before_entry` when vCPU 0 has answered the exit it came after (the
@@ -35,10 +35,10 @@ class Replayer(ExitTimeline):
     differed at which exit, and every later run of the machine stops at once for it.
     """
 
-    def __init__(self, log: LogReader) -> None:
+    def __init__(self, reader: LogReader) -> None:
         super().__init__()
-        self._log = log
-        self._entries = log.entries()
+        self._reader = reader
+        self._entries = reader.entries()
         self._lock = threading.RLock()
         self._head: Entry | None = None
         self._divergence: str | None = None
@@ -47,7 +47,7 @@ class Replayer(ExitTimeline):
         self._advance()
 
     def close(self) -> None:
-        self._log.close()
+        self._reader.close()
 
     # --- what devices ask for ----------------------------------------------------------------------
     def wall_clock_ns(self) -> int:
@@ -140,7 +140,7 @@ class Replayer(ExitTimeline):
                 return result  # the replay's own timeout or stop cut it short: the log stays where it was
             now, head = self.exit_index(), self._head
             if head is None:
-                log.warning("%s: the log ends before this run did; nothing to compare the run with", self._log.path)
+                log.warning("%s: the log ends before this run did; nothing to compare the run with", self._reader.path)
                 return result
             if not isinstance(head.event, RunEnd):
                 why = f"the run ended at exit {now} ({result.reason.value}) before the log's {describe(head)}"
