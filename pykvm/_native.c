@@ -62,6 +62,8 @@ struct pykvm_loop {
     uint32_t stop; /* set by another thread (then immediate_exit, then a kick signal) */
     struct pykvm_fast_table *table;
     uint64_t exits[PYKVM_EXIT_REASONS];
+    uint64_t exit_count;  /* exits KVM_RUN returned, the fast ones included (an interrupted KVM_RUN is none) */
+    uint64_t python_from; /* from this exit_count on, every exit returns to Python unanswered (0: never) */
     uint64_t fast_exits;
     uint64_t guest_ns;
     uint64_t fast_ns;
@@ -262,6 +264,9 @@ int pykvm_loop_run(struct pykvm_loop *loop)
         }
         /* the last slot counts reasons newer than this table */
         loop->exits[loop->run->exit_reason < PYKVM_EXIT_REASONS ? loop->run->exit_reason : PYKVM_EXIT_REASONS - 1]++;
+        loop->exit_count++;
+        if (loop->python_from && loop->exit_count >= loop->python_from)
+            return PYKVM_STOP_EXIT;
         handled = handle_fast(loop);
         if (handled < 0)
             return PYKVM_STOP_EXIT;

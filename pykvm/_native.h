@@ -440,6 +440,8 @@ struct pykvm_loop {
     uint32_t stop;
     struct pykvm_fast_table *table;
     uint64_t exits[...];
+    uint64_t exit_count;
+    uint64_t python_from;
     uint64_t fast_exits;
     uint64_t guest_ns;
     uint64_t fast_ns;

@@ -11,6 +11,7 @@ be put together from them.  Nothing here runs the guest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 from . import native
@@ -27,6 +28,7 @@ from .devices.ports import ConstantPort
 from .devices.uart import Uart16550
 from .errors import ConfigError, PykvmError
 from .events import Events
+from .host_inputs import HostInputs
 from .kvm import Kvm, Vcpu, Vm
 from .kvm.fastpath import FastKind, Space
 from .kvm.state import CpuidEntry
@@ -65,19 +67,23 @@ class MachineParts:
     virtio_console: VirtioConsole | None
     balloon: VirtioBalloon | None
     vcpus: list[Vcpu]
+    host_inputs: HostInputs
 
 
 def build(
-    config: MachineConfig, kvm: Kvm | None, request_stop: RequestStop, closing: Closing,
-    memory_backing: int | None = None, events: Events | None = None, log_dirty: bool = False,
+    config: MachineConfig, kvm: Kvm | None, request_stop: RequestStop, closing: Closing, *,
+    memory_backing: int | None = None, log_dirty: bool = False, events: Events | None = None,
+    host_inputs: HostInputs | None = None,
 ) -> MachineParts:  # fmt: skip
     """Build a machine from ``config``; ``kvm`` is a shared /dev/kvm (else one is opened).
 
     ``memory_backing`` is a file whose bytes become guest RAM, copy-on-write (a snapshot's);
     ``log_dirty`` has KVM log the guest's writes to RAM from the start; devices announce what
-    the host should hear of (a balloon's size) on ``events``.
+    the host should hear of (a balloon's size) on ``events``; ``host_inputs`` answers the
+    devices' questions to the host (by default, the host does; the machine closes it).
     """
     events = events or Events()
+    inputs = closing(host_inputs if host_inputs is not None else HostInputs())
     native.check(lib.pykvm_install_kick_handler(KICK_SIGNAL), "sigaction")
     kvm = kvm or closing(Kvm(config.kvm_path))
     check_cpus(kvm, config.cpus)
@@ -91,19 +97,21 @@ def build(
     serial = attach_serial(devices, serial_output)
     attach_debug_exit(devices, request_stop, *config.debug_exit)
     attach_i8042(devices, request_stop)
-    attach_cmos(devices, config.memory_bytes)
+    attach_cmos(devices, config.memory_bytes, inputs)
     attach_post_port(devices)
     if config.pc_testdev:
         attach_pc_testdev(devices, vm if config.irqchip else None)
     acpi = write_firmware_tables(memory, config.cpus) if config.irqchip else None
     if acpi is not None:
-        attach_acpi_pm(devices, request_stop)
+        attach_acpi_pm(devices, request_stop, inputs)
     fw_cfg = attach_fw_cfg(devices, config, memory_map, acpi)
-    virtio_console, balloon = attach_virtio_devices(devices, config, serial_output, memory_map, closing, events)
+    virtio_console, balloon = attach_virtio_devices(devices, config, serial_output, memory_map, closing, inputs, events)
     supported = kvm.supported_cpuid()
     vcpus = [closing(create_vcpu(kvm, vm, i, supported, devices)) for i in range(config.cpus)]
+    receivers = {"serial": serial.receive} | ({"console": virtio_console.receive} if virtio_console else {})
+    inputs.connect(vcpus[0], receivers)
     return MachineParts(kvm, vm, memory_map, memory, devices, serial_output, serial, fw_cfg, acpi,
-                        virtio_console, balloon, vcpus)  # fmt: skip
+                        virtio_console, balloon, vcpus, inputs)  # fmt: skip
 
 
 def check_cpus(kvm: Kvm, cpus: int) -> None:
@@ -192,8 +200,8 @@ def attach_i8042(devices: DeviceManager, request_stop: RequestStop) -> None:
     devices.attach("i8042", layout.I8042_PORT, layout.I8042_PORTS, device)
 
 
-def attach_cmos(devices: DeviceManager, ram_size: int) -> None:
-    devices.attach("cmos", layout.CMOS_PORT, layout.CMOS_PORTS, Cmos(ram_size))
+def attach_cmos(devices: DeviceManager, ram_size: int, inputs: HostInputs) -> None:
+    devices.attach("cmos", layout.CMOS_PORT, layout.CMOS_PORTS, Cmos(ram_size, clock=inputs.wall_clock_ns))
 
 
 def attach_post_port(devices: DeviceManager) -> None:
@@ -209,8 +217,9 @@ def write_firmware_tables(memory: GuestMemory, cpus: int) -> AcpiTables:
     return acpi
 
 
-def attach_acpi_pm(devices: DeviceManager, request_stop: RequestStop) -> None:
-    power = AcpiPm(lambda: request_stop(Stop(ExitReason.POWEROFF, "the guest powered off (ACPI S5)")))
+def attach_acpi_pm(devices: DeviceManager, request_stop: RequestStop, inputs: HostInputs) -> None:
+    power = AcpiPm(lambda: request_stop(Stop(ExitReason.POWEROFF, "the guest powered off (ACPI S5)")),
+                   clock=inputs.monotonic_ns)  # fmt: skip
     devices.attach("acpi-pm", layout.ACPI_PM_PORT, layout.ACPI_PM_PORTS, power)
 
 
@@ -230,6 +239,7 @@ def attach_virtio_devices(
     serial_output: SerialOutput,
     memory_map: tuple[E820Entry, ...],
     closing: Closing,
+    inputs: HostInputs,
     events: Events,
 ) -> tuple[VirtioConsole | None, VirtioBalloon | None]:
     """The configured virtio devices, in a fixed order: console, disks, rng, net, balloon.
@@ -242,14 +252,15 @@ def attach_virtio_devices(
 
         console = VirtioConsole(serial_output.write)
         devices.attach_virtio(console)
-    for disk in config.disks:
+    for index, disk in enumerate(config.disks):
         from .devices.virtio.blk import VirtioBlock
 
-        devices.attach_virtio(closing(VirtioBlock(disk.path, read_only=disk.read_only)))
+        on_read = functools.partial(inputs.disk_read, index)
+        devices.attach_virtio(closing(VirtioBlock(disk.path, read_only=disk.read_only, on_read=on_read)))
     if config.rng:
         from .devices.virtio.rng import VirtioRng
 
-        devices.attach_virtio(VirtioRng())
+        devices.attach_virtio(VirtioRng(source=inputs.random_bytes))
     if config.net is not None:
         from .devices.virtio.net import VirtioNet
 

@@ -74,3 +74,8 @@ class StateError(PykvmError):
 class SnapshotError(PykvmError):
     """A snapshot cannot be written or read: a missing, truncated or corrupt file, another format
     version, or a host or disk that does not match what the snapshot's guest saw."""
+
+
+class ReplayError(PykvmError):
+    """A record or replay of host inputs cannot start: a log that is missing, malformed or
+    recorded from another snapshot, or a machine whose inputs cannot be replayed."""

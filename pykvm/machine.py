@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .gdbstub import GdbServer
     from .devices.virtio.device import VirtioDevice
     from .devices.manager import VirtioSlot
+    from .host_inputs import HostInputs
     from .snapshot import Manifest, ResetPoint
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class Machine:
             your own device models on them (``vm.pio.register(0x3e0, 8, device)``).
         devices: the :class:`~pykvm.devices.manager.DeviceManager` (every attached device).
         serial: the COM1 UART (``vm.serial.receive(b"...")`` feeds it input).
+        host_inputs: what the devices take from the host (:class:`~pykvm.host_inputs.HostInputs`:
+            clocks, random bytes, disk data); ``vm.host_inputs.serial_input(b"...")`` feeds the
+            UART as host input, which a recording machine logs.
         balloon: the virtio-balloon, if ``balloon=True``; virtio_console likewise.
         gdb_server: the :class:`~pykvm.gdbstub.GdbServer` serving the guest to gdb, if
             ``gdb`` names an address (``gdb_server.gdb_address`` is what gdb connects to);
@@ -85,18 +89,23 @@ class Machine:
         self._construct(dataclasses.replace(config, **options) if options else config, kvm)
 
     @classmethod
-    def restoring(cls, config: MachineConfig, kvm: Kvm | None, memory_file: int | None, log_dirty: bool) -> Machine:
+    def restoring(
+        cls, config: MachineConfig, kvm: Kvm | None, memory_file: int | None, *, log_dirty: bool = False,
+        host_inputs: HostInputs | None = None,
+    ) -> Machine:  # fmt: skip
         """A machine whose guest RAM is ``memory_file`` (copy-on-write; anonymous when None), with
-        KVM logging the guest's writes from the start if ``log_dirty``, for a saved state to be put
-        into (:func:`pykvm.snapshot.restore`); not ready to run until it has."""
+        KVM logging the guest's writes from the start if ``log_dirty`` and ``host_inputs`` answering
+        its devices, for a saved state to be put into (:func:`pykvm.snapshot.restore`); not ready to
+        run until it has."""
         machine = cls.__new__(cls)
-        machine._construct(config, kvm, memory_file, log_dirty)
+        machine._construct(config, kvm, memory_file, log_dirty, host_inputs)
         return machine
 
     @classmethod
     def restore(
         cls, path: str | Path, *, kvm: Kvm | None = None, serial: str = "none", capture_serial: bool = False,
-        allow_changed_disks: bool = False, resettable: bool = False,
+        allow_changed_disks: bool = False, resettable: bool = False, record: str | Path | None = None,
+        replay: str | Path | None = None,
     ) -> Machine:  # fmt: skip
         """A machine restored from the snapshot at ``path`` (see :meth:`snapshot`), ready to run.
 
@@ -106,14 +115,29 @@ class Machine:
         changed since the snapshot is refused unless ``allow_changed_disks``.  ``resettable``
         makes the snapshot the machine's reset point (:meth:`reset`); KVM then logs the guest's
         writes, which costs a little at restore (about 3 ms per GiB of RAM here) and at run.
+
+        ``record`` logs every host input the guest takes from then on to that file, ``replay``
+        feeds a log's inputs back instead of the host's (see :mod:`pykvm.replay`; both capture
+        the serial output).
         """
+        options: dict[str, Any] = dict(kvm=kvm, serial=serial, allow_changed_disks=allow_changed_disks)
+        if record is not None and replay is not None:
+            raise ConfigError("a machine either records its host inputs or replays them, not both")
+        if record is not None:
+            from .replay import restore_recording
+
+            return restore_recording(path, record, **options)
+        if replay is not None:
+            from .replay import restore_replaying
+
+            return restore_replaying(path, replay, **options)
         from .snapshot import restore
 
-        return restore(path, kvm=kvm, serial=serial, capture_serial=capture_serial,
-                       allow_changed_disks=allow_changed_disks, resettable=resettable)  # fmt: skip
+        return restore(path, capture_serial=capture_serial, resettable=resettable, **options)
 
     def _construct(
-        self, config: MachineConfig, kvm: Kvm | None, memory_file: int | None = None, log_dirty: bool = False
+        self, config: MachineConfig, kvm: Kvm | None, memory_file: int | None = None, log_dirty: bool = False,
+        host_inputs: HostInputs | None = None,
     ) -> None:
         self.config = config
         self.config.validate()
@@ -126,7 +150,8 @@ class Machine:
         self._serial_error_reported = False
         self.events = Events()
         try:
-            parts = build(self.config, kvm, self._request_stop, self._closing, memory_file, self.events, log_dirty)
+            parts = build(self.config, kvm, self._request_stop, self._closing, memory_backing=memory_file,
+                          log_dirty=log_dirty, events=self.events, host_inputs=host_inputs)  # fmt: skip
         except BaseException:
             self.close()
             raise
@@ -137,8 +162,10 @@ class Machine:
         self.serial, self.serial_output = parts.serial, parts.serial_output
         self.fw_cfg, self.acpi = parts.fw_cfg, parts.acpi
         self.virtio_console, self.balloon = parts.virtio_console, parts.balloon
+        self.host_inputs = parts.host_inputs
         self.dispatch = ExitDispatcher(self.pio, self.mmio)
-        self._runner = Runner(self.vcpus, self.dispatch, self.serial_output, self.stats, self.events)
+        self._runner = Runner(self.vcpus, self.dispatch, self.serial_output, self.stats, self.events,
+                              self.host_inputs.observer)  # fmt: skip
         self.gdb_server: GdbServer | None = None
         if self.config.gdb is not None:
             from .debugger import serve_gdb  # only a machine served to gdb needs it

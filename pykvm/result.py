@@ -23,6 +23,7 @@ class ExitReason(str, enum.Enum):
     UNHANDLED = "unhandled-exit"  # an exit reason pykvm does not handle
     TIMEOUT = "timeout"  # run(timeout=...) expired
     STOPPED = "stopped"  # Machine.stop(): the user or a signal ended the run
+    DIVERGED = "replay-divergence"  # a replayed run left its log (pykvm.replay): what and where is said
 
 
 # Process statuses.  Debug-exit statuses are always odd, so every other status is even.
@@ -34,6 +35,7 @@ STATUS = {
     ExitReason.TRIPLE_FAULT: 114,
     ExitReason.INTERNAL_ERROR: 116,
     ExitReason.FAIL_ENTRY: 118,
+    ExitReason.DIVERGED: 120,
     ExitReason.TIMEOUT: 124,
 }
 ERROR_STATUS = 2  # pykvm could not start the guest: bad image, options, no /dev/kvm

@@ -6,8 +6,9 @@ something ends the run: the guest (debug exit, reset, poweroff, a fault), the ti
 or :meth:`Runner.stop`.  How a stop reaches a vCPU that sits in KVM_RUN, and how a run
 is paused at exit boundaries, is :mod:`pykvm.control`'s; what each exit means is
 :mod:`pykvm.dispatch`'s.  The runner turns the stop into a :class:`~pykvm.result.RunResult`.
-A :class:`RunObserver` (a debugger) learns of each run's control before any vCPU runs,
-and of how the run ended.
+A :class:`RunObserver` (a debugger, a recorder or replayer) follows the runs: it learns of
+each run's control before any vCPU runs, may look at vCPU 0 before each of its entries into
+the guest, learns how the run stopped, and may amend the result.
 """
 
 from __future__ import annotations
@@ -16,36 +17,49 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .console import SerialOutput
 from .control import RunControl, Stop
 from .dispatch import ExitDispatcher
 from .events import Events
 from .kvm import Vcpu
-from .kvm.exits import StopRequested
+from .kvm.exits import Exit, StopRequested
 from .result import ExitReason, RunResult, RunStats, format_registers, status_of
 
 # How often the monitor thread looks for a guest whose every vCPU halted for good.
 HALT_PROBE_INTERVAL = 0.1
 
 
-class RunObserver(Protocol):
-    """Follows the runs of a machine (see :attr:`Runner.observer`)."""
+class RunObserver:
+    """Follows the runs of a machine (:attr:`Runner.observer`); each method does nothing unless
+    a subclass says otherwise, and :meth:`before_entry` costs nothing unless one does."""
 
     def run_started(self, control: RunControl) -> None:
         """A run begins; no vCPU has executed anything yet (``control.hold()`` keeps them so)."""
 
-    def run_ended(self, stop: Stop) -> None:
+    def before_entry(self, vcpu: Vcpu, control: RunControl) -> None:
+        """vCPU 0 is about to enter the guest: every exit it made has been answered (also after an
+        interrupted KVM_RUN, a pause, and at the start of a run)."""
+
+    def run_stopped(self, stop: Stop) -> None:
         """The run is over (every vCPU thread has left) because of ``stop``."""
+
+    def finish(self, result: RunResult) -> RunResult:
+        """The result the run ended with; returns the result to report."""
+        return result
 
 
 class Runner:
-    """Runs ``vcpus`` through ``dispatcher``; ``stats`` gives the machine's statistics for a result."""
+    """Runs ``vcpus`` through ``dispatcher``; ``stats`` gives the machine's statistics for a result.
+
+    :attr:`observer` (one at most) follows the runs; without one, the vCPU threads run the loop
+    of :meth:`Vcpu.run` and dispatch alone.
+    """
 
     def __init__(
         self, vcpus: Sequence[Vcpu], dispatcher: ExitDispatcher, serial_output: SerialOutput,
-        stats: Callable[[], RunStats], events: Events,
+        stats: Callable[[], RunStats], events: Events, observer: RunObserver | None = None,
     ) -> None:  # fmt: skip
         self._events = events
         self._vcpus = list(vcpus)
@@ -58,7 +72,7 @@ class Runner:
         self._pending_stop: Stop | None = None  # a stop() that came while no run was going
         self.wall_ns = 0
         self.started: float | None = None  # time.monotonic() when the first run began
-        self.observer: RunObserver | None = None
+        self.observer = observer
 
     @property
     def running(self) -> bool:
@@ -159,21 +173,24 @@ class Runner:
             self.wall_ns += time.monotonic_ns() - started
             if self.observer is not None:
                 assert control.stop is not None
-                self.observer.run_ended(control.stop)
+                self.observer.run_stopped(control.stop)
         if errors:
             self._events.emit("ended", reason="error", error=str(errors[0]))
             raise errors[0]
         assert control.stop is not None
         result = self._result(control.stop, self._serial_output.captured(capture_start))
+        if self.observer is not None:
+            result = self.observer.finish(result)
         self._events.emit("ended", reason=result.reason.value, status=result.status, exit_value=result.exit_value)
         return result
 
     def _run_vcpu(self, vcpu: Vcpu, control: RunControl) -> None:
         control.enter(vcpu)
         handle = self._dispatch.handle
+        enter = self._entry(vcpu, control)
         try:
             while True:
-                exit = vcpu.run()
+                exit = enter()
                 if isinstance(exit, StopRequested):
                     if not control.park(vcpu):
                         return
@@ -181,6 +198,18 @@ class Runner:
                 handle(vcpu, exit, control)
         finally:
             control.leave(vcpu)
+
+    def _entry(self, vcpu: Vcpu, control: RunControl) -> Callable[[], Exit]:
+        """How ``vcpu``'s thread enters the guest: :meth:`Vcpu.run`, after the observer's look for vCPU 0."""
+        observer = self.observer
+        if observer is None or vcpu is not self._vcpus[0] or type(observer).before_entry is RunObserver.before_entry:
+            return vcpu.run
+
+        def observed() -> Exit:
+            observer.before_entry(vcpu, control)
+            return vcpu.run()
+
+        return observed
 
     def _run_ap(self, vcpu: Vcpu, control: RunControl, errors: list[BaseException]) -> None:
         try:

@@ -15,6 +15,7 @@ from pykvm.errors import ConfigError, ImageError, PykvmError
 from pykvm.kvm.exits import FailEntryExit, OtherExit
 from pykvm.control import RunControl, Stop
 from pykvm.result import ExitReason, status_of
+from pykvm.runner import RunObserver
 
 pytestmark = pytest.mark.kvm
 
@@ -159,6 +160,13 @@ def test_stop_before_run_ends_the_next_run_at_once_with_the_signals_status(machi
 COUNT_AT_CPL3 = b"\x48\xff\xc0\xeb\xfb"  # inc rax; jmp back to it
 
 
+def wait_until(condition, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        time.sleep(0.01)
+
+
 def test_a_paused_run_executes_nothing_until_resumed_and_stop_still_wins(machine_factory, tmp_path) -> None:
     machine = machine_factory()
     machine.load(spin_image(tmp_path, COUNT_AT_CPL3), mode="long", user=True)
@@ -181,7 +189,7 @@ def test_a_paused_run_executes_nothing_until_resumed_and_stop_still_wins(machine
     assert not runner.is_alive() and results[0].reason is ExitReason.STOPPED
 
 
-class HoldingObserver:
+class HoldingObserver(RunObserver):
     """Holds every vCPU before the first instruction, as a debugger waiting for gdb does."""
 
     def __init__(self) -> None:
@@ -192,7 +200,7 @@ class HoldingObserver:
         control.hold()
         self.controls.append(control)
 
-    def run_ended(self, stop: Stop) -> None:
+    def run_stopped(self, stop: Stop) -> None:
         self.stops.append(stop)
 
     def handle_exit(self, vcpu, exit, control) -> bool:  # type: ignore[no-untyped-def]
@@ -208,14 +216,12 @@ def test_a_run_held_from_its_start_executes_nothing_until_resumed(machine_factor
     runner = threading.Thread(target=lambda: results.append(machine.run(timeout=120)))
     runner.start()
     try:
-        while not observer.controls:
-            time.sleep(0.01)
+        wait_until(lambda: observer.controls)
         assert observer.controls[0].wait_parked(30)
         vcpu = machine.vcpus[0]
         assert vcpu.guest_ns == 0 and vcpu.get_regs().rax == 0  # parked before its first KVM_RUN
         observer.controls[0].resume()
-        while vcpu.guest_ns == 0:  # until it has been in the guest (the halt probe brings it out now and then)
-            time.sleep(0.01)
+        wait_until(lambda: vcpu.guest_ns > 0)  # it has been in the guest (the halt probe brings it out now and then)
         assert machine.pause(timeout=30)
         assert vcpu.get_regs().rax > 0  # it ran once resumed
     finally:

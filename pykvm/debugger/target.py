@@ -68,6 +68,7 @@ from ..kvm.debug import BP_VECTOR, DB_VECTOR, DR6_SINGLE_STEP, GuestDebug
 from ..kvm.exits import GuestDebugExit, InternalErrorExit
 from ..native import lib
 from ..result import ExitReason, status_of
+from ..runner import RunObserver
 from . import registers
 from .breakpoints import DebugRegisters
 from .memory import DebugMemory
@@ -82,7 +83,7 @@ ENDED_FROM_OUTSIDE = (ExitReason.STOPPED, ExitReason.TIMEOUT)
 _WAITING_FOR_SIPI = (lib.KVM_MP_STATE_UNINITIALIZED, lib.KVM_MP_STATE_INIT_RECEIVED)
 
 
-class MachineDebugger:
+class MachineDebugger(RunObserver):
     """The debug interface of ``machine``, for :class:`~pykvm.gdbstub.GdbServer` (module doc).
 
     What it refuses follows what guest debugging this host can do
@@ -117,7 +118,7 @@ class MachineDebugger:
             if self._event is None and self._pending is None:
                 control.resume(self._actions)
 
-    def run_ended(self, stop: RunStop) -> None:
+    def run_stopped(self, stop: RunStop) -> None:
         """The guest's life is over: its breakpoints go (gdb, told so, removes none) and so does
         debugging, so that a later run of the machine starts as a new guest."""
         with self._lock:

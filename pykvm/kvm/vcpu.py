@@ -444,6 +444,26 @@ class Vcpu:
     def fast_exits(self) -> int:
         return int(self._loop.fast_exits)
 
+    @property
+    def exit_count(self) -> int:
+        """Exits KVM_RUN returned since this vCPU was created, those the C fast path answered
+        included; a KVM_RUN that a signal or ``immediate_exit`` interrupted is not one.
+
+        A single vCPU's exits follow its program order, so the count names a point of its
+        execution (what :mod:`pykvm.replay` stamps host inputs with).
+        """
+        return int(self._loop.exit_count)
+
+    def send_exits_to_python_from(self, count: int | None) -> None:
+        """From exit number ``count`` on (see :attr:`exit_count`), :meth:`run` returns every exit,
+        even one a fast handler would answer; ``None`` lets the fast path answer what it covers.
+
+        A replay uses it to see the guest at an exact exit.
+        """
+        if count is not None and not 0 < count < 1 << 64:
+            raise StateError(f"exit number {count} is not a positive 64-bit count")
+        self._loop.python_from = count or 0
+
 
 def _set_msr_index(entry: object, index: int) -> None:
     entry.index = index  # type: ignore[attr-defined]

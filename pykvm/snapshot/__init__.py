@@ -45,6 +45,7 @@ from .codec import encode
 from .format import DiskIdentity, MachineState, Manifest
 
 if TYPE_CHECKING:
+    from ..host_inputs import HostInputs
     from ..machine import Machine
 
 __all__ = ["Manifest", "MachineState", "ResetPoint", "read_info", "restore", "save", "reset"]
@@ -147,13 +148,17 @@ def restore(
     capture_serial: bool = False,
     allow_changed_disks: bool = False,
     resettable: bool = False,
+    virtio_notify: str | None = None,
+    host_inputs: HostInputs | None = None,
 ) -> Machine:
     """A machine restored from the snapshot at ``path``, ready to :meth:`~pykvm.Machine.run`.
 
-    ``serial`` and ``capture_serial`` say where this machine's serial output goes (they are
-    the host's choice, not the snapshot's).  A disk image that changed since the snapshot is
-    refused unless ``allow_changed_disks``.  ``resettable``: the snapshot becomes the
-    machine's reset point (KVM logs the guest's writes from the start).
+    ``serial`` and ``capture_serial`` say where this machine's serial output goes, and
+    ``virtio_notify`` (if given) how its queue notifications travel: they are the host's
+    choice, not the snapshot's.  A disk image that changed since the snapshot is refused
+    unless ``allow_changed_disks``.  ``resettable``: the snapshot becomes the machine's reset
+    point (KVM logs the guest's writes from the start).  ``host_inputs`` answers the devices'
+    questions to the host (see :class:`~pykvm.host_inputs.HostInputs`) from the restore on.
     """
     from ..machine import Machine
 
@@ -163,11 +168,13 @@ def restore(
     if not allow_changed_disks:
         _check_disks(manifest.disks)
     config = dataclasses.replace(manifest.config, serial=serial, capture_serial=capture_serial)
+    if virtio_notify is not None:
+        config = dataclasses.replace(config, virtio_notify=virtio_notify)
     if kvm is None:
         config = dataclasses.replace(config, kvm_path=MachineConfig().kvm_path)
     fd = format.open_memory(path, manifest)
     try:
-        machine = Machine.restoring(config, kvm, fd, log_dirty=resettable)
+        machine = Machine.restoring(config, kvm, fd, log_dirty=resettable, host_inputs=host_inputs)
     except BaseException:
         os.close(fd)
         raise

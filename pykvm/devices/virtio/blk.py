@@ -8,7 +8,9 @@ device makes no assumption about how those bytes are split into descriptors (2.6
 the header may share a descriptor with OUT data, the status byte with IN data.
 
 Host input: none (:meth:`host_fds` stays empty); every request is handled when the
-queue is notified, synchronously, under the device's lock.
+queue is notified, synchronously, under the device's lock.  ``on_read(offset, buffers)``,
+if given, sees the data of every complete read before the request is answered (a
+recorder of host inputs hashes it, :mod:`pykvm.replay`).
 
 I/O goes straight between the file and guest memory: ``os.preadv`` / ``os.pwritev``
 on views of guest RAM, looping on short transfers.  A request is answered only when
@@ -61,6 +63,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 from ...errors import ConfigError
 from ...native import fallocate, lib
@@ -166,6 +169,9 @@ def _split(regions: list[Buffer], front: int, back: int) -> tuple[list[tuple[int
     return head, middle
 
 
+ReadHook = Callable[[int, Sequence[memoryview]], None]
+
+
 class VirtioBlock(VirtioDevice):
     """A virtio-blk disk backed by the raw image at ``path`` (opened read-write unless ``read_only``)."""
 
@@ -173,10 +179,13 @@ class VirtioBlock(VirtioDevice):
     device_id = DEVICE_ID
     queue_max_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, path: str | Path, read_only: bool = False, serial: str | None = None) -> None:
+    def __init__(
+        self, path: str | Path, read_only: bool = False, serial: str | None = None, on_read: ReadHook | None = None
+    ) -> None:
         super().__init__()
         self.path = str(path)
         self.read_only = read_only
+        self._on_read = on_read
         self.fd = self._open()
         try:
             info = os.fstat(self.fd)
@@ -329,6 +338,8 @@ class VirtioBlock(VirtioDevice):
         self.stats["bytes_read"] += done
         if done < length:
             raise _Reject(VIRTIO_BLK_S_IOERR, "io_errors", written=done)
+        if self._on_read is not None:
+            self._on_read(sector * SECTOR_SIZE, views)
         return done
 
     def _write(self, sector: int, request: _Request) -> None:
