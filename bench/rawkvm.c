@@ -828,7 +828,7 @@ static int cmd_lifecycle(int argc, char **argv) {
         for (int i = 0; i < PH_COUNT; i++) phase[i][k] = (double)ph[i];
     }
     double total = (double)(now_ns() - t0);
-    print_head("lifecycle", n, 1, per, (int)n, total, 0);
+    print_head("lifecycle", n, 1, per, (int)n, total, 1);
     printf(", \"phases_median_ns\": {");
     for (int i = 0; i < PH_COUNT; i++) printf("%s\"%s\": %.0f", i ? ", " : "", PHASE_NAMES[i], stats(phase[i], (int)n).median);
     printf("}, \"irqchip\": %s, \"target\": %llu, \"guest_ram_mib\": %llu, \"guest\": ", o.irqchip ? "true" : "false",
