@@ -12,6 +12,8 @@
  *   compute    ns per iteration of an arithmetic loop run by the guest at CPL3
  *   native     ns per iteration of the same loop run on the host
  *   state      (no measurement) prints the vCPU entry state rawkvm sets, as JSON
+ *   tsc        the time-stamp counter's ticks per second (guests that time themselves with
+ *              rdtsc report ticks: the guest's TSC is the host's, see PLATFORM.md)
  *
  * The guests are the flat binaries built from guests/asm/bench_*.asm. Each starts with a
  * parameter block (offset 8: count, offset 16: target) that is patched before loading.
@@ -507,6 +509,8 @@ static const char *USAGE =
     "             Default N=100000000.\n"
     "  native     [--count N]\n"
     "             the same loop (same instructions) on the host; ns per iteration. Default N=100000000.\n"
+    "  tsc        [--count MS]\n"
+    "             TSC ticks per second, measured against CLOCK_MONOTONIC_RAW over MS ms (default 200).\n"
     "  state      [--cpl 0|3]\n"
     "             print the vCPU entry state (regs, sregs) rawkvm sets, as JSON; no guest is run.\n"
     "\n"
@@ -1099,6 +1103,36 @@ static int cmd_native(int argc, char **argv) {
 }
 
 /* ------------------------------------------------------------------------------------------
+ * tsc: TSC ticks per second, against CLOCK_MONOTONIC_RAW over --count milliseconds.
+ * ------------------------------------------------------------------------------------------ */
+static uint64_t rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static uint64_t raw_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC_RAW, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+static int cmd_tsc(int argc, char **argv) {
+    g_bench = "tsc";
+    opts_t o = parse_opts(argc, argv);
+    uint64_t ms = o.has_count ? o.count : 200;
+    if (ms < 10 || ms > 10000) usage_error("--count (milliseconds) must be 10..10000");
+    uint64_t t0 = raw_ns(), c0 = rdtsc(), t1, c1;
+    do {
+        t1 = raw_ns();
+        c1 = rdtsc();
+    } while (t1 - t0 < ms * 1000000ull);
+    printf("{\"bench\": \"tsc\", \"ok\": true, \"hz\": %.0f, \"over_ns\": %llu}\n",
+           (double)(c1 - c0) * 1e9 / (double)(t1 - t0), (unsigned long long)(t1 - t0));
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------
  * state: the entry state, as KVM reports it back after rawkvm's setup.
  * ------------------------------------------------------------------------------------------ */
 static void print_seg(const char *name, const struct kvm_segment *s) {
@@ -1154,6 +1188,7 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "ioeventfd")) return cmd_ioeventfd(argc, argv);
     if (!strcmp(c, "lifecycle")) return cmd_lifecycle(argc, argv);
     if (!strcmp(c, "boot")) return cmd_boot(argc, argv);
+    if (!strcmp(c, "tsc")) return cmd_tsc(argc, argv);
     if (!strcmp(c, "compute")) return cmd_compute(argc, argv);
     if (!strcmp(c, "native")) return cmd_native(argc, argv);
     if (!strcmp(c, "state")) return cmd_state(argc, argv);

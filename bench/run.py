@@ -116,6 +116,8 @@ def fmt_value(value: float | None, unit: str) -> str:
         if abs(value) >= MIB:
             return f"{value / MIB:.1f} MiB"
         return f"{value / 1024:.1f} KiB"
+    if unit in ("MiB/s", "req/s"):
+        return f"{value:,.0f} {unit}"
     return f"{value:g} {unit}"
 
 
@@ -669,30 +671,22 @@ def bench_balloon(s: Settings, results: dict) -> list[Row]:
     ]
 
 
-# --- rows 9 and 10: virtio (bench/bench_virtio.py) -----------------------------------------------------
-def bench_virtio_blk(s: Settings, tmp: str, results: dict) -> list[Row]:
-    """Row 9: virtio-blk throughput (guests/asm/bench_blk.asm, sequential 64 KiB requests) against the
-    host reading and writing the same image file directly."""
+# --- rows 9 and 10: virtio-blk (bench/bench_virtio.py) ---------------------------------------------------
+def bench_virtio_blk(s: Settings, tmp: str, results: dict, install_qemu: bool) -> list[Row]:
+    """Rows 9 and 10: the CPL3 virtio-blk guest under pykvm and QEMU microvm, and the host's preadv."""
     import bench_virtio as bv
 
     try:
-        data = bv.measure_throughput(s is QUICK, tmp, progress)
-    except bv.Unavailable as err:
-        raise Skipped(str(err)) from err
-    results["virtio_blk_throughput"] = data
-    return [Row(**row) for row in bv.throughput_rows(data)]
-
-
-def bench_virtio_notify(s: Settings, tmp: str, results: dict) -> list[Row]:
-    """Row 10: 512-byte virtio-blk requests, notified through ioeventfd against synchronous MMIO exits."""
-    import bench_virtio as bv
-
+        qemu: str | None = ensure_qemu(install_qemu)
+    except Skipped as err:
+        progress(f"rows 9, 10 without QEMU: {err}")
+        qemu = None
     try:
-        data = bv.measure_notify(s is QUICK, tmp, progress)
+        data = bv.measure(s is QUICK, tmp, qemu, progress)
     except bv.Unavailable as err:
         raise Skipped(str(err)) from err
-    results["virtio_notify"] = data
-    return [Row(**row) for row in bv.notify_rows(data)]
+    results["virtio_blk"] = data
+    return [Row(**row) for row in bv.rows(data)]
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -758,8 +752,9 @@ def main(argv: list[str] | None = None) -> int:
         attempt(6, "memory overhead", lambda: bench_memory(s, results))
         attempt(7, "guest compute at CPL3", lambda: bench_compute(s, tmp, results))
         attempt(8, "memory balloon", lambda: bench_balloon(s, results))
-        attempt(9, "virtio-blk throughput", lambda: bench_virtio_blk(s, tmp, results))
-        attempt(10, "virtio notifications: ioeventfd vs sync", lambda: bench_virtio_notify(s, tmp, results))
+        if 10 in args.row_set:  # rows 9 and 10 come from one measurement
+            args.row_set.add(9)
+        attempt(9, "virtio-blk: pykvm, QEMU microvm, host", lambda: bench_virtio_blk(s, tmp, results, args.install_qemu))
 
     elapsed = time.monotonic() - started
     print()
