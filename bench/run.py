@@ -49,6 +49,7 @@ import qemu_run  # noqa: E402
 
 MIB = 1 << 20
 KERNEL = ROOT / "guests" / "build" / "multiboot_kludge.bin"
+ROWS = tuple(range(1, 12))
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def fmt_value(value: float | None, unit: str) -> str:
         if abs(value) >= MIB:
             return f"{value / MIB:.1f} MiB"
         return f"{value / 1024:.1f} KiB"
-    if unit in ("MiB/s", "req/s"):
+    if unit in ("MiB/s", "req/s", "guests"):
         return f"{value:,.0f} {unit}"
     return f"{value:g} {unit}"
 
@@ -689,22 +690,40 @@ def bench_virtio_blk(s: Settings, tmp: str, results: dict, install_qemu: bool) -
     return [Row(**row) for row in bv.rows(data)]
 
 
+# --- row 11: consolidation (bench/bench_density.py) ---------------------------------------------------------
+def bench_density(s: Settings, results: dict, install_qemu: bool) -> list[Row]:
+    """Row 11: idle 64 MiB guests in one pykvm process against QEMU microvm processes: memory per guest."""
+    import bench_density as bd
+
+    try:
+        qemu: str | None = ensure_qemu(install_qemu)
+    except Skipped as err:
+        progress(f"row 11 without QEMU: {err}")
+        qemu = None
+    try:
+        data = bd.measure(s is QUICK, qemu, progress)
+    except bd.DensityError as err:
+        raise WrongResult(str(err)) from err
+    results["density"] = data
+    return [Row(**row) for row in bd.rows(data)]
+
+
 # --- main ----------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="pykvm benchmarks against a raw-C KVM floor and QEMU microvm.")
     p.add_argument("--quick", action="store_true", help="smaller N and fewer repeats: a smoke run")
     p.add_argument("--json", metavar="PATH", type=Path, default=DEFAULT_JSON,
                    help=f"where to write the figures (default {DEFAULT_JSON.relative_to(ROOT)})")
-    p.add_argument("--rows", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated rows to run (default all)")
+    p.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated rows to run (default all)")
     p.add_argument("--install-qemu", action="store_true",
                    help="if QEMU is missing and this runs as root, apt-get install qemu-system-x86")
     args = p.parse_args(argv)
     try:
         args.row_set = {int(x) for x in args.rows.split(",") if x.strip()}
     except ValueError:
-        p.error("--rows takes numbers 1-10, e.g. --rows 1,2")
-    if not args.row_set <= set(range(1, 11)):
-        p.error("--rows takes numbers 1-10")
+        p.error(f"--rows takes numbers {ROWS[0]}-{ROWS[-1]}, e.g. --rows 1,2")
+    if not args.row_set <= set(ROWS):
+        p.error(f"--rows takes numbers {ROWS[0]}-{ROWS[-1]}")
     return args
 
 
@@ -755,6 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         if 10 in args.row_set:  # rows 9 and 10 come from one measurement
             args.row_set.add(9)
         attempt(9, "virtio-blk: pykvm, QEMU microvm, host", lambda: bench_virtio_blk(s, tmp, results, args.install_qemu))
+        attempt(11, "consolidation: idle guests per pykvm process", lambda: bench_density(s, results, args.install_qemu))
 
     elapsed = time.monotonic() - started
     print()
