@@ -12,8 +12,9 @@ machine is noisy, so each series is warmed up once, pykvm and its baseline are r
 alternately in rounds, and medians are reported.
 
 stdout: the host, then one table (figure, baseline, ratio, target, met).  The same figures,
-with every sample, go to bench/results/latest.json (or --json PATH).  Progress goes to
-stderr.
+with every sample, go to bench/results/latest.json (or --json PATH), and beside it the table in
+markdown (table.md) and a chart of every row against its target (targets.svg, bench/report.py).
+Progress goes to stderr.
 
 Exit status: 0 if every benchmark produced a correct result (missed targets are only
 reported in the table); 1 if any benchmark computed a wrong result or failed; 2 bad usage.
@@ -799,6 +800,11 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     progress(f"wrote {args.json}")
+    import report as pictures
+
+    written = pictures.write(report, fmt_value, args.json.parent)
+    progress(f"wrote {', '.join(str(p) for p in written)}"
+             + ("" if len(written) > 1 else " (no chart: matplotlib is missing; pip install -r bench/requirements.txt)"))
     for failure in failures:
         print(f"bench: FAILED: {failure}", file=sys.stderr)
     return 1 if failures else 0
