@@ -55,3 +55,12 @@ def test_the_run_command_does_not_import_what_only_info_and_ctl_use(tmp_path: Pa
     image.write_bytes(aout_kernel())
     modules = imported_for(image)
     assert not modules & {"json", "pykvm.info", "pykvm.control_socket", "psutil"}
+
+
+def test_the_console_script_starts_as_python_m_pykvm_does() -> None:
+    from importlib.metadata import entry_points
+
+    import pykvm.__main__
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "pykvm"]
+    assert script.load() is pykvm.__main__.main
