@@ -363,7 +363,7 @@ def bench_ioeventfd(s: Settings, tmp: str, results: dict, sync_fast_ns: float | 
                                 "summary": stats, "rawkvm": raw_lines}
     fig, raw = stats["pykvm"]["median"], stats["raw"]["median"]
     rows = [Row("3a", f"PIO ioeventfd write (port {pb.POST_PORT:#x}), CPL0", fig, raw, "raw C ioeventfd", "ns",
-                fig / raw, "pykvm/raw", note="3a, 3b: the issue sets no target; shown for comparison")]
+                fig / raw, "pykvm/raw", note="3a, 3b: no target; shown for comparison")]
     if sync_fast_ns is not None:
         rows.append(Row("3b", "PIO ioeventfd vs synchronous exit (1b)", fig, sync_fast_ns, "pykvm C fast path", "ns",
                         fig / sync_fast_ns, "ioeventfd/sync"))
