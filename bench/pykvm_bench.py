@@ -39,7 +39,7 @@ class WrongResult(Exception):
     """A benchmark computed or observed something other than what it must: its figure is void."""
 
 
-# --- guests and checks--------------------------------------------------------------------------
+# --- guests and checks -------------------------------------------------------------------------
 RUN_TIMEOUT = 120.0  # seconds; generous: the longest run (10^9 compute iterations) takes ~1.5 s
 
 
