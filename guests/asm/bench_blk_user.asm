@@ -60,19 +60,8 @@
 bits 32
 org 0x100000
 
-MB_HEADER_MAGIC equ 0x1badb002
-MB_FLAGS        equ 1 << 16             ; the a.out kludge: the address fields below say where the file goes
-
-image_start:
-mb_header:
-        dd MB_HEADER_MAGIC
-        dd MB_FLAGS
-        dd -(MB_HEADER_MAGIC + MB_FLAGS)
-        dd mb_header                    ; header_addr
-        dd image_start                  ; load_addr: the file from its first byte
-        dd load_end                     ; load_end_addr
-        dd bss_end                      ; bss_end_addr (the loader zeroes the bss)
-        dd start32                      ; entry_addr
+%include "lib/multiboot_aout.inc"
+        MULTIBOOT_AOUT_HEADER start32
 
 p_count:        dq 1024                 ; 32
 p_size:         dq 65536                ; 40

@@ -14,9 +14,7 @@
 bits 32
 org 0x100000
 
-MB_HEADER_MAGIC equ 0x1badb002
-MB_FLAGS        equ 1 << 16             ; the a.out kludge
-
+%include "lib/multiboot_aout.inc"
 %include "lib/serial.inc"
 
 TOUCH_BASE      equ 4 << 20
@@ -30,16 +28,7 @@ PIC2_CMD        equ 0xa0
 PIC_EOI         equ 0x20
 LAPIC_EOI       equ 0xfee000b0
 
-image_start:
-mb_header:
-        dd MB_HEADER_MAGIC
-        dd MB_FLAGS
-        dd -(MB_HEADER_MAGIC + MB_FLAGS)
-        dd mb_header                    ; header_addr
-        dd image_start                  ; load_addr
-        dd load_end                     ; load_end_addr
-        dd bss_end                      ; bss_end_addr
-        dd start                        ; entry_addr
+        MULTIBOOT_AOUT_HEADER start
 
 p_touch:        dd 0                    ; 32
 
