@@ -50,11 +50,11 @@ def test_an_elf_multiboot_kernel_loads_the_elf_parser(tmp_path: Path) -> None:
     assert {"pykvm.boot.multiboot", "pykvm.boot.elf"} <= modules
 
 
-def test_the_run_command_does_not_import_what_only_info_and_ctl_use(tmp_path: Path) -> None:
+def test_the_run_command_does_not_import_what_only_other_commands_and_snapshots_use(tmp_path: Path) -> None:
     image = tmp_path / "kernel.bin"
     image.write_bytes(aout_kernel())
     modules = imported_for(image)
-    assert not modules & {"json", "pykvm.info", "pykvm.control_socket", "psutil"}
+    assert not modules & {"json", "hashlib", "psutil", "pykvm.info", "pykvm.control_socket", "pykvm.snapshot"}
 
 
 def test_the_console_script_starts_as_python_m_pykvm_does() -> None:
