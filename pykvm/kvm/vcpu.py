@@ -5,13 +5,12 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ..errors import StateError
 from ..native import check, ffi, lib
 from . import ioctls
 from .convert import check_present, check_size, fill_struct, new_struct, to_record
-from .debug import GuestDebug
 from .exits import (
     DebugPortExit,
     Exit,
@@ -30,6 +29,9 @@ from .exits import (
 from .fam import CPUID2, MSRS
 from .fastpath import FastTable
 from .state import CpuidEntry, Regs, SRegs, Translation, VcpuState
+
+if TYPE_CHECKING:  # the debug records are the caller's: running a guest does not import them
+    from .debug import GuestDebug
 
 
 _EXIT_IO, _EXIT_MMIO, _IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_IO_OUT
