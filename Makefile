@@ -37,6 +37,7 @@ test: install guests
 
 bench: install guests
 	scripts/install-deps bench
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	$(MAKE) -C bench
 	$(PYTHON) bench/run.py
 

@@ -39,7 +39,7 @@ class WrongResult(Exception):
     """A benchmark computed or observed something other than what it must: its figure is void."""
 
 
-# --- helpers ---------------------------------------------------------------------------------
+# --- guests and checks -------------------------------------------------------------------------
 RUN_TIMEOUT = 120.0  # seconds; generous: the longest run (10^9 compute iterations) takes ~1.5 s
 
 
@@ -114,7 +114,7 @@ class ExitBench:
             self.image = patched_guest("bench_pio.bin", count, self.target, tmpdir)
             if handler == "fast":
                 # Port 0x80 already has a CONSTANT fast handler and a ConstantPort on machine.pio.
-                self.fast = next(h for h in m.fast.handlers if h.space is Space.PIO and h.base == POST_PORT)
+                self.fast = next(h for h in m.devices.fast.handlers if h.space is Space.PIO and h.base == POST_PORT)
             else:
                 self.device = CountingDevice()
                 m.pio.register(self.target, 1, self.device)
@@ -124,7 +124,7 @@ class ExitBench:
             self.device = CountingDevice()
             m.mmio.register(self.target, 4, self.device)  # for completeness: the fast path answers first
             if handler == "fast":
-                self.fast = m.fast.add(FastKind.CONSTANT, Space.MMIO, self.target, 4)
+                self.fast = m.devices.fast.add(FastKind.CONSTANT, Space.MMIO, self.target, 4)
 
     @property
     def label(self) -> str:

@@ -4,10 +4,16 @@
  * measuring:
  *   exits      ns per PIO or MMIO exit round trip (KVM_RUN -> exit -> KVM_RUN)
  *   ioeventfd  ns per guest write absorbed by a KVM ioeventfd (no userspace exit)
- *   lifecycle  ns to create a VM + memory + vCPU, set it up, run to the first exit, destroy it
+ *   lifecycle  ns to create a VM + memory (+ irqchip and PIT) + vCPU, set it up, run to the first
+ *              exit, destroy it
+ *   boot       one process: boot a multiboot kernel (an a.out-kludge flat image, such as
+ *              guests/build/multiboot_kludge.bin) on pykvm's default machine, run it to its
+ *              debug exit, exit with pykvm's status; the floor of `pykvm run` as a process
  *   compute    ns per iteration of an arithmetic loop run by the guest at CPL3
  *   native     ns per iteration of the same loop run on the host
  *   state      (no measurement) prints the vCPU entry state rawkvm sets, as JSON
+ *   tsc        the time-stamp counter's ticks per second (guests that time themselves with
+ *              rdtsc report ticks: the guest's TSC is the host's, see PLATFORM.md)
  *
  * The guests are the flat binaries built from guests/asm/bench_*.asm. Each starts with a
  * parameter block (offset 8: count, offset 16: target) that is patched before loading.
@@ -262,6 +268,41 @@ static void vm_add_memory(vm_t *v) {
     IOCTL(v->vm_fd, KVM_SET_USER_MEMORY_REGION, &r);
 }
 
+/* The in-kernel PIC, IOAPIC and PIT of pykvm's default machine, wired as pykvm wires them
+ * (pykvm/x86/interrupts.py, QEMU's PC routing): ISA IRQs to both 8259s and the IOAPIC, the
+ * PIT (IRQ 0) on IOAPIC pin 2, GSIs 16-23 to the IOAPIC.  After the memory slot: a slot
+ * registered after KVM_CREATE_IRQCHIP waits for an SRCU grace period. */
+#define ISA_IRQS     16
+#define IOAPIC_PINS  24
+#define PIC_CASCADE  2
+#define PIT_IOAPIC_PIN 2
+static void vm_add_irqchip(vm_t *v) {
+    IOCTL(v->vm_fd, KVM_CREATE_IRQCHIP, 0);
+    size_t max = ISA_IRQS + IOAPIC_PINS;
+    struct kvm_irq_routing *r = calloc(1, sizeof *r + max * sizeof(struct kvm_irq_routing_entry));
+    if (!r) die("out of memory");
+    for (unsigned irq = 0; irq < ISA_IRQS; irq++) {
+        if (irq == PIC_CASCADE) continue;
+        struct kvm_irq_routing_entry *e = &r->entries[r->nr++];
+        e->gsi = irq;
+        e->type = KVM_IRQ_ROUTING_IRQCHIP;
+        e->u.irqchip.irqchip = irq < 8 ? KVM_IRQCHIP_PIC_MASTER : KVM_IRQCHIP_PIC_SLAVE;
+        e->u.irqchip.pin = irq % 8;
+    }
+    for (unsigned gsi = 0; gsi < IOAPIC_PINS; gsi++) {
+        if (gsi == PIC_CASCADE) continue;
+        struct kvm_irq_routing_entry *e = &r->entries[r->nr++];
+        e->gsi = gsi;
+        e->type = KVM_IRQ_ROUTING_IRQCHIP;
+        e->u.irqchip.irqchip = KVM_IRQCHIP_IOAPIC;
+        e->u.irqchip.pin = gsi == 0 ? PIT_IOAPIC_PIN : gsi;
+    }
+    IOCTL(v->vm_fd, KVM_SET_GSI_ROUTING, r);
+    free(r);
+    struct kvm_pit_config pit = { .flags = KVM_PIT_SPEAKER_DUMMY };
+    IOCTL(v->vm_fd, KVM_CREATE_PIT2, &pit);
+}
+
 static void vm_create_vcpu(vm_t *v) {
     v->vcpu_fd = (int)IOCTL(v->vm_fd, KVM_CREATE_VCPU, 0);
     v->run = mmap(NULL, g_run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v->vcpu_fd, 0);
@@ -434,7 +475,8 @@ static void print_head(const char *unit, uint64_t count, int repeat, const doubl
 typedef struct {
     const char *guest, *kind;
     uint64_t count, target;
-    int has_count, has_target, repeat, cpl;
+    const char *serial;
+    int has_count, has_target, repeat, cpl, irqchip, has_irqchip;
 } opts_t;
 
 static const char *USAGE =
@@ -451,15 +493,24 @@ static const char *USAGE =
     "  ioeventfd  --guest PATH [--kind pio|mmio] [--count N] [--target X] [--cpl 0|3]\n"
     "             the same guest with the target registered as an ioeventfd (no userspace exit);\n"
     "             ns per notification; checks the eventfd counter equals N. Default N=20000.\n"
-    "  lifecycle  --guest PATH [--count N] [--target X]\n"
-    "             N x (KVM_CREATE_VM, mmap + memory slot, vCPU + kvm_run, CPUID/sregs/regs,\n"
+    "  lifecycle  --guest PATH [--count N] [--target X] [--irqchip 0|1]\n"
+    "             N x (KVM_CREATE_VM, mmap + memory slot, [irqchip], vCPU + kvm_run, CPUID/sregs/regs,\n"
     "             load guest, KVM_RUN to the first PIO exit, close all); median ns per lifecycle\n"
     "             over the N lifecycles, and per phase. Use bench_pio.bin. Default N=200.\n"
+    "             --irqchip 1: after the slot, KVM_CREATE_IRQCHIP, pykvm's GSI routing and\n"
+    "             KVM_CREATE_PIT2, as pykvm's default machine.\n"
+    "  boot       --guest KERNEL [--irqchip 0|1] [--serial none|stdio]\n"
+    "             boot a multiboot a.out-kludge image (multiboot_kludge.bin) in 32-bit protected\n"
+    "             mode on pykvm's default machine (--irqchip 1, the default), with a COM1 that\n"
+    "             transmits at once, to its debug exit; exits with (value << 1) | 1, as pykvm.\n"
+    "             Prints its JSON line on stderr (stdout is the serial port with --serial stdio).\n"
     "  compute    --guest PATH [--count N] [--cpl 3|0]\n"
     "             bench_compute at CPL3 for N iterations; ns per iteration and result byte.\n"
     "             Default N=100000000.\n"
     "  native     [--count N]\n"
     "             the same loop (same instructions) on the host; ns per iteration. Default N=100000000.\n"
+    "  tsc        [--count MS]\n"
+    "             TSC ticks per second, measured against CLOCK_MONOTONIC_RAW over MS ms (default 200).\n"
     "  state      [--cpl 0|3]\n"
     "             print the vCPU entry state (regs, sregs) rawkvm sets, as JSON; no guest is run.\n"
     "\n"
@@ -508,6 +559,13 @@ static opts_t parse_opts(int argc, char **argv) {
             uint64_t c = parse_u64(a, val);
             if (c != 0 && c != 3) usage_error("--cpl must be 0 or 3");
             o.cpl = (int)c;
+        } else if (!strcmp(a, "--irqchip")) {
+            uint64_t c = parse_u64(a, val);
+            if (c > 1) usage_error("--irqchip must be 0 or 1");
+            o.irqchip = (int)c;
+            o.has_irqchip = 1;
+        } else if (!strcmp(a, "--serial")) {
+            o.serial = val;
         } else if (!strcmp(a, "--timeout")) {
             uint64_t t = parse_u64(a, val);
             if (t < 1 || t > 86400) usage_error("--timeout must be 1..86400 seconds");
@@ -722,12 +780,12 @@ static int cmd_ioeventfd(int argc, char **argv) {
 /* ------------------------------------------------------------------------------------------
  * lifecycle: create -> first exit -> destroy, timed per phase.
  * ------------------------------------------------------------------------------------------ */
-enum { PH_CREATE_VM, PH_MEMORY, PH_VCPU, PH_SETUP, PH_FIRST_RUN, PH_TEARDOWN, PH_COUNT };
+enum { PH_CREATE_VM, PH_MEMORY, PH_IRQCHIP, PH_VCPU, PH_SETUP, PH_FIRST_RUN, PH_TEARDOWN, PH_COUNT };
 static const char *const PHASE_NAMES[PH_COUNT] = {
-    "create_vm", "memory", "create_vcpu", "setup", "first_run", "teardown",
+    "create_vm", "memory", "irqchip", "create_vcpu", "setup", "first_run", "teardown",
 };
 
-static uint64_t one_lifecycle(const image_t *img, uint64_t port, uint64_t ph[PH_COUNT]) {
+static uint64_t one_lifecycle(const image_t *img, uint64_t port, int irqchip, uint64_t ph[PH_COUNT]) {
     vm_t v;
     uint64_t t[PH_COUNT + 1];
     t[0] = now_ns();
@@ -735,23 +793,25 @@ static uint64_t one_lifecycle(const image_t *img, uint64_t port, uint64_t ph[PH_
     t[1] = now_ns();
     vm_add_memory(&v);                              /* mmap 64 MiB + KVM_SET_USER_MEMORY_REGION */
     t[2] = now_ns();
-    vm_create_vcpu(&v);                             /* KVM_CREATE_VCPU + mmap kvm_run */
+    if (irqchip) vm_add_irqchip(&v);                /* KVM_CREATE_IRQCHIP, GSI routing, KVM_CREATE_PIT2 */
     t[3] = now_ns();
+    vm_create_vcpu(&v);                             /* KVM_CREATE_VCPU + mmap kvm_run */
+    t[4] = now_ns();
     vcpu_setup(&v, 0);                              /* SET_CPUID2, GET_SREGS, SET_SREGS */
     vcpu_set_entry_regs(&v, 0);                     /* SET_REGS */
     load_guest(&v, img);                            /* GDT/TSS/page tables + guest bytes */
-    t[4] = now_ns();
+    t[5] = now_ns();
     watchdog_arm(v.run);
     unsigned reason = kvm_run(v.vcpu_fd, v.run);    /* KVM_RUN to the first exit */
-    t[5] = now_ns();
+    t[6] = now_ns();
     watchdog_disarm();
     if (!(reason == KVM_EXIT_IO && v.run->io.port == port && v.run->io.direction == KVM_EXIT_IO_OUT &&
           v.run->io.size == 1))
         unexpected_exit(v.run, reason, "(expected the guest's first OUT to the bench port)");
     vm_destroy(&v);                                 /* munmap kvm_run, close vCPU, VM; munmap RAM */
-    t[6] = now_ns();
+    t[7] = now_ns();
     for (int i = 0; i < PH_COUNT; i++) ph[i] = t[i + 1] - t[i];
-    return t[6] - t[0];
+    return t[7] - t[0];
 }
 
 static int cmd_lifecycle(int argc, char **argv) {
@@ -765,20 +825,178 @@ static int cmd_lifecycle(int argc, char **argv) {
     uint64_t ph[PH_COUNT];
     double *per = calloc(n, sizeof *per), *phase[PH_COUNT];
     for (int i = 0; i < PH_COUNT; i++) phase[i] = calloc(n, sizeof(double));
-    one_lifecycle(&img, port, ph);                                    /* warm-up */
+    one_lifecycle(&img, port, o.irqchip, ph);                         /* warm-up */
     uint64_t t0 = now_ns();
     for (uint64_t k = 0; k < n; k++) {
-        per[k] = (double)one_lifecycle(&img, port, ph);
+        per[k] = (double)one_lifecycle(&img, port, o.irqchip, ph);
         for (int i = 0; i < PH_COUNT; i++) phase[i][k] = (double)ph[i];
     }
     double total = (double)(now_ns() - t0);
-    print_head("lifecycle", n, 1, per, (int)n, total, 0);
+    print_head("lifecycle", n, 1, per, (int)n, total, 1);
     printf(", \"phases_median_ns\": {");
     for (int i = 0; i < PH_COUNT; i++) printf("%s\"%s\": %.0f", i ? ", " : "", PHASE_NAMES[i], stats(phase[i], (int)n).median);
-    printf("}, \"target\": %llu, \"guest_ram_mib\": %llu, \"guest\": ", (unsigned long long)port, GUEST_RAM_SIZE >> 20);
+    printf("}, \"irqchip\": %s, \"target\": %llu, \"guest_ram_mib\": %llu, \"guest\": ", o.irqchip ? "true" : "false",
+           (unsigned long long)port, GUEST_RAM_SIZE >> 20);
     json_string(stdout, path);
     printf("}\n");
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * boot: a multiboot kernel on pykvm's default machine, start to exit as one process.  The
+ * multiboot information says what pykvm's loader says (command line "", memory, the same
+ * four-entry memory map, no modules, a loader name); COM1 transmits every byte at once
+ * (LSR = THRE | TEMT), so the guest's polling loop reads LSR once per byte, as under pykvm.
+ * ------------------------------------------------------------------------------------------ */
+#define MB_HEADER_MAGIC  0x1badb002u
+#define MB_BOOT_MAGIC    0x2badb002u
+#define MB_AOUT_KLUDGE   (1u << 16)
+#define MB_SEARCH_BYTES  8192
+#define MBI_ADDR         0x9000ull      /* the information structure; mmap, loader name, cmdline after it */
+#define MBI_MMAP_ADDR    0x9100ull
+#define MBI_LOADER_ADDR  0x9200ull
+#define MBI_CMDLINE_ADDR 0x9280ull
+#define MBI_FLAGS        ((1u << 0) | (1u << 2) | (1u << 3) | (1u << 6) | (1u << 9))  /* mem, cmdline, mods, mmap, loader */
+#define COM1_BASE        0x3f8
+#define COM1_LSR         (COM1_BASE + 5)
+#define COM1_IIR         (COM1_BASE + 2)
+#define LSR_IDLE         0x60           /* THRE | TEMT */
+#define IIR_NONE         0x01
+
+static uint32_t rd32(const uint8_t *p) { uint32_t x; memcpy(&x, p, 4); return x; }
+static void wr32(uint8_t *p, uint32_t x) { memcpy(p, &x, 4); }
+static void wr64(uint8_t *p, uint64_t x) { memcpy(p, &x, 8); }
+
+/* Copy an a.out-kludge image where its header says; the entry point. */
+static uint32_t load_multiboot(vm_t *v, const uint8_t *img, size_t len, const char *path) {
+    for (size_t off = 0; off + 32 <= len && off < MB_SEARCH_BYTES; off += 4) {
+        const uint8_t *h = img + off;
+        uint32_t magic = rd32(h), flags = rd32(h + 4);
+        if (magic != MB_HEADER_MAGIC || (uint32_t)(magic + flags + rd32(h + 8)) != 0) continue;
+        if (!(flags & MB_AOUT_KLUDGE)) die("%s: not an a.out-kludge multiboot image (flags 0x%x)", path, flags);
+        uint32_t header_addr = rd32(h + 12), load_addr = rd32(h + 16), load_end = rd32(h + 20);
+        uint32_t bss_end = rd32(h + 24), entry = rd32(h + 28);
+        if (header_addr < load_addr || header_addr - load_addr > off) die("%s: header_addr below load_addr", path);
+        size_t start = off - (header_addr - load_addr);
+        uint64_t size = load_end ? (uint64_t)load_end - load_addr : len - start;
+        uint64_t end = bss_end > load_addr + size ? bss_end : load_addr + size;
+        if (load_addr < GUEST_LOAD_ADDR || size > len - start || end > GUEST_RAM_SIZE || entry < load_addr || entry >= end)
+            die("%s: the a.out-kludge addresses do not fit 1 MiB..%llu MiB", path, GUEST_RAM_SIZE >> 20);
+        memcpy(v->mem + load_addr, img + start, size);      /* the bss is fresh, zeroed memory */
+        return entry;
+    }
+    die("%s: no multiboot header in the first %d bytes", path, MB_SEARCH_BYTES);
+}
+
+static void write_multiboot_info(uint8_t *mem) {
+    static const uint64_t map[][3] = {  /* base, length, type: pykvm's e820 map for 64 MiB */
+        { 0, 0x9fc00, 1 }, { 0x9fc00, 0x400, 2 }, { 0xe0000, 0x20000, 2 }, { 0x100000, GUEST_RAM_SIZE - 0x100000, 1 },
+    };
+    uint8_t *mbi = mem + MBI_ADDR;
+    memset(mbi, 0, 0x300);
+    wr32(mbi + 0, MBI_FLAGS);
+    wr32(mbi + 4, 0x9fc00 / 1024);                          /* mem_lower, KiB */
+    wr32(mbi + 8, (uint32_t)((GUEST_RAM_SIZE - 0x100000) / 1024));
+    wr32(mbi + 16, MBI_CMDLINE_ADDR);                       /* "" */
+    wr32(mbi + 44, (uint32_t)(sizeof map / sizeof map[0] * 24));
+    wr32(mbi + 48, MBI_MMAP_ADDR);
+    wr32(mbi + 64, MBI_LOADER_ADDR);
+    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++) {
+        uint8_t *e = mem + MBI_MMAP_ADDR + i * 24;
+        wr32(e, 20);
+        wr64(e + 4, map[i][0]);
+        wr64(e + 12, map[i][1]);
+        wr32(e + 20, (uint32_t)map[i][2]);
+    }
+    memcpy(mem + MBI_LOADER_ADDR, "rawkvm", 7);
+}
+
+static void vcpu_enter_protected(vm_t *v, uint32_t entry) {
+    IOCTL(v->vcpu_fd, KVM_SET_CPUID2, g_cpuid);
+    struct kvm_sregs s;
+    IOCTL(v->vcpu_fd, KVM_GET_SREGS, &s);
+    s.cs = seg(SEL_CODE32, 11, 0, 0, 1);
+    s.ds = s.es = s.fs = s.gs = s.ss = seg(SEL_DATA, 3, 0, 0, 1);
+    s.tr = (struct kvm_segment){ .base = TSS_ADDR, .limit = TSS_LIMIT, .selector = SEL_TSS, .type = 11,
+                                 .present = 1 };
+    s.gdt.base = GDT_ADDR;
+    s.gdt.limit = GDT_LIMIT;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    s.cr0 = CR0_PE | CR0_ET;
+    s.cr3 = s.cr4 = s.efer = 0;
+    IOCTL(v->vcpu_fd, KVM_SET_SREGS, &s);
+    struct kvm_regs r;
+    memset(&r, 0, sizeof r);
+    r.rip = entry;
+    r.rsp = STACK_TOP;
+    r.rflags = RFLAGS_FIXED;
+    r.rax = MB_BOOT_MAGIC;
+    r.rbx = MBI_ADDR;
+    IOCTL(v->vcpu_fd, KVM_SET_REGS, &r);
+}
+
+static int cmd_boot(int argc, char **argv) {
+    g_bench = "boot";
+    opts_t o = parse_opts(argc, argv);
+    if (!o.guest) usage_error("boot needs --guest KERNEL");
+    int to_stdout = 0;
+    if (o.serial && !strcmp(o.serial, "stdio")) to_stdout = 1;
+    else if (o.serial && strcmp(o.serial, "none")) usage_error("--serial must be none or stdio");
+    int irqchip = o.has_irqchip ? o.irqchip : 1;
+    FILE *f = fopen(o.guest, "rb");
+    if (!f) die("cannot open %s: %s", o.guest, strerror(errno));
+    static uint8_t img[GUEST_RAM_SIZE - GUEST_LOAD_ADDR];
+    size_t len = fread(img, 1, sizeof img, f);
+    fclose(f);
+
+    kvm_open();
+    vm_t v;
+    vm_create(&v);
+    vm_add_memory(&v);
+    if (irqchip) vm_add_irqchip(&v);
+    vm_create_vcpu(&v);
+    write_boot_tables(v.mem);
+    uint32_t entry = load_multiboot(&v, img, len, o.guest);
+    write_multiboot_info(v.mem);
+    vcpu_enter_protected(&v, entry);
+
+    struct kvm_run *run = v.run;
+    uint64_t exits = 0, serial_bytes = 0;
+    int status = -1;
+    watchdog_arm(run);
+    while (status < 0) {
+        unsigned reason = kvm_run(v.vcpu_fd, run);
+        exits++;
+        if (reason == KVM_EXIT_IO) {
+            uint8_t *data = (uint8_t *)run + run->io.data_offset;
+            size_t n = (size_t)run->io.size * run->io.count;
+            if (run->io.direction == KVM_EXIT_IO_OUT) {
+                if (run->io.port == DEBUG_EXIT_PORT) status = (data[0] << 1) | 1;
+                else if (run->io.port == COM1_BASE) {
+                    serial_bytes += n;
+                    if (to_stdout) fwrite(data, 1, n, stdout);
+                }
+            } else {
+                int com1 = run->io.port >= COM1_BASE && run->io.port < COM1_BASE + 8;
+                uint8_t value = run->io.port == COM1_LSR ? LSR_IDLE : run->io.port == COM1_IIR ? IIR_NONE : com1 ? 0 : 0xff;
+                memset(data, value, n);
+            }
+        } else if (reason == KVM_EXIT_MMIO) {
+            if (!run->mmio.is_write) memset(run->mmio.data, 0xff, sizeof run->mmio.data);
+        } else if (reason == KVM_EXIT_HLT) {
+            status = 0;
+        } else {
+            unexpected_exit(run, reason, "(rawkvm boot answers port I/O, MMIO and HLT only)");
+        }
+    }
+    watchdog_disarm();
+    fflush(stdout);
+    fprintf(stderr, "{\"bench\": \"boot\", \"ok\": true, \"irqchip\": %s, \"status\": %d, \"exits\": %llu, "
+            "\"serial_bytes\": %llu, \"entry\": %u}\n", irqchip ? "true" : "false", status,
+            (unsigned long long)exits, (unsigned long long)serial_bytes, entry);
+    vm_destroy(&v);
+    return status;
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -885,6 +1103,36 @@ static int cmd_native(int argc, char **argv) {
 }
 
 /* ------------------------------------------------------------------------------------------
+ * tsc: TSC ticks per second, against CLOCK_MONOTONIC_RAW over --count milliseconds.
+ * ------------------------------------------------------------------------------------------ */
+static uint64_t rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static uint64_t raw_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC_RAW, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+static int cmd_tsc(int argc, char **argv) {
+    g_bench = "tsc";
+    opts_t o = parse_opts(argc, argv);
+    uint64_t ms = o.has_count ? o.count : 200;
+    if (ms < 10 || ms > 10000) usage_error("--count (milliseconds) must be 10..10000");
+    uint64_t t0 = raw_ns(), c0 = rdtsc(), t1, c1;
+    do {
+        t1 = raw_ns();
+        c1 = rdtsc();
+    } while (t1 - t0 < ms * 1000000ull);
+    printf("{\"bench\": \"tsc\", \"ok\": true, \"hz\": %.0f, \"over_ns\": %llu}\n",
+           (double)(c1 - c0) * 1e9 / (double)(t1 - t0), (unsigned long long)(t1 - t0));
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------
  * state: the entry state, as KVM reports it back after rawkvm's setup.
  * ------------------------------------------------------------------------------------------ */
 static void print_seg(const char *name, const struct kvm_segment *s) {
@@ -939,6 +1187,8 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "exits")) return cmd_exits(argc, argv);
     if (!strcmp(c, "ioeventfd")) return cmd_ioeventfd(argc, argv);
     if (!strcmp(c, "lifecycle")) return cmd_lifecycle(argc, argv);
+    if (!strcmp(c, "boot")) return cmd_boot(argc, argv);
+    if (!strcmp(c, "tsc")) return cmd_tsc(argc, argv);
     if (!strcmp(c, "compute")) return cmd_compute(argc, argv);
     if (!strcmp(c, "native")) return cmd_native(argc, argv);
     if (!strcmp(c, "state")) return cmd_state(argc, argv);

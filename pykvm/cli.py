@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ from .boot import FORMATS
 from .config import DiskConfig, MachineConfig, NetConfig, device_options
 from .console import StdinForwarder
 from .errors import PykvmError
-from .info import format_info, host_info
 from .kvm.system import DEFAULT_PATH
 from .machine import Machine
 from .result import ERROR_STATUS, INTERRUPTED_STATUS, ExitReason, RunResult
@@ -169,6 +167,10 @@ def _report(result: RunResult, stats: bool) -> None:
 @click.pass_obj
 def info(device: str, as_json: bool) -> None:
     """Tell what this host's KVM can do."""
+    import json
+
+    from .info import format_info, host_info
+
     try:
         data = host_info(device)
     except PykvmError as err:
@@ -185,6 +187,8 @@ def ctl(ctx: click.Context, path: str) -> None:
 
 
 def _control(path: str, message: dict, as_json: bool) -> None:
+    import json
+
     from .control_socket import format_answer, request as control_request  # only `pykvm ctl` needs it
 
     try:

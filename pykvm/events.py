@@ -14,7 +14,6 @@ A listener that fails is logged once and dropped: an event never stops the machi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -36,6 +35,8 @@ class Event:
     timestamp: float = field(default_factory=time.time)
 
     def to_json(self) -> str:
+        import json  # only for a listener that writes JSON lines: `pykvm run` starts without it
+
         return json.dumps({"timestamp": round(self.timestamp, 6), "event": self.name, **self.properties})
 
 

@@ -8,7 +8,10 @@ check; an access that is not wholly inside one region raises
 :class:`~pykvm.errors.GuestMemoryError`.  Integers in guest memory are
 little-endian (x86, and every structure a guest shares with pykvm: virtqueues,
 boot information), read and written with the typed accessors ``read_u16`` ...
-``write_u64``.  C code that checks guest addresses itself (the virtqueue chain
+``write_u64``, each one load or store of the whole integer: a vCPU running at the
+same time (a virtqueue's index read by the driver while the device moves it) sees
+the old value or the new one, never half of each.  (``struct`` packs and unpacks
+little-endian integers byte by byte, so it is not used for them.)  C code that checks guest addresses itself (the virtqueue chain
 walk) gets the regions as one ``struct pykvm_guest_memory``: :attr:`GuestMemory.table`.
 """
 
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import mmap
-import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
@@ -46,6 +48,12 @@ class MemoryRegion:
         return self.gpa + self.size
 
 
+# The first 2 MiB of guest-physical memory (boot structures, firmware tables, the first bytes of a
+# kernel at 1 MiB) stays on 4 KiB pages: an idle guest touches a few pages there, and a huge page
+# would make it cost 2 MiB instead (bench/bench_density.py: ~0.1 MiB per idle guest instead of ~2.1).
+SMALL_PAGES_END = HUGE_PAGE_SIZE
+
+
 def _map_region(gpa: int, size: int, backing: int | None = None) -> MemoryRegion:
     if backing is not None:  # copy-on-write over a file, paged in on demand (a snapshot's memory)
         mapping = mmap.mmap(
@@ -65,11 +73,15 @@ def _map_region(gpa: int, size: int, backing: int | None = None) -> MemoryRegion
     base = int(ffi.cast("uintptr_t", pointer))
     ffi.release(pointer)
     offset = -base % HUGE_PAGE_SIZE
-    mapping.madvise(mmap.MADV_HUGEPAGE, offset, size)
+    small = max(0, min(size, SMALL_PAGES_END - gpa))
+    if small:
+        mapping.madvise(mmap.MADV_NOHUGEPAGE, offset, small)
+    if size > small:
+        mapping.madvise(mmap.MADV_HUGEPAGE, offset + small, size - small)
     return MemoryRegion(gpa, size, base + offset, memoryview(mapping)[offset : offset + size], mapping, offset)
 
 
-_U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+_WORD_FORMATS = {2: "H", 4: "I", 8: "Q"}
 
 
 class GuestMemory:
@@ -147,25 +159,29 @@ class GuestMemory:
         self.view(gpa, len(data))[:] = data
 
     def read_u16(self, gpa: int) -> int:
-        region, offset = self.locate(gpa, 2)
-        return _U16.unpack_from(region.view, offset)[0]
+        return self._word(gpa, 2)[0]  # type: ignore[no-any-return]
 
     def read_u32(self, gpa: int) -> int:
-        region, offset = self.locate(gpa, 4)
-        return _U32.unpack_from(region.view, offset)[0]
+        return self._word(gpa, 4)[0]  # type: ignore[no-any-return]
 
     def read_u64(self, gpa: int) -> int:
-        region, offset = self.locate(gpa, 8)
-        return _U64.unpack_from(region.view, offset)[0]
+        return self._word(gpa, 8)[0]  # type: ignore[no-any-return]
 
     def write_u16(self, gpa: int, value: int) -> None:
-        _U16.pack_into(self.view(gpa, 2), 0, value)
+        self.view(gpa, 2).cast("H")[0] = value
 
     def write_u32(self, gpa: int, value: int) -> None:
-        _U32.pack_into(self.view(gpa, 4), 0, value)
+        self.view(gpa, 4).cast("I")[0] = value
 
     def write_u64(self, gpa: int, value: int) -> None:
-        _U64.pack_into(self.view(gpa, 8), 0, value)
+        self.view(gpa, 8).cast("Q")[0] = value
+
+    def _word(self, gpa: int, size: int) -> memoryview:
+        """The integer of ``size`` bytes at ``gpa`` as a one-item view to read: indexing it is one
+        load of the whole integer (host byte order, which is x86's little-endian).  The writers
+        cast :meth:`view` the same way, so that the write is one store, and noted."""
+        region, offset = self.locate(gpa, size)
+        return region.view[offset : offset + size].cast(_WORD_FORMATS[size])
 
     def host_address(self, gpa: int, length: int = 1) -> int:
         """The host virtual address of ``gpa`` (for C code and syscalls)."""

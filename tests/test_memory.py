@@ -20,12 +20,12 @@ def test_reserving_a_gib_does_not_touch_it() -> None:
         assert psutil.Process().memory_info().rss - before < 16 * MIB
 
 
-def test_regions_are_2mib_aligned_and_advised_for_huge_pages() -> None:
+def test_regions_are_2mib_aligned_and_advised_for_huge_pages_above_the_first_2mib() -> None:
     with GuestMemory([(0, 8 * MIB)]) as memory:
         start = memory.host_address(0)
         assert start % layout.HUGE_PAGE_SIZE == 0
-        flags = _vm_flags(start)
-        assert "hg" in flags.split()
+        assert "nh" in _vm_flags(start).split()
+        assert "hg" in _vm_flags(memory.host_address(layout.HUGE_PAGE_SIZE)).split()
 
 
 def _vm_flags(address: int) -> str:
@@ -86,3 +86,15 @@ def test_discard_gives_pages_back_and_they_read_as_zero() -> None:
 def test_bad_region_sets_are_rejected(ranges) -> None:
     with pytest.raises(ConfigError):
         GuestMemory(ranges)
+
+
+def test_typed_integers_are_little_endian_and_bounds_checked() -> None:
+    with GuestMemory([(0, 2 * MIB)]) as memory:
+        memory.write_u64(0x1000, 0x0102030405060708)
+        assert memory.read(0x1000, 8) == bytes([8, 7, 6, 5, 4, 3, 2, 1])
+        memory.write_u32(0x1004, 0xAABBCCDD)
+        memory.write_u16(0x1002, 0xEEFF)
+        assert memory.read_u64(0x1000) == 0xAABBCCDDEEFF0708
+        assert (memory.read_u32(0x1004), memory.read_u16(0x1002)) == (0xAABBCCDD, 0xEEFF)
+        with pytest.raises(GuestMemoryError):
+            memory.write_u16(2 * MIB - 1, 0)

@@ -73,6 +73,13 @@ def test_protected_mode_entry_is_flat_32_bit_without_paging() -> None:
     assert sregs.efer == 0
 
 
+@pytest.mark.parametrize("mode", [CpuMode.REAL, CpuMode.PROTECTED])
+def test_real_and_protected_entry_turn_off_what_a_long_mode_guest_left_on(mode: CpuMode) -> None:
+    long_mode = cpu.entry_sregs(EntryState(CpuMode.LONG, 0x100000), SRegs())
+    sregs = cpu.entry_sregs(EntryState(mode, 0x100000), long_mode)
+    assert (sregs.efer, sregs.cr4, sregs.cr3) == (0, 0, 0) and not sregs.cr0 & cpu.CR0_PG
+
+
 def test_long_mode_entry_enables_paging_and_long_mode() -> None:
     sregs = cpu.entry_sregs(EntryState(CpuMode.LONG, 0x100000), SRegs())
     assert sregs.cr0 & cpu.CR0_PG and sregs.cr4 & cpu.CR4_PAE and sregs.cr3 == layout.PML4_START

@@ -4,32 +4,35 @@ One ``load(path, image, request)`` per format (flat binary, ELF, multiboot v1,
 Linux bzImage, PVH), and :func:`load_image`, which picks the loader, from the
 image itself when the format is ``"auto"``.  Loaders are pure: the caller reads
 the files.
+
+Each format's loader is the module of this package named after it, imported when
+an image of that format is loaded (a multiboot kernel never pays for the ELF,
+Linux and PVH loaders: ``pykvm run``'s start-up).
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, ImageError
-from . import elf, flat, linux, multiboot, pvh
 from .detect import detect
 from .flat import check_not_empty
 from .plan import BootPlan, LoadRequest
 
 AUTO = "auto"
-FORMATS = (AUTO, flat.FORMAT, elf.FORMAT, multiboot.FORMAT, linux.FORMAT, pvh.FORMAT)
+# The loader formats: each is also the name of its module here, whose FORMAT it is.
+FORMATS = (AUTO, "flat", "elf", "multiboot", "linux", "pvh")
 # The formats that take an initrd (the Linux boot protocols).
-INITRD_FORMATS = (linux.FORMAT, pvh.FORMAT)
+INITRD_FORMATS = ("linux", "pvh")
 
 Loader = Callable[[Path, bytes, LoadRequest], BootPlan]
-LOADERS: dict[str, Loader] = {
-    flat.FORMAT: flat.load,
-    elf.FORMAT: elf.load,
-    multiboot.FORMAT: multiboot.load,
-    linux.FORMAT: linux.load,
-    pvh.FORMAT: pvh.load,
-}
+
+
+def loader(kind: str) -> Loader:
+    """The ``load`` function of format ``kind`` (one of :data:`FORMATS` other than ``"auto"``)."""
+    return import_module(f".{kind}", __name__).load  # type: ignore[no-any-return]
 
 
 def _check_initrd(path: Path, kind: str, request: LoadRequest) -> None:
@@ -37,7 +40,7 @@ def _check_initrd(path: Path, kind: str, request: LoadRequest) -> None:
         return
     hint = (
         "; pass the file to a multiboot kernel as a module with --module"
-        if kind == multiboot.FORMAT
+        if kind == "multiboot"
         else ""
     )
     raise ImageError(
@@ -60,7 +63,7 @@ def load_image(path: Path, image: bytes, request: LoadRequest, format: str = AUT
     check_not_empty(path, image)
     kind = detect(path, image) if format == AUTO else format
     _check_initrd(path, kind, request)
-    return LOADERS[kind](path, image, request)
+    return loader(kind)(path, image, request)
 
 
-__all__ = ["FORMATS", "INITRD_FORMATS", "LOADERS", "detect", "load_image"]
+__all__ = ["FORMATS", "INITRD_FORMATS", "detect", "load_image", "loader"]

@@ -5,6 +5,9 @@ kernel is usually also an ELF); an ELF with a PVH entry note
 (XEN_ELFNOTE_PHYS32_ENTRY) is a PVH kernel, other ELFs are plain ELF kernels;
 the "HdrS" magic at 0x202 makes a Linux bzImage; and a flat binary has no
 signature at all, so it is only assumed from a file name suffix.
+
+Each format's module is imported when its check is reached, so that telling a
+multiboot kernel costs no import of the ELF, Linux and PVH loaders.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ImageError
-from . import elf, linux, multiboot, pvh
+from . import multiboot
 from .flat import check_not_empty
 
 # File name suffixes taken to mean a flat binary.
@@ -26,6 +29,8 @@ UNKNOWN_REASON = (
 
 def is_bzimage(image: bytes) -> bool:
     """Whether ``image`` carries the Linux boot protocol header magic."""
+    from . import linux
+
     return linux.is_bzimage(image)
 
 
@@ -33,9 +38,11 @@ def sniff(image: bytes) -> str | None:
     """The format ``image``'s contents identify, or ``None`` (a flat binary has no signature)."""
     if multiboot.find_header(image) is not None:
         return multiboot.FORMAT
+    from . import elf, linux, pvh
+
     if elf.is_elf(image):
         return pvh.FORMAT if pvh.is_pvh(image) else elf.FORMAT
-    if is_bzimage(image):
+    if linux.is_bzimage(image):
         return linux.FORMAT
     return None
 

@@ -29,7 +29,6 @@ from pathlib import Path
 from ..errors import ImageError
 from ..x86 import layout
 from ..x86.e820 import E820Entry, E820Type
-from . import elf
 from .flat import reject_overrides
 from .placement import Claim, Placement, align_up
 from .plan import BootPlan, CpuMode, EntryState, LoadRequest, MemoryWrite, Module, check_in_ram, nul_terminated, to_bytes
@@ -259,6 +258,8 @@ def _load_aout(path: Path, image: bytes, header: Header, fields: AddressFields, 
 
 
 def _load_elf(path: Path, image: bytes, request: LoadRequest) -> Kernel:
+    from . import elf  # only ELF kernels need it (an a.out-kludge image starts faster without)
+
     if not elf.is_elf(image):
         raise ImageError(
             str(path),

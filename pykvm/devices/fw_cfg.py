@@ -53,7 +53,6 @@ ACPI tables...).
 from __future__ import annotations
 
 import bisect
-import hashlib
 import logging
 import struct
 from collections import Counter
@@ -133,7 +132,7 @@ ACPI_RSDP_FILE = "etc/acpi/rsdp"
 # The digest of the items: each item as (key or name length, data length, name, data).
 DIGEST_COUNT = struct.Struct("<I")
 DIGEST_ITEM = struct.Struct("<HQ")
-DIGEST_SIZE = hashlib.sha256().digest_size
+DIGEST_SIZE = 32  # SHA-256
 
 
 @dataclass(frozen=True)
@@ -230,6 +229,8 @@ class FwCfg:
 
     def items_digest(self) -> bytes:
         """SHA-256 over every item: keys, file names, lengths and contents."""
+        import hashlib  # only snapshots need it: importing it at every start costs milliseconds
+
         digest = hashlib.sha256(DIGEST_COUNT.pack(len(self._items)))
         for key, data in sorted(self._items.items()):
             digest.update(DIGEST_ITEM.pack(key, len(data)))

@@ -32,6 +32,7 @@ from .fastpath import FastTable
 from .state import CpuidEntry, Regs, SRegs, Translation, VcpuState
 
 
+
 _EXIT_IO, _EXIT_MMIO, _IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_IO_OUT
 _STOP_EXIT, _STOP_INTERRUPTED = lib.PYKVM_STOP_EXIT, lib.PYKVM_STOP_INTERRUPTED
 _STOP_REQUESTED, _STOP_DEBUG_EXIT = lib.PYKVM_STOP_REQUESTED, lib.PYKVM_STOP_DEBUG_EXIT
