@@ -110,7 +110,6 @@ class Machine:
         self._pending_stop: Stop | None = None  # a stop() that came while no run was going
         self._plan: BootPlan | None = None
         self._wall_ns = 0
-        self._serial_error_reported = False
         try:
             self._build()
         except BaseException:
@@ -149,6 +148,7 @@ class Machine:
         self._attach_virtio_devices()
         supported_cpuid = self.kvm.supported_cpuid()
         self.vcpus = [self._create_vcpu(i, supported_cpuid) for i in range(self.config.cpus)]
+        self.serial_output.watch_stop(self.vcpus[0].stop_flag)  # every stop request sets it
         self.control_server: ControlServer | None = None
         if self.config.control is not None:  # last: it answers for a complete machine, and closes first
             from .control_socket import ControlServer
@@ -175,7 +175,7 @@ class Machine:
         self._control.request_stop(Stop(reason, diagnosis, value))
 
     def _attach_serial(self) -> None:
-        transmit = self.fast.add(FastKind.SERIAL_TX, Space.PIO, COM1_BASE, 1, fds=self.serial_output.fds)
+        transmit = self.fast.add(FastKind.SERIAL_TX, Space.PIO, COM1_BASE, 1, serial=self.serial_output.sink)
 
         def follow_fast_path(ok: bool) -> None:
             transmit.enabled = ok
@@ -431,7 +431,7 @@ class Machine:
             with self._stop_lock:
                 self._running = False
             self._wall_ns += time.monotonic_ns() - started
-            self._report_fast_serial_error()
+            self._report_serial_problems()
         if errors:
             raise errors[0]
         assert control.stop is not None
@@ -453,12 +453,10 @@ class Machine:
             else:
                 self._pending_stop = stop
 
-    def _report_fast_serial_error(self) -> None:
-        """The C path drops a serial output fd that fails; say so once, as the Python path does."""
-        error = self.fast.serial_errno
-        if error and not self._serial_error_reported:
-            self._serial_error_reported = True
-            log.warning("serial output failed (%s); no longer writing there", os.strerror(error))
+    def _report_serial_problems(self) -> None:
+        """Say once what the serial output could not write (either path: they share one state)."""
+        for message in self.serial_output.problems():
+            log.warning(message)
 
     def _run_vcpu(self, vcpu: Vcpu, control: RunControl) -> None:
         control.enter(vcpu)
