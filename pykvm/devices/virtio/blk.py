@@ -63,6 +63,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...disk_lock import lock_image
 from ...errors import ConfigError
 from .device import VirtioDevice
 from .queue import Buffer, DescriptorChain
@@ -229,7 +230,7 @@ class VirtioBlock(VirtioDevice):
     def _open(self) -> int:
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
-            return os.open(self.path, flags)
+            return lock_image(os.open(self.path, flags), self.path, self.read_only)
         except FileNotFoundError as err:
             raise ConfigError(f"{self.path}: no such disk image") from err
         except IsADirectoryError as err:
