@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import signal
+import stat
 import threading
 import time
 from pathlib import Path
@@ -371,17 +373,18 @@ class Machine:
         ``user`` enters long-mode code at CPL3 (with IOPL 3, so it may still do port I/O).
         """
         path = Path(path)
+        ram = self.config.memory_bytes  # no image larger than RAM can load: read none
         request = LoadRequest(
             memory_map=self.memory_map,
             cmdline=cmdline,
-            modules=tuple(Module(Path(m), read_image(Path(m)), str(m)) for m in modules),
-            initrd=Module(Path(initrd), read_image(Path(initrd)), str(initrd)) if initrd is not None else None,
+            modules=tuple(Module(Path(m), read_image(Path(m), ram), str(m)) for m in modules),
+            initrd=Module(Path(initrd), read_image(Path(initrd), ram), str(initrd)) if initrd is not None else None,
             rsdp_addr=self.acpi.base if self.acpi is not None else None,
             mode=CpuMode(mode) if mode is not None else None,
             load_addr=load_addr,
             entry=entry,
         )
-        plan = load_image(path, read_image(path), request, format)
+        plan = load_image(path, read_image(path, ram), request, format)
         entry_state = plan.entry
         if user:
             if entry_state.mode is not CpuMode.LONG:
@@ -402,8 +405,8 @@ class Machine:
         """Run the guest until it stops (or ``timeout`` seconds pass) and say how it ended."""
         if self._plan is None:
             raise PykvmError("nothing to run: load a guest image first")
-        if timeout is not None and timeout <= 0:
-            raise ConfigError(f"timeout must be positive, not {timeout}")
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise ConfigError(f"timeout must be a finite number of seconds above 0, not {timeout}")
         control = RunControl(self.vcpus)
         with self._stop_lock:
             self._control, self._running = control, True
@@ -536,13 +539,38 @@ def _notified(fd: int, transport: VirtioMmioTransport, queue_index: int) -> None
     transport.notify(queue_index)
 
 
-def read_image(path: Path) -> bytes:
-    """The bytes of a guest image or module, or an :class:`ImageError` that says why not."""
+def read_image(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of a guest image or module, or an :class:`ImageError` that says why not.
+
+    Only a regular file is read (a FIFO would wait for a writer, ``/dev/zero`` never ends), and
+    only once its size is known to be at most ``limit`` bytes (the guest's RAM, which a larger
+    image cannot fit in).
+    """
     try:
-        return path.read_bytes()
+        _check_image_file(path, os.stat(path), limit)
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as file:  # no wait at a FIFO
+            _check_image_file(path, os.fstat(file.fileno()), limit)  # the same file, should it have changed
+            data = file.read() if limit is None else file.read(limit + 1)
     except FileNotFoundError as err:
         raise ImageError(str(path), "no such file") from err
-    except IsADirectoryError as err:
-        raise ImageError(str(path), "is a directory, not a guest image") from err
     except OSError as err:
         raise ImageError(str(path), f"cannot be read: {err.strerror}") from err
+    if limit is not None and len(data) > limit:
+        raise ImageError(str(path), f"grew past {limit} bytes while it was read")
+    return data
+
+
+_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}  # fmt: skip
+
+
+def _check_image_file(path: Path, info: os.stat_result, limit: int | None) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        raise ImageError(str(path), f"is {kind}, not a guest image file")
+    if limit is not None and info.st_size > limit:
+        raise ImageError(
+            str(path),
+            f"is {info.st_size / layout.MIB:.1f} MiB and does not fit in guest RAM ({limit / layout.MIB:.1f} MiB; "
+            "give more with -m)",
+        )
