@@ -126,21 +126,27 @@ def _open_output(path: str) -> int:
 class StdinForwarder:
     """Forwards host input to a receiver (the UART) from a daemon thread.
 
-    On a terminal, line buffering and echo are switched off while it runs (the
-    guest echoes), and restored by :meth:`stop`; Ctrl-C still interrupts.
+    On a terminal, line buffering and echo are switched off while it runs (the guest echoes),
+    and restored by :meth:`stop`; Ctrl-C still interrupts.  A process in the background of its
+    terminal (``pykvm run ... &``) leaves the terminal alone: changing its settings or reading
+    from it would stop the process (SIGTTOU, SIGTTIN), so the guest gets no input there.
     """
 
     def __init__(self, receive: Callable[[bytes], None], fd: int | None = None) -> None:
         self._receive = receive
         self._fd = sys.stdin.fileno() if fd is None else fd
         self._saved: list | None = None
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         if os.isatty(self._fd):
-            self._saved = termios.tcgetattr(self._fd)
-            raw = termios.tcgetattr(self._fd)
-            raw[3] &= ~(termios.ICANON | termios.ECHO)
-            termios.tcsetattr(self._fd, termios.TCSANOW, raw)
+            if not _in_foreground(self._fd):
+                return
+            with self._lock:
+                self._saved = termios.tcgetattr(self._fd)
+                raw = termios.tcgetattr(self._fd)
+                raw[3] &= ~(termios.ICANON | termios.ECHO)
+                termios.tcsetattr(self._fd, termios.TCSANOW, raw)
         threading.Thread(target=self._pump, name="pykvm-stdin", daemon=True).start()
 
     def _pump(self) -> None:
@@ -154,6 +160,17 @@ class StdinForwarder:
             self._receive(data)
 
     def stop(self) -> None:
-        if self._saved is not None:
-            termios.tcsetattr(self._fd, termios.TCSANOW, self._saved)
-            self._saved = None
+        """Give the terminal its settings back (from any thread; idempotent)."""
+        with self._lock:
+            if self._saved is not None:
+                termios.tcsetattr(self._fd, termios.TCSANOW, self._saved)
+                self._saved = None
+
+
+def _in_foreground(tty: int) -> bool:
+    """Whether this process may use the terminal ``tty``: it is in its foreground process group,
+    or ``tty`` is not its controlling terminal (job control does not apply then)."""
+    try:
+        return os.tcgetpgrp(tty) == os.getpgrp()
+    except OSError:
+        return True

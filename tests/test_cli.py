@@ -12,30 +12,44 @@ from pathlib import Path
 
 import pytest
 
+from command import assert_one_line_error, pykvm
 from conftest import guest
 
 pytestmark = pytest.mark.kvm
 
 
-def pykvm(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None, user_cmd: list[str] | None = None) -> subprocess.CompletedProcess:
-    command = (user_cmd or []) + [sys.executable, "-m", "pykvm", *args]
-    return subprocess.run(command, input=stdin, capture_output=True, timeout=120, env={**os.environ, **(env or {})})
-
-
-def assert_one_line_error(process: subprocess.CompletedProcess, *fragments: str) -> None:
-    stderr = process.stderr.decode()
-    assert process.returncode == 2, stderr
-    assert "Traceback" not in stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pykvm: error: "), stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
 def test_run_prints_the_guest_serial_output_and_exits_with_its_status() -> None:
-    process = pykvm("run", str(guest("hello_real.bin")))
+    process = pykvm("run", str(guest("hello_real.bin")), "--mode", "real")
     assert process.stdout == b"Hello from real mode\n"
     assert process.returncode == 1 and process.stderr == b""
+
+
+def test_a_flat_binary_without_a_mode_gets_one_note_saying_where_it_starts() -> None:
+    image = guest("hello_real.bin")
+    process = pykvm("run", str(image))
+    assert process.stdout == b"Hello from real mode\n" and process.returncode == 1
+    assert process.stderr.decode() == (
+        f"pykvm: note: {image} is a flat binary: it starts in real mode at 0x7c00 "
+        "(--mode, --load-addr and --entry change that)\n"
+    )
+
+
+def test_a_run_without_output_says_what_pykvm_assumed() -> None:
+    # Long-mode code run as a boot sector: it prints nothing (the newcomer's first surprise).
+    process = pykvm("run", str(guest("hello_long.bin")), "--timeout", "30")
+    notes = process.stderr.decode().splitlines()
+    assert process.stdout == b"" and notes[0].startswith("pykvm: note: ") and "real mode at 0x7c00" in notes[0]
+    assert notes[-1] == (
+        "pykvm: note: the guest wrote nothing to the serial port; "
+        "it was loaded as a flat binary and started in real mode at 0x7c00"
+    )
+    explicit = pykvm("run", str(guest("hello_long.bin")), "--mode", "long")
+    assert explicit.stdout == b"Hello from long mode\n" and explicit.stderr == b""
+
+
+def test_no_note_when_the_output_is_discarded_on_purpose() -> None:
+    process = pykvm("run", str(guest("hello_protected.elf")), "--serial", "null")
+    assert process.stdout == b"" and process.stderr == b"" and process.returncode == 1
 
 
 def test_run_exit_status_of_debug_exit_value_42() -> None:
@@ -75,7 +89,7 @@ def test_serial_input_comes_from_stdin() -> None:
 
 
 def test_stats_show_exits_by_reason_and_port() -> None:
-    process = pykvm("run", str(guest("hello_real.bin")), "--stats")
+    process = pykvm("run", str(guest("hello_real.bin")), "--mode", "real", "--stats")
     stderr = process.stderr.decode()
     assert stderr.startswith("exits: ") and "in guest" in stderr and "in Python handlers" in stderr
     assert "pio 0x03f8 write (C)" in stderr and "pio 0x03fd read" in stderr

@@ -295,6 +295,17 @@ def test_the_client_gives_up_on_a_server_that_never_answers(tmp_path: Path) -> N
             request(str(path), {"cmd": "info"}, timeout=0.5)
 
 
+def test_pykvm_ctl_has_a_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "stopped.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stopped:
+        stopped.bind(str(path))
+        stopped.listen(1)
+        out = subprocess.run([sys.executable, "-m", "pykvm", "ctl", str(path), "info", "--timeout", "0.5"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr == f"pykvm: error: control socket {path}: no answer within 0.5 s (is the machine stopped?)\n"
+
+
 def test_a_stale_socket_is_replaced_and_a_live_one_refused(machine, tmp_path: Path) -> None:
     path = tmp_path / "vm.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
