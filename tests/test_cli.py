@@ -14,6 +14,7 @@ import pytest
 
 from command import assert_one_line_error, pykvm
 from conftest import guest
+from pykvm.info import GUESTS, UNKNOWN_GUESTS, kvm_backend
 
 pytestmark = pytest.mark.kvm
 
@@ -115,6 +116,15 @@ def test_info_reports_api_backend_and_capabilities() -> None:
     assert data["capabilities"]["user_memory"] == 1 and data["limits"]["max_vcpus"] >= 1
     text = pykvm("info").stdout.decode()
     assert "backend:" in text and data["backend"] in text
+
+
+def test_info_says_what_guests_this_backend_can_run() -> None:
+    backend = kvm_backend()
+    lines = pykvm("info").stdout.decode().splitlines()
+    assert f"guests:       {GUESTS.get(backend or '', UNKNOWN_GUESTS)}" in lines
+    assert json.loads(pykvm("info", "--json").stdout)["guests"] == GUESTS.get(backend or "", UNKNOWN_GUESTS)
+    assert "a full Linux boot is not possible" in GUESTS["kvm_pvm"]
+    assert "full speed" in GUESTS["kvm_intel"] and "full speed" in GUESTS["kvm_amd"]
 
 
 def test_missing_file() -> None:
