@@ -46,21 +46,21 @@ def test_fixtures_boot_a_guest_when_kvm_is_usable(pytester: pytest.Pytester) -> 
     pytester.runpytest().assert_outcomes(passed=2)
 
 
-def test_tests_skip_with_the_reason_when_kvm_is_missing(pytester: pytest.Pytester, monkeypatch) -> None:
-    monkeypatch.setenv("PYKVM_DEVICE", "/nonexistent/kvm")
+@pytest.mark.parametrize(
+    "device, reason",
+    [
+        ("/nonexistent/kvm", "PYKVM_DEVICE=/nonexistent/kvm: no such device (unset PYKVM_DEVICE to use /dev/kvm)"),
+        ("/dev/null", "PYKVM_DEVICE=/dev/null: is not a KVM device*"),
+    ],
+)
+def test_tests_skip_with_the_reason_when_the_device_is_not_kvm(pytester: pytest.Pytester, monkeypatch, device: str,
+                                                               reason: str) -> None:  # fmt: skip
+    monkeypatch.setenv("PYKVM_DEVICE", device)
     pytester.makepyfile(TEST_FILE)
     result = pytester.runpytest("-rs")
     result.assert_outcomes(skipped=2)
-    result.stdout.fnmatch_lines(["*KVM is unusable: PYKVM_DEVICE=/nonexistent/kvm: no such device (unset PYKVM_DEVICE*"])
+    result.stdout.fnmatch_lines([f"*KVM is unusable: {reason}"])
     result.stdout.no_fnmatch_line("*firmware*")
-
-
-def test_a_device_that_is_not_kvm_is_named_as_pykvm_device(pytester: pytest.Pytester, monkeypatch) -> None:
-    monkeypatch.setenv("PYKVM_DEVICE", "/dev/null")
-    pytester.makepyfile(TEST_FILE)
-    result = pytester.runpytest("-rs")
-    result.assert_outcomes(skipped=2)
-    result.stdout.fnmatch_lines(["*KVM is unusable: PYKVM_DEVICE=/dev/null: is not a KVM device*"])
 
 
 def test_a_missing_kvm_fails_when_ci_requires_it(pytester: pytest.Pytester, monkeypatch) -> None:
