@@ -18,7 +18,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-
     from .config import MachineConfig
     from .errors import PykvmError
     from .machine import Machine
@@ -32,7 +31,7 @@ _EXPORTS = {
     "RunStats": ".result",
     "PykvmError": ".errors",
 }
-__all__ = list(_EXPORTS)
+__all__ = ["Machine", "MachineConfig", "ExitReason", "RunResult", "RunStats", "PykvmError"]
 
 
 def __getattr__(name: str) -> Any:

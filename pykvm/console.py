@@ -45,7 +45,7 @@ class SerialOutput:
             sys.stdout.flush()
             fds.append(sys.stdout.fileno())
             self._name = "stdout"
-        elif spec.kind == "file":
+        elif spec.path is not None:  # a file
             fds.append(self._own(_open_output(spec.path)))
             self._name = spec.path
         if capture:

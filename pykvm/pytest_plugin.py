@@ -150,8 +150,9 @@ def run_guest(machine_factory: Callable[..., Machine]) -> Callable[..., RunResul
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """Put each machine's serial output in the test's report, as captured stdout of the call."""
+    machines: list[Machine] = item.stash[_MACHINES] if _MACHINES in item.stash else []
     if call.when == "call":
-        for number, machine in enumerate(item.stash.get(_MACHINES, []), 1):
+        for number, machine in enumerate(machines, 1):
             output = machine.serial_output.captured()
             if output:
                 text = output.decode(errors="backslashreplace")
