@@ -11,8 +11,6 @@ import sys
 
 from .signals import STOPPER
 
-INTERNAL_ERROR_STATUS = 2
-
 
 def main() -> None:
     STOPPER.install()
@@ -23,9 +21,11 @@ def main() -> None:
     except Exception as err:
         import logging
 
+        from .result import ERROR_STATUS
+
         logging.getLogger("pykvm").debug("internal error", exc_info=True)
         print(f"pykvm: internal error (a bug in pykvm; -vv shows where): {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(INTERNAL_ERROR_STATUS)
+        sys.exit(ERROR_STATUS)
 
 
 if __name__ == "__main__":

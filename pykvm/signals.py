@@ -85,7 +85,7 @@ class SignalStop:
             return
         for action in self._before_exit:
             action()
-        os.write(2, f"pykvm: {signal.Signals(signal_number).name}: exiting\n".encode())
+        os.write(2, f"pykvm: interrupted by {signal.Signals(signal_number).name}\n".encode())
         os._exit(128 + signal_number)
 
 
