@@ -6,16 +6,18 @@
 ...     result = vm.run(timeout=5)
 >>> result.status, result.reason, result.serial                       # doctest: +SKIP
 
-The names below are imported when first used, so that ``import pykvm`` (and a command
-that needs only part of it) does not pay for the rest.
+The names below are imported when first used, so that ``import pykvm`` (and
+``import pykvm.signals``, what the ``pykvm`` command does first) does not load the whole package.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .config import MachineConfig
     from .devices.bus import Device
     from .errors import PykvmError
@@ -34,8 +36,7 @@ _EXPORTS = {
     "Kvm": ".kvm",
     "Device": ".devices.bus",
 }
-
-__all__ = list(_EXPORTS)
+__all__ = ["Machine", "MachineConfig", "ExitReason", "RunResult", "RunStats", "PykvmError", "Kvm", "Device"]
 
 
 def __getattr__(name: str) -> Any:
@@ -47,4 +48,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(_EXPORTS))
