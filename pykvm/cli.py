@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import click
 
@@ -22,7 +23,7 @@ from .machine import Machine
 from .result import ERROR_STATUS, INTERRUPTED_STATUS, ExitReason, RunResult
 from .signals import STOPPER
 
-_QUIET_ENDINGS = (ExitReason.DEBUG_EXIT, ExitReason.HALTED, ExitReason.POWEROFF, ExitReason.RESET)
+_QUIET_ENDINGS = (ExitReason.DEBUG_EXIT, ExitReason.HALTED, ExitReason.POWEROFF, ExitReason.RESET, ExitReason.SNAPSHOTTED)
 
 
 class _Address(click.ParamType):
@@ -121,7 +122,7 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 
 
 @main.command(cls=_RunCommand)
-@click.argument("guest", type=click.Path(path_type=Path, dir_okay=True))
+@click.argument("guest", type=click.Path(path_type=Path, dir_okay=True), required=False)
 @click.option("-m", "--memory", default="64M", show_default=True, help="Guest RAM, as QEMU's -m: 64M, 1.5G, size=1G (a bare number is MiB).")
 @click.option("-c", "--cpus", default=1, show_default=True, type=click.IntRange(min=1), help="Number of vCPUs.")
 @click.option("--no-irqchip", is_flag=True, help="A minimal machine: no PIC/IOAPIC/LAPIC/PIT, no virtio.")
@@ -152,19 +153,40 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 @click.option("--gdb", "gdb", metavar="tcp::PORT|tcp:HOST:PORT|unix:PATH",
               help="Serve the guest to gdb (`target remote`) there; tcp::PORT listens on 127.0.0.1 only.")  # fmt: skip
 @click.option("--gdb-wait", is_flag=True, help="Hold the guest before its first instruction until gdb continues it.")
+@click.option("--restore", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Run the machine saved in the snapshot DIR (instead of booting GUEST).")  # fmt: skip
+@click.option("--allow-changed-disks", is_flag=True, help="With --restore: use disk images changed since the snapshot.")
+@click.option("--record", type=click.Path(path_type=Path, dir_okay=False), metavar="LOG",
+              help="With --restore: log every host input the guest takes, to replay the run.")  # fmt: skip
+@click.option("--replay", type=click.Path(path_type=Path, dir_okay=False), metavar="LOG",
+              help="With --restore: feed the guest the inputs LOG recorded instead of the host's.")  # fmt: skip
+@click.option("--events", metavar="PATH|fd:N", help="Write the machine's lifecycle events there, one JSON object per line.")
 @click.pass_obj
-def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdline: str, modules: tuple[Path, ...], initrd: Path | None, image_format: str, mode: str | None,
+def run(device: str, guest: Path | None, memory: str, cpus: int, no_irqchip: bool, cmdline: str, modules: tuple[Path, ...], initrd: Path | None, image_format: str, mode: str | None,
         load_addr: int | None, entry: int | None, user_mode: bool, serial: str, console: str, disks: tuple[str, ...],
         rng: bool, net: str | None, virtio_notify: str, timeout: float | None, stats: bool,
         balloon: bool, share_pages: bool, control: str | None, devices: tuple[str, ...], gdb: str | None,
-        gdb_wait: bool) -> None:  # fmt: skip
-    """Boot GUEST (flat binary, ELF, multiboot, Linux bzImage or PVH kernel); exit with the guest's status.
+        gdb_wait: bool, restore: Path | None, allow_changed_disks: bool, record: Path | None, replay: Path | None,
+        events: str | None) -> None:  # fmt: skip
+    """Boot GUEST (flat binary, ELF, multiboot, Linux bzImage or PVH kernel), or run a saved machine
+    (--restore DIR); exit with the guest's status.
 
     \b
     Status: 0 halted/reset; (v << 1) | 1 after the guest wrote v to port 0xf4;
     2 pykvm error; 112 unhandled exit; 114 triple fault; 116 emulation failure;
-    118 entry failure; 124 timeout; 128 + n stopped by signal n (130 Ctrl-C, 143 SIGTERM).
+    118 entry failure; 120 a replay diverged; 124 timeout;
+    128 + n stopped by signal n (130 Ctrl-C, 143 SIGTERM).
     """
+    if restore is not None:
+        _check_restore_options(guest)
+        restored = functools.partial(Machine.restore, restore, kvm_path=device, serial=serial, allow_changed_disks=allow_changed_disks,
+                                     record=record, replay=replay)  # fmt: skip
+        session = _Session(restored, None, {}, timeout, control, events, replaying=replay is not None)
+        _finish(session.run(), stats, serial, None)
+    if guest is None:
+        raise click.UsageError("run needs a GUEST image to boot, or --restore DIR")
+    if record is not None or replay is not None or allow_changed_disks:
+        raise click.UsageError("--record, --replay and --allow-changed-disks go with --restore DIR")
     try:
         device_fields: dict[str, object] = {}
         for spec in devices:
@@ -188,46 +210,75 @@ def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdl
         )
         load = {"format": image_format, "cmdline": cmdline, "modules": modules, "initrd": initrd, "mode": mode,
                 "load_addr": load_addr, "entry": entry, "user": user_mode}  # fmt: skip
-        result, plan, transmitted = _boot(config, guest, load, timeout, control)
     except PykvmError as err:
         _fail(err)
-    except KeyboardInterrupt:  # only where STOPPER does not take the signals (pykvm.cli called in-process)
-        click.echo("pykvm: interrupted", err=True)
-        sys.exit(INTERRUPTED_STATUS)
+    session = _Session(functools.partial(Machine, config), guest, load, timeout, control, events)
+    _finish(session.run(), stats, serial, session.plan)
+
+
+# What --restore takes from its snapshot; given with --restore, they are a mistake.
+MACHINE_OPTIONS = ("memory", "cpus", "no_irqchip", "cmdline", "modules", "initrd", "image_format", "mode", "load_addr",
+                   "entry", "user_mode", "console", "disks", "rng", "net", "balloon", "share_pages", "devices", "gdb",
+                   "gdb_wait")  # fmt: skip
+
+
+def _check_restore_options(guest: Path | None) -> None:
+    ctx = click.get_current_context()
+    given = [name for name in MACHINE_OPTIONS if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    if guest is not None or given:
+        what = "a GUEST image" if guest is not None else "--" + given[0].replace("_", "-")
+        raise click.UsageError(f"--restore runs the machine the snapshot saved: {what} does not go with it")
+
+
+class _Session:
+    """One ``pykvm run``: make the machine, load the guest (unless restored), serve what was asked
+    for around it, run it; a stop signal ends the run (:mod:`pykvm.signals`)."""
+
+    def __init__(
+        self, make: Callable[[], Machine], guest: Path | None, load: dict[str, Any], timeout: float | None,
+        control: str | None, events: str | None, replaying: bool = False,
+    ) -> None:  # fmt: skip
+        self._make, self._guest, self._load, self._timeout = make, guest, load, timeout
+        self._control, self._events, self._replaying = control, events, replaying
+        self.plan: BootPlan | None = None
+
+    def run(self) -> tuple[RunResult, int]:
+        """The run's result and how many bytes the guest sent to its serial port."""
+        forwarder = None
+        STOPPER.guard()  # from here on a signal stops the machine, which then cleans up
+        try:
+            with self._make() as vm, _control_server(self._control, vm), _event_writer(self._events, vm):
+                STOPPER.attach(vm.stop)
+                if self._guest is not None:
+                    self.plan = vm.load(self._guest, **self._load)
+                    if self.plan.format == FLAT_FORMAT and self._load["mode"] is None:
+                        _note(f"{self._guest} is a flat binary: it starts in {_where(self.plan)} "
+                              "(--mode, --load-addr and --entry change that)")  # fmt: skip
+                if vm.gdb_server is not None:
+                    waiting = "waiting for gdb" if vm.config.gdb_wait else "gdb can attach"
+                    click.echo(f"pykvm: {waiting}: target remote {vm.gdb_server.gdb_address}", err=True)
+                if SerialConfig.parse(vm.config.serial).kind == "stdio" and not self._replaying:
+                    forwarder = StdinForwarder(vm.host_inputs.serial_input)
+                    STOPPER.before_exit(forwarder.stop)
+                    forwarder.start()
+                return vm.run(timeout=self._timeout), vm.serial_output.transmitted
+        except PykvmError as err:
+            _fail(err)
+        except KeyboardInterrupt:  # only where STOPPER does not take the signals (pykvm.cli called in-process)
+            click.echo("pykvm: interrupted", err=True)
+            sys.exit(INTERRUPTED_STATUS)
+        finally:
+            if forwarder is not None:
+                forwarder.stop()
+            STOPPER.release()
+
+
+def _finish(outcome: tuple[RunResult, int], stats: bool, serial: str, plan: BootPlan | None) -> NoReturn:
+    result, transmitted = outcome
     _report(result, stats)
-    if not transmitted and SerialConfig.parse(serial).kind != "null":
+    if not transmitted and plan is not None and SerialConfig.parse(serial).kind != "null":
         _note(f"the guest wrote nothing to the serial port; it was loaded as {FORMAT_NAMES.get(plan.format, plan.format)} and started in {_where(plan)}")
     sys.exit(result.status)
-
-
-def _boot(
-    config: MachineConfig, guest: Path, load: dict[str, Any], timeout: float | None, control: str | None
-) -> tuple[RunResult, BootPlan, int]:
-    """Build, load and run the machine: the result, the boot plan and how many bytes the guest sent.
-
-    A stop signal ends the run (:mod:`pykvm.signals`); on a console, host input goes to the UART;
-    ``control`` is where the control socket is served.
-    """
-    forwarder = None
-    STOPPER.guard()  # from here on a signal stops the machine, which then cleans up
-    try:
-        with Machine(config) as vm, _control_server(control, vm):
-            STOPPER.attach(vm.stop)
-            plan = vm.load(guest, **load)
-            if plan.format == FLAT_FORMAT and load["mode"] is None:
-                _note(f"{guest} is a flat binary: it starts in {_where(plan)} (--mode, --load-addr and --entry change that)")
-            if vm.gdb_server is not None:
-                waiting = "waiting for gdb" if config.gdb_wait else "gdb can attach"
-                click.echo(f"pykvm: {waiting}: target remote {vm.gdb_server.gdb_address}", err=True)
-            if SerialConfig.parse(config.serial).kind == "stdio":
-                forwarder = StdinForwarder(vm.serial.receive)
-                STOPPER.before_exit(forwarder.stop)
-                forwarder.start()
-            return vm.run(timeout=timeout), plan, vm.serial_output.transmitted
-    finally:
-        if forwarder is not None:
-            forwarder.stop()
-        STOPPER.release()
 
 
 FORMAT_NAMES = {"flat": "a flat binary", "elf": "an ELF kernel", "multiboot": "a multiboot kernel",
@@ -250,6 +301,17 @@ def _control_server(path: str | None, vm: Machine) -> contextlib.AbstractContext
     from .control_socket import ControlServer  # only a machine with --control needs it
 
     return contextlib.closing(ControlServer(path, vm))
+
+
+def _event_writer(target: str | None, vm: Machine) -> contextlib.AbstractContextManager[object]:
+    """The machine's lifecycle events written to ``target`` (PATH or fd:N) as JSON lines."""
+    if target is None:
+        return contextlib.nullcontext()
+    from .events import JsonLinesWriter
+
+    writer = JsonLinesWriter(target)
+    vm.events.listen(writer)
+    return contextlib.closing(writer)
 
 
 def _report(result: RunResult, stats: bool) -> None:
@@ -335,3 +397,35 @@ def ctl_stats(path: str, as_json: bool, timeout: float) -> None:
 def ctl_info(path: str, as_json: bool, timeout: float) -> None:
     """What the machine is: memory, vCPUs, devices, balloon, RSS, page sharing."""
     _control(path, {"cmd": "info"}, as_json, timeout)
+
+
+@ctl.command("snapshot")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--stop", is_flag=True, help="End the run once the snapshot is written (status 0).")
+@_ctl_options
+@click.pass_obj
+def ctl_snapshot(path: str, directory: str, stop: bool, as_json: bool, timeout: float) -> None:
+    """Save the running machine as a snapshot in DIRECTORY (`pykvm run --restore DIRECTORY` runs it)."""
+    _control(path, {"cmd": "snapshot", "path": str(Path(directory).resolve()), "stop": stop}, as_json, timeout)
+
+
+@main.group()
+def snapshot() -> None:
+    """Look at snapshots (`Machine.snapshot`, `pykvm ctl PATH snapshot DIR`)."""
+
+
+@snapshot.command("info")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def snapshot_info(directory: Path, as_json: bool) -> None:
+    """What the snapshot in DIRECTORY holds: the machine, its sizes, where it comes from."""
+    import json
+
+    from .snapshot import format_manifest, read_info
+    from .snapshot.codec import encode
+
+    try:
+        manifest = read_info(directory)
+    except PykvmError as err:
+        _fail(err)
+    click.echo(json.dumps(encode(manifest), indent=1) if as_json else format_manifest(directory, manifest))

@@ -19,7 +19,13 @@ malformed request (not JSON, not an object, no or unknown ``cmd``, bad arguments
     ``pid``, ``memory`` (guest RAM), ``cpus``, ``devices`` (virtio device names),
     ``rss`` (the pykvm process), ``guest_resident`` (guest RAM resident on the host),
     ``share_pages`` (and ``ksm``, :func:`~pykvm.memory_policy.ksm_status`, when it is on),
-    ``balloon``: null or ``{"target", "actual", "features"}``.
+    ``balloon``: null or ``{"target", "actual", "features"}``; ``state`` (``created``,
+    ``running``, ``paused``, ``stopped``), ``uptime`` (seconds since the first run began),
+    ``exits`` (by reason), ``vcpus``: ``[{"id", "rip", "mode", "cpl"}]`` (:meth:`Machine.status`).
+``{"cmd": "snapshot", "path": DIR}``
+    Save the machine as a snapshot directory at ``DIR`` (it runs on; with ``"stop": true`` the
+    run then ends, status 0).  Answer: ``path``, ``memory_bytes`` (RAM the memory file holds),
+    ``seconds``.
 ``{"cmd": "balloon", "target": "32M"}``
     Set the balloon's size (a size string as for ``-m``, or bytes); with ``"wait": seconds``
     wait until the driver's ``actual`` reaches it.  Answer: ``target``, ``actual``, and
@@ -41,6 +47,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -97,6 +104,7 @@ class ControlServer:
             "info": self._info,
             "balloon": self._balloon,
             "stats": self._stats,
+            "snapshot": self._snapshot,
         }
         _remove_stale(path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -283,7 +291,20 @@ class ControlServer:
             answer["ksm"] = ksm_status()
         if balloon is not None:
             answer["balloon"] = {"target": balloon.target, "actual": balloon.actual, "features": balloon.negotiated}
+        status = self.machine.status()
+        answer.update(state=status.state, uptime=round(status.uptime, 3), exits=status.exits_by_reason,
+                      vcpus=[dataclasses.asdict(vcpu) for vcpu in status.vcpus])  # fmt: skip
         return answer
+
+    def _snapshot(self, request: dict[str, Any]) -> dict[str, Any]:
+        path = request.get("path")
+        if not isinstance(path, str) or not path:
+            raise RequestError("snapshot needs a 'path': the directory to write it to")
+        started = time.monotonic()
+        manifest = self.machine.snapshot(path)
+        if request.get("stop") is True:
+            self.machine.stop_after_snapshot(path)
+        return {"path": path, "memory_bytes": manifest.memory_data_bytes, "seconds": round(time.monotonic() - started, 3)}
 
     def _balloon(self, request: dict[str, Any]) -> dict[str, Any]:
         balloon = self._balloon_device()
@@ -406,7 +427,7 @@ def _mib(value: object) -> str:
 
 
 def format_answer(cmd: str, answer: dict[str, Any]) -> str:
-    """One line of human output for a successful answer to ``cmd``."""
+    """Human output for a successful answer to ``cmd`` (one line; ``info`` adds the run and each vCPU)."""
     if cmd == "balloon":
         line = f"balloon: target {_mib(answer.get('target'))}, actual {_mib(answer.get('actual'))}"
         if answer.get("reached") is False:
@@ -433,5 +454,13 @@ def format_answer(cmd: str, answer: dict[str, Any]) -> str:
             f"page sharing on (KSM {'running' if ksm.get('run') == 1 else 'not running'}, "
             f"saved {_mib(ksm.get('saved_bytes', 0))} host-wide)")  # fmt: skip
         parts.append(sharing)
-        return ", ".join(parts)
+        lines = [", ".join(parts)]
+        if "state" in answer:
+            exits = ", ".join(f"{name} {count}" for name, count in sorted((answer.get("exits") or {}).items()))
+            lines.append(f"state: {answer['state']}, up {answer.get('uptime', 0):.1f} s; exits: {exits or 'none'}")
+            lines += [f"vCPU {v.get('id')}: {v.get('mode')} mode, CPL {v.get('cpl')}, rip {v.get('rip', 0):#x}"
+                      for v in answer.get("vcpus") or []]  # fmt: skip
+        return "\n".join(lines)
+    if cmd == "snapshot":
+        return f"snapshot: {answer.get('path')}: {_mib(answer.get('memory_bytes'))} of RAM in {answer.get('seconds')} s"
     return json.dumps(answer)

@@ -31,7 +31,7 @@ from .events import Events
 from .kvm import Kvm, Vcpu
 from .kvm.fastpath import Space
 from .native import lib
-from .result import MachineStatus, RunResult, RunStats, VcpuStatus
+from .result import ExitReason, MachineStatus, RunResult, RunStats, VcpuStatus
 from .runner import Runner
 from .x86.cpu import apply_entry
 from .x86.e820 import ram_regions
@@ -106,16 +106,17 @@ class Machine:
 
     @classmethod
     def restore(
-        cls, path: str | Path, *, kvm: Kvm | None = None, serial: str = "none", capture_serial: bool = False,
-        allow_changed_disks: bool = False, resettable: bool = False, record: str | Path | None = None,
-        replay: str | Path | None = None,
+        cls, path: str | Path, *, kvm: Kvm | None = None, kvm_path: str | None = None, serial: str = "none",
+        capture_serial: bool = False, allow_changed_disks: bool = False, resettable: bool = False,
+        record: str | Path | None = None, replay: str | Path | None = None,
     ) -> Machine:  # fmt: skip
         """A machine restored from the snapshot at ``path`` (see :meth:`snapshot`), ready to run.
 
         Guest RAM is mapped from the snapshot copy-on-write, so restoring costs the same for any
         RAM size and many machines restored from one snapshot share the pages none of them
         changed.  ``serial`` and ``capture_serial`` are as for a new machine; a disk image that
-        changed since the snapshot is refused unless ``allow_changed_disks``.  ``resettable``
+        changed since the snapshot is refused unless ``allow_changed_disks``; ``kvm_path`` names
+        the KVM device to use when no ``kvm`` is shared (the snapshot's is not).  ``resettable``
         makes the snapshot the machine's reset point (:meth:`reset`); KVM then logs the guest's
         writes, which costs a little at restore (about 3 ms per GiB of RAM here) and at run.
 
@@ -123,7 +124,7 @@ class Machine:
         feeds a log's inputs back instead of the host's (see :mod:`pykvm.replay`; both capture
         the serial output).
         """
-        options: dict[str, Any] = dict(kvm=kvm, serial=serial, allow_changed_disks=allow_changed_disks)
+        options: dict[str, Any] = dict(kvm=kvm, kvm_path=kvm_path, serial=serial, allow_changed_disks=allow_changed_disks)
         if record is not None and replay is not None:
             raise ConfigError("a machine either records its host inputs or replays them, not both")
         if record is not None:
@@ -340,6 +341,10 @@ class Machine:
         if self._reset_point is None:
             raise PykvmError("nothing to reset to: take a snapshot, or restore one with resettable=True, first")
         return reset(self, self._reset_point)
+
+    def stop_after_snapshot(self, path: str | Path) -> None:
+        """End the current run as saved to the snapshot at ``path`` (status 0)."""
+        self._runner.end(Stop(ExitReason.SNAPSHOTTED, f"saved to the snapshot {path}, then stopped"))
 
     def mark_ready(self, cmdline: bytes) -> None:
         """The guest is loaded (or its state restored) with this command line: it may run."""

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from pykvm.config import MachineConfig
+from pykvm.result import MachineStatus, VcpuStatus
 from pykvm.control_socket import MAX_CONNECTIONS, MAX_LINE, ControlError, ControlServer, format_answer, request
 from pykvm.devices.virtio import mmio
 from pykvm.devices.virtio.balloon import F_STATS_VQ, VirtioBalloon
@@ -41,6 +42,7 @@ def machine():  # type: ignore[no-untyped-def]
         memory=memory,
         balloon=balloon,
         devices=SimpleNamespace(virtio=[SimpleNamespace(device=balloon)]),
+        status=lambda: MachineStatus("created", 0.0, {}, (VcpuStatus(0, 0x7C00, "real", 0),)),
         driver=driver,
     )
     yield stand_in

@@ -279,7 +279,7 @@ def test_a_snapshot_replaces_an_older_one_but_nothing_else(saved, machine_factor
     machine = machine_factory()
     machine.load(guest("hello_long.elf"))
     machine.snapshot(saved)  # an older snapshot: replaced
-    assert snapshot_format.read_manifest(saved).cmdline == ""
+    assert snapshot_format.read_manifest(saved).cmdline == b""
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep").write_text("mine")
