@@ -82,3 +82,9 @@ class StateError(PykvmError):
 class SnapshotError(PykvmError):
     """A snapshot cannot be written or read: a missing, truncated or corrupt file, another format
     version, or a host or disk that does not match what the snapshot's guest saw."""
+
+
+class MigrationError(PykvmError):
+    """A live migration failed: the destination is gone, refused the guest or timed out, the
+    stream is broken or not pykvm's, or the guest's memory never converged.  On the source
+    the guest goes on running; on the destination no guest is left."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from .boot import load_image
 from .boot.plan import BootPlan, LoadRequest, Module
 from .builder import build
-from .config import MachineConfig
+from .config import DiskConfig, MachineConfig, NetConfig
 from .control import Stop
 from .devices.fw_cfg import set_cmdline
 from .dispatch import EXIT_NAMES, ExitDispatcher
@@ -27,7 +27,7 @@ from .errors import ConfigError, GuestMemoryError, ImageError, PykvmError
 from .kvm import Kvm
 from .kvm.fastpath import Space
 from .native import lib
-from .result import RunResult, RunStats
+from .result import ExitReason, RunResult, RunStats
 from .runner import Runner
 from .x86.cpu import apply_entry
 from .x86.entry import CpuMode
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .config import MachineOptions
     from .devices.virtio.device import VirtioDevice
     from .devices.manager import VirtioSlot
+    from .migration import Migration, MigrationResult
     from .snapshot import Manifest, ResetPoint
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,10 @@ class Machine:
         self._construct(dataclasses.replace(config, **options) if options else config, kvm, None)
 
     @classmethod
-    def restoring(cls, config: MachineConfig, kvm: Kvm | None, memory_file: int) -> Machine:
-        """A machine whose guest RAM is ``memory_file`` (copy-on-write), for :func:`pykvm.snapshot.restore`
-        to put a saved state into; not ready to run until it has."""
+    def restoring(cls, config: MachineConfig, kvm: Kvm | None, memory_file: int | None) -> Machine:
+        """A machine whose guest RAM is ``memory_file`` (copy-on-write; anonymous without one), for
+        :func:`pykvm.snapshot.restore` or a migration to put a saved state into; not ready to run
+        until it has."""
         machine = cls.__new__(cls)
         machine._construct(config, kvm, memory_file)
         return machine
@@ -101,6 +103,28 @@ class Machine:
         return restore(path, kvm=kvm, serial=serial, capture_serial=capture_serial,
                        allow_changed_disks=allow_changed_disks)  # fmt: skip
 
+    @classmethod
+    def incoming(
+        cls, uri: str, *, kvm: Kvm | None = None, serial: str = "none", capture_serial: bool = False,
+        disks: Sequence[str | Path | DiskConfig] = (), net: NetConfig | None = None,
+        token: str | bytes | None = None, timeout: float | None = None,
+    ) -> Machine:  # fmt: skip
+        """A machine whose guest arrives by live migration on ``uri`` (``tcp:HOST:PORT``,
+        ``unix:PATH`` or ``fd:N``; see :meth:`migrate`), ready to run once all of it arrived.
+
+        ``serial`` and ``capture_serial`` are as for :meth:`restore`.  The guest's disk images
+        must be among ``disks`` (the same images the source uses) and its network device needs
+        ``net``: the stream never chooses host resources by itself.  With ``token`` only a source
+        that knows it is accepted.  ``timeout`` bounds the wait and the transfer (seconds).  A
+        stream that is broken, truncated or does not fit raises
+        :class:`~pykvm.errors.MigrationError` and leaves no machine.
+        """
+        from .migration import Incoming
+
+        with Incoming(uri) as endpoint:
+            return endpoint.receive(kvm=kvm, serial=serial, capture_serial=capture_serial, disks=disks,
+                                    net=net, token=token, timeout=timeout)  # fmt: skip
+
     def _construct(self, config: MachineConfig, kvm: Kvm | None, memory_file: int | None) -> None:
         self.config = config
         self.config.validate()
@@ -111,6 +135,8 @@ class Machine:
         self._msrs: list[int] | None = None
         self._reset_point: ResetPoint | None = None
         self._serial_error_reported = False
+        self.migration: Migration | None = None  # the latest migration of this machine's guest
+        self._migrated_to: str | None = None
         try:
             parts = build(self.config, kvm, self._request_stop, self._closing, memory_file)
         except BaseException:
@@ -206,6 +232,8 @@ class Machine:
         """Run the guest until it stops (or ``timeout`` seconds pass) and say how it ended."""
         if self._closed:
             raise PykvmError("this machine is closed")
+        if self._migrated_to is not None:
+            raise PykvmError(f"this machine's guest migrated to {self._migrated_to}; it runs there now")
         if not self._ready:
             raise PykvmError("nothing to run: load a guest image (or restore a snapshot) first")
         if timeout is not None and not timeout > 0:
@@ -249,6 +277,50 @@ class Machine:
         """Let a paused run go on."""
         self._runner.resume()
 
+    def nap(self, seconds: float) -> None:
+        """Keep every vCPU of the current run out of the guest for ``seconds`` from its next exit
+        boundary, without waiting for it (a migration throttles a guest this way)."""
+        self._runner.nap(seconds)
+
+    # --- live migration -------------------------------------------------------------------------
+    def migrate(
+        self, uri: str, *, downtime_ms: float = 300, timeout: float = 600, bandwidth: int | None = None,
+        token: str | bytes | None = None, auto_converge: bool = True,
+    ) -> MigrationResult:  # fmt: skip
+        """Move the guest, running or not, to the machine waiting at ``uri`` (:meth:`incoming`).
+
+        Memory is copied while the guest runs, then again what it wrote meanwhile, until the rest
+        can be sent within ``downtime_ms``; then the guest is paused, the rest and its state are
+        sent, and once the destination accepted it the run here ends as
+        :attr:`~pykvm.result.ExitReason.MIGRATED` (status 0) and the disk images are let go.
+        ``bandwidth`` limits the stream (bytes/s); ``auto_converge`` throttles a guest that writes
+        faster than the link sends; ``timeout`` (seconds) bounds the whole migration; ``token``
+        is a secret the destination must share.  Any failure raises
+        :class:`~pykvm.errors.MigrationError` and the guest runs on here.  :attr:`migration`
+        tells the progress meanwhile (``vm.migration.progress()``).
+        """
+        from .migration import Migration
+
+        if self._closed:
+            raise PykvmError("this machine is closed")
+        if not self._ready or self._migrated_to is not None:
+            raise PykvmError("nothing to migrate: load a guest image (or restore a snapshot) first")
+        if self.migration is not None and self.migration.active:
+            raise PykvmError(f"this machine's guest is being migrated to {self.migration.progress().uri} already")
+        point = self._reset_point
+        self.migration = Migration(
+            self, uri, downtime_ms=downtime_ms, timeout=timeout, bandwidth=bandwidth, token=token,
+            auto_converge=auto_converge, hand_over=self._hand_over,
+            note_written=point.written.extend if point is not None else None,
+        )  # fmt: skip
+        return self.migration.run()
+
+    def _hand_over(self, uri: str) -> None:
+        """The destination took the guest (this machine's run is paused): the run ends here."""
+        self._migrated_to = uri
+        if self.running:
+            self._runner.request_stop(Stop(ExitReason.MIGRATED, f"the guest migrated to {uri}"))
+
     # --- snapshots ----------------------------------------------------------------------
     def snapshot(self, path: str | Path) -> Manifest:
         """Save the machine (running or not) as a snapshot directory at ``path``; it goes on.
@@ -258,6 +330,7 @@ class Machine:
         """
         from .snapshot import save
 
+        self._refuse_during_migration("snapshot")
         return save(self, path)
 
     def reset(self) -> int:
@@ -270,7 +343,13 @@ class Machine:
 
         if self._reset_point is None:
             raise PykvmError("nothing to reset to: take a snapshot (or restore one) first")
+        self._refuse_during_migration("reset")
         return reset(self, self._reset_point)
+
+    def _refuse_during_migration(self, what: str) -> None:
+        """A snapshot or reset would read the dirty log a migration relies on."""
+        if self.migration is not None and self.migration.active:
+            raise PykvmError(f"cannot {what} while the guest is being migrated; wait for the migration to end")
 
     def mark_ready(self, cmdline: str) -> None:
         """The guest is loaded (or its state restored) with this command line: it may run."""

@@ -23,6 +23,7 @@ class ExitReason(str, enum.Enum):
     UNHANDLED = "unhandled-exit"  # an exit reason pykvm does not handle
     TIMEOUT = "timeout"  # run(timeout=...) expired
     STOPPED = "stopped"  # Machine.stop(): the user or a signal ended the run
+    MIGRATED = "migrated"  # Machine.migrate(): the guest runs on in another process
 
 
 # Process statuses.  Debug-exit statuses are always odd, so every other status is even.
@@ -30,6 +31,7 @@ STATUS = {
     ExitReason.HALTED: 0,
     ExitReason.POWEROFF: 0,
     ExitReason.RESET: 0,
+    ExitReason.MIGRATED: 0,
     ExitReason.UNHANDLED: 112,
     ExitReason.TRIPLE_FAULT: 114,
     ExitReason.INTERNAL_ERROR: 116,
