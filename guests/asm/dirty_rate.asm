@@ -43,7 +43,7 @@ MB_AOUT_KLUDGE  equ 1 << 16
 MB_FLAGS        equ MB_AOUT_KLUDGE
 AREA            equ 0x400000
 DEFAULT_LINE_TICKS equ 100
-DEBT_TICKS      equ 2                   ; ticks of writing caught up on after a pause (a scale of lea)
+DEBT_TICKS      equ 1                   ; ticks of writing caught up on after a pause (a scale of lea)
 EOT             equ 0x04
 TICK_VECTOR     equ PIC1_VECTOR + 0
 UART_VECTOR     equ PIC1_VECTOR + COM1_IRQ

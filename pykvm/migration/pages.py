@@ -30,7 +30,7 @@ class PageSender:
     """Sends pages of ``memory`` through ``writer``, counting the pages sent as data and as zeros."""
 
     def __init__(self, writer: StreamWriter, memory: GuestMemory) -> None:
-        self._writer = writer
+        self.writer = writer
         self._memory = memory
         self.data_pages = 0
         self.zero_pages = 0
@@ -61,11 +61,11 @@ class PageSender:
                 if zero:
                     self._zero(gpa + first, (end - first) // PAGE_SIZE)
                 else:
-                    self._writer.pages(gpa + first, data[first:end])
+                    self.writer.pages(gpa + first, data[first:end])
                     self.data_pages += (end - first) // PAGE_SIZE
 
     def _zero(self, gpa: int, pages: int) -> None:
-        self._writer.zero(gpa, pages)
+        self.writer.zero(gpa, pages)
         self.zero_pages += pages
 
     def _touched_runs(self, region: MemoryRegion) -> Iterator[tuple[int, int, bool]]:

@@ -36,8 +36,8 @@ from .dirty import Dirty, DirtyLog, Runs
 from .pages import PageSender
 from .throttle import Throttle
 from .wire import (
-    ACCEPTED, ANSWER, GREETING, HELLO, MAGIC, MAX_REASON_BYTES, NONCE_BYTES, PAGE_SIZE, READY, VERSION, Channel,
-    StreamWriter, check_magic, check_proof, proof,
+    ACCEPTED, ANSWER, GREETING, HELLO, MAGIC, MAX_REASON_BYTES, NONCE_BYTES, PAGE_SIZE, READY, REFUSED, VERSION,
+    Channel, StreamWriter, check_magic, check_proof, proof,
 )  # fmt: skip
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ STREAM_FORMAT = "pykvm-migration"
 # what the round sent; two such rounds throttle the guest (harder).
 DIRTY_RATE_HIGH = 0.5
 ROUNDS_TOO_FAST = 2
+REFUSAL_WAIT = 1.0  # seconds to look for the destination's reason once the stream broke
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +125,7 @@ class Migration:
         self._started = time.monotonic()
         self._throttle = Throttle(machine.nap)
         self._rounds = 0  # pre-copy rounds done
+        self._sender: PageSender | None = None
         self._disks: list[VirtioBlock] = []
 
     @property
@@ -131,9 +133,14 @@ class Migration:
         return self._progress.phase not in ("completed", "failed")
 
     def progress(self) -> MigrationProgress:
-        """A consistent copy of where the migration stands (callable from any thread)."""
+        """Where the migration stands (callable from any thread): the counters as they are now, the
+        rates and estimates of the last look at the dirty log."""
         with self._lock:
-            return dataclasses.replace(self._progress, elapsed=time.monotonic() - self._started)
+            progress = dataclasses.replace(self._progress, elapsed=time.monotonic() - self._started)
+        if self._sender is not None:
+            progress = dataclasses.replace(progress, bytes_sent=self._sender.writer.count,
+                                           data_pages=self._sender.data_pages, zero_pages=self._sender.zero_pages)  # fmt: skip
+        return progress
 
     def _update(self, **fields: object) -> None:
         with self._lock:
@@ -149,12 +156,16 @@ class Migration:
             try:
                 self._handshake(channel)
                 return self._migrate(channel)
+            except MigrationError as err:
+                raise _refusal(channel) or err
             finally:
                 channel.close()
         except PykvmError as err:
-            self._update(phase="failed")
             reason = str(err) if isinstance(err, MigrationError) else f"{type(err).__name__}: {err}"
             raise MigrationError(f"migration to {self._uri} failed: {reason}; the guest runs on here") from err
+        finally:
+            if self._progress.phase != "completed":
+                self._update(phase="failed")
 
     def _handshake(self, channel: Channel) -> None:
         magic, version, their_nonce = GREETING.unpack(channel.receive(GREETING.size))
@@ -176,7 +187,7 @@ class Migration:
         was_running = machine.running
         self._disks = _disks(machine)
         writer = StreamWriter(channel, self._bandwidth_limit)
-        sender = PageSender(writer, machine.memory)
+        sender = self._sender = PageSender(writer, machine.memory)
         log = DirtyLog(machine, self._note_written)
         with machine.paused_for_snapshot():
             log.start()
@@ -208,10 +219,8 @@ class Migration:
             written = dirty.pages() * PAGE_SIZE
             expected = written / bandwidth if bandwidth else (0.0 if not written else float("inf"))
             self._update(
-                round=round_number, bytes_sent=writer.count, data_pages=sender.data_pages,
-                zero_pages=sender.zero_pages, dirty_pages=dirty.pages(),
-                dirty_rate=written / max(time.monotonic() - began, 1e-6), bandwidth=bandwidth,
-                expected_downtime_ms=expected * 1000, throttle=self._throttle.share,
+                round=round_number, dirty_pages=dirty.pages(), dirty_rate=written / max(time.monotonic() - began, 1e-6),
+                bandwidth=bandwidth, expected_downtime_ms=expected * 1000, throttle=self._throttle.share,
             )  # fmt: skip
             if expected <= self._downtime:
                 self._rounds = round_number + 1
@@ -260,14 +269,23 @@ class Migration:
             self._uri, (time.monotonic() - self._started) * 1000, downtime * 1000, self._rounds + 1,
             writer.count, sender.data_pages, sender.zero_pages, self._throttle.share,
         )  # fmt: skip
-        self._update(phase="completed", bytes_sent=writer.count, data_pages=sender.data_pages,
-                     zero_pages=sender.zero_pages)  # fmt: skip
+        self._update(phase="completed")
         return result
 
 
 def _send_dirty(log: DirtyLog, sender: PageSender, dirty: Dirty) -> None:
     for runs in log.windows(dirty):
         sender.send(runs)
+
+
+def _refusal(channel: Channel) -> MigrationError | None:
+    """The destination's reason, if it refused the guest and closed the stream (after a failed send)."""
+    channel.deadline = time.monotonic() + REFUSAL_WAIT
+    try:
+        status, _, reason = _answer(channel)
+    except MigrationError:
+        return None
+    return MigrationError(f"the destination refused the guest: {reason}") if status == REFUSED else None
 
 
 def _answer(channel: Channel) -> tuple[int, bytes, str]:
