@@ -40,13 +40,13 @@ from test_snapshot import Background, guest_ram_digest, input_sum, wait_for_outp
 pytestmark = pytest.mark.kvm
 
 MIB = 1 << 20
-PARAMS = 0x100020  # dirty_rate.bin: pages per tick, area pages, ticks per line
+PARAMS = 0x100020  # dirty_rate.bin: pages per second, area pages, ticks per line
 EOT = b"\x04"
 
 
 def dirty_rate(machine_factory: Callable[..., Machine], rate: int = 0, area: int = 0, **config: Any) -> Machine:
-    """A machine running nothing yet, loaded with dirty_rate.bin writing ``rate`` pages per ms over
-    ``area`` pages (4 KiB each), printing a line every 20 ms."""
+    """A machine running nothing yet, loaded with dirty_rate.bin writing ``rate`` pages (4 KiB) per
+    second over ``area`` pages, printing a line every 20 ms."""
     machine = machine_factory(**config)
     machine.load(guest("dirty_rate.bin"))
     for offset, value in enumerate((rate, area, 20)):
@@ -172,7 +172,7 @@ def test_a_counting_guest_moves_and_every_line_appears_once_across_both(machine_
     finished = finish(moved, Background(moved), b"after")
     assert finished.status == 1
     assert_every_line_once(ended.serial + finished.serial, b"beforeafter")
-    assert last_line_number(finished.serial) > last_line_number(ended.serial) > 3  # the count went on
+    assert last_line_number(finished.serial) > last_line_number(ended.serial) >= 3  # the count went on
     assert result.rounds >= 2 and result.zero_pages > 0 and result.bytes_sent > 0
     assert 0 < result.downtime_ms < result.total_ms and result.max_throttle == 0
     assert source.migration.progress().phase == "completed"
@@ -181,7 +181,7 @@ def test_a_counting_guest_moves_and_every_line_appears_once_across_both(machine_
 
 
 def test_a_guest_writing_slower_than_the_link_converges_unthrottled(machine_factory, destinations, tmp_path) -> None:
-    source = dirty_rate(machine_factory, rate=1, area=2048)  # 4 MiB/s over 8 MiB; the link: 64 MiB/s
+    source = dirty_rate(machine_factory, rate=1024, area=2048)  # 4 MiB/s over 8 MiB; the link: 64 MiB/s
     result, ended, moved = migrate(source, destinations(f"unix:{tmp_path}/m.sock"), bandwidth=64 * MIB)
     assert result.max_throttle == 0 and result.data_pages > 0
     finished = finish(moved, Background(moved))
@@ -190,7 +190,7 @@ def test_a_guest_writing_slower_than_the_link_converges_unthrottled(machine_fact
 
 def test_a_guest_writing_faster_than_the_link_is_throttled_until_it_converges(machine_factory, destinations,
                                                                               tmp_path) -> None:  # fmt: skip
-    source = dirty_rate(machine_factory, rate=6, area=512)  # 24 MiB/s over 2 MiB; the link: 8 MiB/s
+    source = dirty_rate(machine_factory, rate=6144, area=512)  # 24 MiB/s over 2 MiB; the link: 8 MiB/s
     seen: list[MigrationProgress] = []
     watching = threading.Event()
 
@@ -219,7 +219,7 @@ def test_a_guest_writing_faster_than_the_link_is_throttled_until_it_converges(ma
 
 def test_a_guest_that_never_converges_times_out_and_runs_on_at_the_source(machine_factory, destinations,
                                                                           tmp_path) -> None:  # fmt: skip
-    source = dirty_rate(machine_factory, rate=6, area=512)
+    source = dirty_rate(machine_factory, rate=6144, area=512)
     destination = destinations(f"unix:{tmp_path}/m.sock")
     run = Background(source)
     wait_for_output(source, b"line 3\n")
@@ -238,7 +238,7 @@ def test_a_guest_that_never_converges_times_out_and_runs_on_at_the_source(machin
 def test_a_machine_with_a_reset_point_still_resets_exactly_after_a_failed_migration(machine_factory, destinations,
                                                                                      tmp_path) -> None:  # fmt: skip
     """The pages a migration took from the dirty log are still put back by reset()."""
-    source = dirty_rate(machine_factory, rate=6, area=512)
+    source = dirty_rate(machine_factory, rate=6144, area=512)
     run = Background(source)
     wait_for_output(source, b"line 3\n")
     source.snapshot(tmp_path / "snap")
@@ -320,7 +320,7 @@ def test_a_guest_with_virtio_blk_io_in_flight_moves_and_its_requests_all_land_on
 
 # --- failures leave the guest at the source -------------------------------------------------------------
 def test_the_destination_killed_mid_stream_leaves_the_guest_running_at_the_source(machine_factory, tmp_path) -> None:
-    source = dirty_rate(machine_factory, rate=4, area=4096)  # 16 MiB of data to send at 4 MiB/s
+    source = dirty_rate(machine_factory, rate=4096, area=4096)  # 16 MiB of data to send at 4 MiB/s
     path = tmp_path / "m.sock"
     destination = subprocess.Popen(
         [sys.executable, "-c", f"from pykvm import Machine; Machine.incoming({f'unix:{path}'!r}, timeout=120)"]
@@ -360,7 +360,7 @@ def test_destinations_that_are_absent_refuse_or_do_not_fit_leave_the_guest_runni
     image.write_bytes(bytes(MIB))
     other = tmp_path / "other.img"
     other.write_bytes(bytes(2 * MIB))
-    source = dirty_rate(machine_factory, rate=1, area=256, disks=(DiskConfig(str(image)),))
+    source = dirty_rate(machine_factory, rate=1024, area=256, disks=(DiskConfig(str(image)),))
     run = Background(source)
     wait_for_output(source, b"line 3\n")
     with socket.socket(socket.AF_INET) as unused:
@@ -481,7 +481,7 @@ def state_offset(records: bytes) -> int:
 def test_a_recorded_stream_replays_into_a_working_guest_and_any_damage_leaves_none(machine_factory, tmp_path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(MIB))
-    source = dirty_rate(machine_factory, rate=1, area=64, disks=(DiskConfig(str(image)),))
+    source = dirty_rate(machine_factory, rate=1024, area=64, disks=(DiskConfig(str(image)),))
     run = Background(source)
     wait_for_output(source, b"line 3\n")
     hello, records = record_stream(source, tmp_path)

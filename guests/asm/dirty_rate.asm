@@ -13,13 +13,14 @@
 ;
 ; Parameters: three qwords at PARAMS (0x100020, file offset 0x20), zero unless the host patches the image
 ; or writes guest memory before the first run:
-;   PARAMS + 0    pages to write per PIT tick (0: none: an idle guest)
+;   PARAMS + 0    pages to write per second (0: none: an idle guest; 2560 = 10 MiB/s)
 ;   PARAMS + 8    pages in the area written, from AREA (0x400000) up (0: none); at most 1020 MiB of pages
 ;   PARAMS + 16   ticks between two printed lines (0: 100)
 ; At CPL3 it writes the area page by page, in passes: the qword at offset 0 of each page gets the number
 ; of the pass (1, 2, ...), after checking that the page held the previous pass's (0 before the first), so
-; a page the guest finds changed counts as an error.  It writes no more pages than ticks x rate, and after
-; a pause (a throttled guest) catches up at most DEBT_TICKS ticks' worth; with nothing to write it waits
+; a page the guest finds changed counts as an error.  It writes no more pages than the rate allows for the
+; PIT ticks so far, and after a pause (a throttled guest) catches up at most one tick's worth (rounded
+; up); with nothing to write it waits
 ; for the next interrupt (`int3` into a CPL0 handler that does `sti; hlt`).
 ;
 ; Prints, from the tick handler, every PARAMS + 16 ticks:
@@ -43,7 +44,7 @@ MB_AOUT_KLUDGE  equ 1 << 16
 MB_FLAGS        equ MB_AOUT_KLUDGE
 AREA            equ 0x400000
 DEFAULT_LINE_TICKS equ 100
-DEBT_TICKS      equ 1                   ; ticks of writing caught up on after a pause (a scale of lea)
+TICKS_PER_SECOND equ 1000
 EOT             equ 0x04
 TICK_VECTOR     equ PIC1_VECTOR + 0
 UART_VECTOR     equ PIC1_VECTOR + COM1_IRQ
@@ -73,7 +74,7 @@ mb_header:                              ; the multiboot header, with the a.out k
         dd bss_end                      ; bss_end_addr
         dd _start                       ; entry_addr
 params:
-pages_per_tick: dq 0
+pages_per_second: dq 0
 area_pages:     dq 0
 line_ticks:     dq 0
 
@@ -146,15 +147,21 @@ long_mode:
         iretq
 
 ; ---- CPL3: the writer ---------------------------------------------------------------------------------------
-; RBX = position (page index in the area), R12 = AREA, R13 = area pages, R14 = pages per tick,
-; R15 = pass, RBP = the pace's count of pages written, R11 = pages written.
+; RBX = position (page index in the area), R12 = AREA, R13 = area pages, R14 = pages per second,
+; R15 = pass, RBP = the pace's count of pages written, R11 = pages written, R10 = the most pages caught up
+; on at once (a tick's worth, rounded up), R9 = ticks per second.
 user_main:
         mov r12, AREA
         mov r13, [area_pages]
-        mov r14, [pages_per_tick]
+        mov r14, [pages_per_second]
         test r13, r13
-        jnz .start
+        jnz .debt
         xor r14d, r14d                  ; no area: nothing to write
+.debt:  mov r9d, TICKS_PER_SECOND
+        mov rax, r14
+        xor edx, edx
+        div r9
+        lea r10, [rax + 1]
 .start: xor ebx, ebx
         mov r15d, 1
         xor ebp, ebp
@@ -162,13 +169,14 @@ user_main:
 .loop:  cmp byte [finish], 0
         jne .finish
         mov rax, [ticks]
-        imul rax, r14                   ; pages allowed so far
-        lea rcx, [rbp + r14 * DEBT_TICKS]
+        imul rax, r14
+        xor edx, edx
+        div r9                          ; pages allowed so far
+        lea rcx, [rbp + r10]
         cmp rax, rcx
         jbe .paced
-        lea rbp, [r14 * DEBT_TICKS]     ; far behind (paused): forget all but DEBT_TICKS ticks' worth
-        neg rbp
-        add rbp, rax
+        mov rbp, rax                    ; far behind (paused): forget all but a tick's worth
+        sub rbp, r10
 .paced: cmp rbp, rax
         jae .wait
         mov rdi, rbx
