@@ -9,7 +9,10 @@ in-kernel devices, every device, through :mod:`pykvm.snapshot`) and waits for th
 destination to accept it.  Then the run here ends as :attr:`~pykvm.result.ExitReason.MIGRATED`
 and the disk images are let go.
 
-A guest that writes faster than the link sends is throttled (:mod:`.throttle`, auto-converge)
+Once what is left fits in the limit, rounds go on while each still leaves much less than the
+one before (as long as a round finds under half of what it sent written again), so the guest
+is paused with as little as possible left; the limit itself is QEMU's and Cloud Hypervisor's
+300 ms by default.  A guest that writes faster than the link sends is throttled (:mod:`.throttle`, auto-converge)
 when two rounds found more than half as much written as they sent, harder each time; and the
 whole migration has a time limit.  Anything that goes wrong before the destination accepted
 the guest (it is gone, refuses, is too slow, the guest never converges or stops by itself)
@@ -49,6 +52,9 @@ STREAM_FORMAT = "pykvm-migration"
 # what the round sent; two such rounds throttle the guest (harder).
 DIRTY_RATE_HIGH = 0.5
 ROUNDS_TOO_FAST = 2
+# Within the downtime limit, another round is sent while it would leave less than this share of
+# what the last one sent: the guest is paused with as little as possible left to copy.
+STILL_CONVERGING = 0.5
 REFUSAL_WAIT = 1.0  # seconds to look for the destination's reason once the stream broke
 
 
@@ -77,6 +83,7 @@ class MigrationResult:
     uri: str
     total_ms: float  # from the call to the destination's acceptance
     downtime_ms: float  # from pausing the guest here to the destination's acceptance
+    final_copy_ms: float  # from pausing the guest to the last byte sent (where QEMU's "downtime" ends)
     rounds: int
     bytes_sent: int
     data_pages: int
@@ -222,7 +229,7 @@ class Migration:
                 round=round_number, dirty_pages=dirty.pages(), dirty_rate=written / max(time.monotonic() - began, 1e-6),
                 bandwidth=bandwidth, expected_downtime_ms=expected * 1000, throttle=self._throttle.share,
             )  # fmt: skip
-            if expected <= self._downtime:
+            if expected <= self._downtime and not (written and sent and written < STILL_CONVERGING * sent):
                 self._rounds = round_number + 1
                 return dirty
             if time.monotonic() - self._started > self._timeout:
@@ -258,6 +265,7 @@ class Migration:
                 _flush(disk.fd)
             writer.state(format_state(capture(machine)))
             writer.end()
+            sent = time.monotonic()
             status, _, reason = _answer(channel)
             if status != ACCEPTED:
                 raise MigrationError(f"the destination refused the guest: {reason}")
@@ -266,8 +274,8 @@ class Migration:
         for disk in self._disks:
             disk.close()  # the destination has the images now (and their locks, where taken)
         result = MigrationResult(
-            self._uri, (time.monotonic() - self._started) * 1000, downtime * 1000, self._rounds + 1,
-            writer.count, sender.data_pages, sender.zero_pages, self._throttle.share,
+            self._uri, (time.monotonic() - self._started) * 1000, downtime * 1000, (sent - paused) * 1000,
+            self._rounds + 1, writer.count, sender.data_pages, sender.zero_pages, self._throttle.share,
         )  # fmt: skip
         self._update(phase="completed")
         return result
