@@ -318,6 +318,32 @@ def test_a_guest_with_virtio_blk_io_in_flight_moves_and_its_requests_all_land_on
     assert all(data[(i % chunks) * 65536 : (i % chunks + 1) * 65536] == write_pattern(i) for i in last)
 
 
+def test_a_ballooned_guest_moves_with_its_balloon_and_deflates_at_the_destination(machine_factory, destinations,
+                                                                                   tmp_path) -> None:  # fmt: skip
+    """The balloon's state and queues go on; the 64 MiB the guest gave back travel as zero pages, not data."""
+    source = machine_factory(memory=128 * MIB, balloon=True)
+    source.load(guest("balloon.bin"), mode="long", cmdline="ws=16")
+    run = Background(source)
+    wait_for_output(source, b"touched")
+    source.balloon.target = 64 * MIB
+    assert source.balloon.wait_actual(64 * MIB, 60)
+    destination = destinations(f"unix:{tmp_path}/m.sock")
+    result = source.migrate(destination.uri)
+    ended = run.join()
+    assert ended.reason is ExitReason.MIGRATED and result.zero_pages >= 64 * MIB // 4096
+    moved = destination.join()
+    assert moved.balloon.actual == 64 * MIB and moved.balloon.target == 64 * MIB
+    moved_run = Background(moved)
+    moved.balloon.target = 0
+    assert moved.balloon.wait_actual(0, 60)
+    moved.serial.receive(b"q\n")
+    finished = moved_run.join()
+    assert finished.status == 1
+    output = (ended.serial + finished.serial).decode()
+    assert output.count("balloon: 16384 pages (64 MiB)\n") == 1 and output.count("balloon: 0 pages (0 MiB)\n") == 1
+    assert output.endswith("balloon: bye\n")
+
+
 # --- failures leave the guest at the source -------------------------------------------------------------
 def test_the_destination_killed_mid_stream_leaves_the_guest_running_at_the_source(machine_factory, tmp_path) -> None:
     source = dirty_rate(machine_factory, rate=4096, area=4096)  # 16 MiB of data to send at 4 MiB/s

@@ -26,9 +26,6 @@ TICK_VECTOR     equ PIC1_VECTOR + 0     ; IRQ 0
 UART_VECTOR     equ PIC1_VECTOR + COM1_IRQ
 PIC_SPURIOUS_VECTOR equ PIC1_VECTOR + 7
 IDT_GATES       equ PIC_SPURIOUS_VECTOR + 1
-COM1_RBR        equ 0x3f8
-COM1_LSR        equ 0x3fd
-LSR_DATA_READY  equ 0x01
 
 _start:
         mov dx, cs
@@ -98,18 +95,9 @@ tick_isr:
 uart_isr:
         push rax
         push rdx
-.next:  mov dx, COM1_LSR
-        in al, dx
-        test al, LSR_DATA_READY
-        jz .done
-        mov dx, COM1_RBR
-        in al, dx
-        movzx edx, al
-        mov rax, [input_sum]
-        imul rax, rax, 31
-        add rax, rdx
-        mov [input_sum], rax
-        inc qword [input_bytes]
+.next:  call uart_read
+        jc .done
+        call fold_input
         jmp .next
 .done:  mov al, PIC_EOI
         out PIC1_CMD, al

@@ -50,7 +50,6 @@ TICK_VECTOR     equ PIC1_VECTOR + 0
 UART_VECTOR     equ PIC1_VECTOR + COM1_IRQ
 PIC_SPURIOUS_VECTOR equ PIC1_VECTOR + 7
 IRQ_IDT_GATES   equ PIC_SPURIOUS_VECTOR + 1
-COM1_RBR        equ 0x3f8
 USER_RFLAGS_IF  equ USER_RFLAGS | 0x200
 CR4_PAE         equ 1 << 5
 CR0_PE_PG       equ 0x80000001
@@ -277,22 +276,13 @@ tick_isr:
 uart_isr:
         push rax
         push rdx
-.next:  mov dx, COM1_LSR
-        in al, dx
-        test al, LSR_DR
-        jz .done
-        mov dx, COM1_RBR
-        in al, dx
+.next:  call uart_read
+        jc .done
         cmp al, EOT
-        jne .fold
-        mov byte [finish], 1
+        je .eot
+        call fold_input
         jmp .next
-.fold:  movzx edx, al
-        mov rax, [input_sum]
-        imul rax, rax, 31
-        add rax, rdx
-        mov [input_sum], rax
-        inc qword [input_bytes]
+.eot:   mov byte [finish], 1
         jmp .next
 .done:  mov al, PIC_EOI
         out PIC1_CMD, al

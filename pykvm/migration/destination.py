@@ -29,7 +29,7 @@ from ..config import DiskConfig, MachineConfig, NetConfig
 from ..errors import GuestMemoryError, MigrationError, PykvmError
 from ..memory import GuestMemory
 from ..snapshot import apply, check_cpu, state_records
-from ..snapshot.codec import decode
+from ..snapshot.codec import decode, prepare
 from ..snapshot.format import MAX_STATE_BYTES, MachineState, Manifest
 from .source import STREAM_FORMAT
 from .uri import Listener
@@ -113,7 +113,8 @@ def _receive(channel: Channel, host: _HostChoices, token: bytes | None) -> Machi
         raise _as_migration_error(err) from err
     try:
         channel.send(answer(READY, proof(token, b"destination", their_nonce)))
-        records = state_records()  # imported now, not while the guest is paused at the source
+        records = state_records()
+        prepare(MachineState, records)  # now, not while the guest is paused at the source
         reader = StreamReader(channel.read_into, channel.peer)
         state = read_state(receive_records(reader, machine.memory, state_bound(manifest.config.cpus)), records)
         apply(machine, manifest.cmdline, state)

@@ -88,7 +88,7 @@ class DirtyLog:
         for bitmap in dirty.bitmaps:
             for first in range(0, bitmap.pages, WINDOW_PAGES):
                 window = _window(bitmap, first, WINDOW_PAGES)
-                if window:
+                if window is not None:
                     if self._manual:
                         self._vm.clear_dirty_log(window)
                     yield list(window.ranges())
@@ -110,9 +110,12 @@ class DirtyLog:
                     self._vm.clear_dirty_log(bitmap)
 
 
-def _window(bitmap: DirtyBitmap, first: int, pages: int) -> DirtyBitmap:
-    """``bitmap`` with only pages ``[first, first + pages)`` kept (``first`` a multiple of 64)."""
+def _window(bitmap: DirtyBitmap, first: int, pages: int) -> DirtyBitmap | None:
+    """``bitmap`` with only pages ``[first, first + pages)`` kept (``first`` a multiple of 64);
+    None when none of those is dirty."""
     start, end = first // 8, min((first + pages) // 8, len(bitmap.bitmap))
+    if bitmap.bitmap.count(0, start, end) == end - start:
+        return None
     kept = bytes(start) + bitmap.bitmap[start:end] + bytes(len(bitmap.bitmap) - end)
     return DirtyBitmap(bitmap.slot, bitmap.gpa, bitmap.pages, kept)
 

@@ -61,7 +61,7 @@ class PageSender:
                 if zero:
                     self._zero(gpa + first, (end - first) // PAGE_SIZE)
                 else:
-                    self.writer.pages(gpa + first, data[first:end])
+                    self.writer.pages(gpa + first, memoryview(data)[first:end])
                     self.data_pages += (end - first) // PAGE_SIZE
 
     def _zero(self, gpa: int, pages: int) -> None:

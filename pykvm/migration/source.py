@@ -32,8 +32,9 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import ConfigError, MigrationError, PykvmError
-from ..snapshot import capture, describe, format_state
-from ..snapshot.codec import encode
+from ..snapshot import capture, describe, format_state, state_records
+from ..snapshot.codec import encode, prepare
+from ..snapshot.format import MachineState
 from . import uri as uris
 from .dirty import Dirty, DirtyLog, Runs
 from .pages import PageSender
@@ -167,7 +168,7 @@ class Migration:
                 raise _refusal(channel) or err
             finally:
                 channel.close()
-        except PykvmError as err:
+        except (PykvmError, OSError) as err:
             reason = str(err) if isinstance(err, MigrationError) else f"{type(err).__name__}: {err}"
             raise MigrationError(f"migration to {self._uri} failed: {reason}; the guest runs on here") from err
         finally:
@@ -193,12 +194,13 @@ class Migration:
         machine = self._machine
         was_running = machine.running
         self._disks = _disks(machine)
+        prepare(MachineState, state_records())  # now, not while the guest is paused
         writer = StreamWriter(channel, self._bandwidth_limit)
         sender = self._sender = PageSender(writer, machine.memory)
         log = DirtyLog(machine, self._note_written)
-        with machine.paused_for_snapshot():
-            log.start()
         try:
+            with machine.paused_for_snapshot():
+                log.start()
             dirty = self._precopy(log, sender, writer, was_running)
             self._throttle.stop()
             return self._stop_and_copy(channel, log, sender, writer, dirty, was_running)
@@ -223,10 +225,11 @@ class Migration:
             self._check_running(was_running)
             with self._machine.paused_for_snapshot():
                 dirty = log.take()
-            written = dirty.pages() * PAGE_SIZE
+            pages = dirty.pages()
+            written = pages * PAGE_SIZE
             expected = written / bandwidth if bandwidth else (0.0 if not written else float("inf"))
             self._update(
-                round=round_number, dirty_pages=dirty.pages(), dirty_rate=written / max(time.monotonic() - began, 1e-6),
+                round=round_number, dirty_pages=pages, dirty_rate=written / max(time.monotonic() - began, 1e-6),
                 bandwidth=bandwidth, expected_downtime_ms=expected * 1000, throttle=self._throttle.share,
             )  # fmt: skip
             if expected <= self._downtime and not (written and sent and written < STILL_CONVERGING * sent):

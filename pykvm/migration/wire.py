@@ -188,7 +188,7 @@ class StreamWriter:
         self.crc = 0
         self.count = 0
 
-    def pages(self, gpa: int, data: bytes) -> None:
+    def pages(self, gpa: int, data: Buffer) -> None:
         self._record(Kind.PAGES, len(data) // PAGE_SIZE, gpa, data)
 
     def zero(self, gpa: int, pages: int) -> None:
@@ -200,12 +200,12 @@ class StreamWriter:
     def end(self) -> None:
         self._send(RECORD.pack(Kind.END, self.crc, self.count))
 
-    def _record(self, kind: Kind, count: int, address: int, payload: bytes = b"") -> None:
+    def _record(self, kind: Kind, count: int, address: int, payload: Buffer = b"") -> None:
         header = RECORD.pack(kind, count, address)
         self.crc = zlib.crc32(payload, zlib.crc32(header, self.crc))
         self._send(header, payload)
 
-    def _send(self, *parts: bytes) -> None:
+    def _send(self, *parts: Buffer) -> None:
         size = sum(len(part) for part in parts)
         if self._bandwidth is not None:
             now = time.monotonic()
