@@ -25,6 +25,7 @@ from pykvm.kvm.dirty_bitmap import DirtyBitmap, bitmap_size
 from pykvm.memory import GuestMemory
 from pykvm.migration.destination import receive_records, state_bound
 from pykvm.migration.dirty import Dirty, page_runs
+from pykvm.migration.pages import PageSender
 from pykvm.migration.uri import Listener, connect, parse
 from pykvm.migration.wire import PAGE_SIZE, RECORD, RECORD_PAGES, Kind, StreamReader, StreamWriter, check_proof, proof
 
@@ -210,6 +211,46 @@ def test_a_real_stream_with_random_damage_is_refused(data) -> None:
     with GuestMemory([(0, RAM)]) as memory:
         with pytest.raises(MigrationError):
             receive(bytes(stream), memory)
+
+
+# --- the source's side: guest memory into records ----------------------------------------------------
+def send_all(memory: GuestMemory) -> tuple[bytes, PageSender]:
+    channel = Collect()
+    sender = PageSender(StreamWriter(channel, None), memory)  # type: ignore[arg-type]
+    sender.send_all()
+    sender.writer.state(STATE)
+    sender.writer.end()
+    return bytes(channel.data), sender
+
+
+def test_all_of_guest_memory_arrives_alike_with_zero_and_untouched_pages_sent_as_flags(memory) -> None:
+    memory.write(0x3000, page(0x11))
+    memory.write(0x10000 + 17, b"not a page of zeros")
+    memory.write(RAM - PAGE_SIZE, page(0xEE))
+    memory.write(0x20000, page(0))  # touched, but zeros
+    stream, sender = send_all(memory)
+    assert sender.data_pages == 3 and sender.zero_pages == RAM // PAGE_SIZE - 3
+    assert len(stream) < 3 * PAGE_SIZE + 4096  # the zero pages cost a few records, not their bytes
+    with GuestMemory([(0, RAM)]) as copy:
+        copy.write(0x20000, page(0x99))  # stale data where the source has zeros
+        receive(stream, copy)
+        assert copy.read(0, RAM) == memory.read(0, RAM)
+
+
+def test_memory_mapped_from_a_file_is_read_where_untouched(tmp_path) -> None:
+    """Over a snapshot's memory file a page the guest never touched holds the file's data."""
+    image = tmp_path / "memory.bin"
+    image.write_bytes(bytes(PAGE_SIZE) + page(0x42, 3) + bytes(RAM - 4 * PAGE_SIZE))
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        with GuestMemory([(0, RAM)], backing=fd) as memory:
+            stream, sender = send_all(memory)
+            assert sender.data_pages == 3
+            with GuestMemory([(0, RAM)]) as copy:
+                receive(stream, copy)
+                assert copy.read(0, RAM) == memory.read(0, RAM)
+    finally:
+        os.close(fd)
 
 
 # --- handshake proofs, dirty-log helpers -----------------------------------------------------------

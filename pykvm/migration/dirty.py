@@ -62,6 +62,7 @@ class DirtyLog:
         self._note_written = note_written
         self._manual = bool(self._vm.manual_dirty_log_protect2() & lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
         self._turned_on: list[int] = []
+        self._host_pages: set[int] = set()  # what the host wrote, as the last look found it
 
     def start(self) -> None:
         """Log from now on (what was logged before is handed to ``note_written`` and forgotten)."""
@@ -74,10 +75,15 @@ class DirtyLog:
         self._forget(self.take())
 
     def take(self) -> Dirty:
-        """What was written since the last look.  Devices must be quiesced (no device halfway
-        through a write), or a page a device writes just after may be read before its data."""
+        """What was written since the last look.  Devices must be quiesced: a device notes a page
+        before it writes it, and one halfway through a write at the look would have its page read
+        before its data.  The pages the host wrote by the last look come again (a device working
+        outside the vCPU and I/O threads, a balloon statistics request from the caller's, may
+        still have been at it)."""
+        host_pages = self._memory.track_host_writes()
         dirty = Dirty([self._vm.get_dirty_log(slot.slot) for slot in self._vm.memory_slots()],
-                      self._memory.track_host_writes())  # fmt: skip
+                      host_pages | self._host_pages)  # fmt: skip
+        self._host_pages = host_pages
         if self._note_written is not None:
             self._note_written(dirty.runs())
         return dirty

@@ -17,7 +17,9 @@ when two rounds found more than half as much written as they sent, harder each t
 whole migration has a time limit.  Anything that goes wrong before the destination accepted
 the guest (it is gone, refuses, is too slow, the guest never converges or stops by itself)
 raises :class:`~pykvm.errors.MigrationError`, and the guest goes on here as if nothing
-happened: unpaused, unthrottled, its dirty logging as it was.
+happened: unpaused, unthrottled, its dirty logging as it was.  The destination's answer is the
+hand-over: should the connection break after the destination accepted the guest but before its
+answer arrived, both sides would run it (QEMU's precopy does not even wait for an answer).
 """
 
 from __future__ import annotations
@@ -268,7 +270,7 @@ class Migration:
                 _flush(disk.fd)
             writer.state(format_state(capture(machine)))
             writer.end()
-            sent = time.monotonic()
+            all_sent = time.monotonic()
             status, _, reason = _answer(channel)
             if status != ACCEPTED:
                 raise MigrationError(f"the destination refused the guest: {reason}")
@@ -277,7 +279,7 @@ class Migration:
         for disk in self._disks:
             disk.close()  # the destination has the images now (and their locks, where taken)
         result = MigrationResult(
-            self._uri, (time.monotonic() - self._started) * 1000, downtime * 1000, (sent - paused) * 1000,
+            self._uri, (time.monotonic() - self._started) * 1000, downtime * 1000, (all_sent - paused) * 1000,
             self._rounds + 1, writer.count, sender.data_pages, sender.zero_pages, self._throttle.share,
         )  # fmt: skip
         self._update(phase="completed")

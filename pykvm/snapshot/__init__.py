@@ -246,7 +246,7 @@ def reset(machine: Machine, point: ResetPoint) -> int:
 def _written_since(machine: Machine, point: ResetPoint) -> list[tuple[int, int]]:
     """(gpa, bytes) runs of the pages written since the reset point, merged."""
     runs = [(page * PAGE_SIZE, PAGE_SIZE) for page in machine.memory.track_host_writes()] + point.written
-    point.written = []
+    point.written.clear()
     for slot in machine.vm.memory_slots():
         runs += machine.vm.get_dirty_log(slot.slot).ranges()
     return merge_runs(runs)
