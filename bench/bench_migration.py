@@ -90,7 +90,6 @@ def check_done(output: bytes, vmm: str) -> dict[str, int]:
 # --- pykvm ------------------------------------------------------------------------------------------
 def receive(uri: str) -> None:
     """The destination process: print where it listens, take the guest, run it, end it, report."""
-    from pykvm import Machine
     from pykvm.migration import Incoming
 
     with Incoming(uri) as incoming:

@@ -189,11 +189,15 @@ def _disks(manifest: Manifest, allowed: tuple[str | Path | DiskConfig, ...]) -> 
             )
         if isinstance(given, DiskConfig) and given.read_only != disk.read_only:
             mode = "read-only" if disk.read_only else "writable"
-            raise MigrationError(f"the guest has the disk image {identity.path} {mode}, this destination gave it otherwise")
+            raise MigrationError(
+                f"the guest has the disk image {identity.path} {mode}, this destination gave it otherwise"
+            )
         try:
             size = os.stat(identity.path).st_size
         except OSError as err:
-            raise MigrationError(f"the guest's disk image {identity.path} cannot be opened here: {err.strerror}") from err
+            raise MigrationError(
+                f"the guest's disk image {identity.path} cannot be opened here: {err.strerror}"
+            ) from err
         if size != identity.size:
             raise MigrationError(
                 f"the disk image {identity.path} has {size} bytes here and {identity.size} on the source: "
@@ -238,7 +242,9 @@ def receive_records(reader: StreamReader, memory: GuestMemory, max_state: int) -
             state = reader.read(count)
         elif kind == Kind.END:
             if (count, address) != (crc, size):
-                raise MigrationError(f"the stream is damaged: its {size} bytes do not match the checksum the source sent")
+                raise MigrationError(
+                    f"the stream is damaged: its {size} bytes do not match the checksum the source sent"
+                )
             if state is None:
                 raise MigrationError("the stream ended without the machine's state")
             return state

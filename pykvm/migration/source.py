@@ -147,9 +147,11 @@ class Migration:
         rates and estimates of the last look at the dirty log."""
         with self._lock:
             progress = dataclasses.replace(self._progress, elapsed=time.monotonic() - self._started)
-        if self._sender is not None:
-            progress = dataclasses.replace(progress, bytes_sent=self._sender.writer.count,
-                                           data_pages=self._sender.data_pages, zero_pages=self._sender.zero_pages)  # fmt: skip
+        sender = self._sender
+        if sender is not None:
+            progress = dataclasses.replace(
+                progress, bytes_sent=sender.writer.count, data_pages=sender.data_pages, zero_pages=sender.zero_pages
+            )
         return progress
 
     def _update(self, **fields: object) -> None:
