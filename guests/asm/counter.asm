@@ -22,31 +22,12 @@ org 0x100000
 
 COUNT           equ 400
 TICKS_PER_LINE  equ 2
-TICK_VECTOR     equ PIC1_VECTOR + 0     ; IRQ 0
-UART_VECTOR     equ PIC1_VECTOR + COM1_IRQ
-PIC_SPURIOUS_VECTOR equ PIC1_VECTOR + 7
-IDT_GATES       equ PIC_SPURIOUS_VECTOR + 1
 
 _start:
         mov dx, cs
-        lea rdi, [idt + TICK_VECTOR * 16]
-        lea rax, [tick_isr]
-        call set_gate
-        lea rdi, [idt + UART_VECTOR * 16]
-        lea rax, [uart_isr]
-        call set_gate
-        lea rdi, [idt + PIC_SPURIOUS_VECTOR * 16]
-        lea rax, [spurious_isr]
-        call set_gate
+        lea rdi, [idt]
+        call irq_init
         lidt [idtr]
-        call pic_init
-        call pit_1khz
-        mov al, IER_RDA                 ; the UART: an interrupt per received byte, OUT2 on
-        mov dx, COM1_IER
-        out dx, al
-        mov al, MCR_DTR_RTS_OUT2
-        mov dx, COM1_MCR
-        out dx, al
 
         mov r13d, 1                     ; n
 .line:  mov ecx, TICKS_PER_LINE
@@ -118,7 +99,7 @@ align 8
 ticks:          dq 0
 input_bytes:    dq 0
 input_sum:      dq 0
-idtr:           dw IDT_GATES * 16 - 1
+idtr:           dw IRQ_IDT_GATES * 16 - 1
                 dq idt
 align 16
-idt:            times IDT_GATES * 16 db 0
+idt:            times IRQ_IDT_GATES * 16 db 0

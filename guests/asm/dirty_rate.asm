@@ -46,10 +46,6 @@ AREA            equ 0x400000
 DEFAULT_LINE_TICKS equ 100
 TICKS_PER_SECOND equ 1000
 EOT             equ 0x04
-TICK_VECTOR     equ PIC1_VECTOR + 0
-UART_VECTOR     equ PIC1_VECTOR + COM1_IRQ
-PIC_SPURIOUS_VECTOR equ PIC1_VECTOR + 7
-IRQ_IDT_GATES   equ PIC_SPURIOUS_VECTOR + 1
 USER_RFLAGS_IF  equ USER_RFLAGS | 0x200
 CR4_PAE         equ 1 << 5
 CR0_PE_PG       equ 0x80000001
@@ -107,17 +103,6 @@ long_mode:
         lea rdi, [irq_idt]
         mov ecx, (idt_end - idt) / 8
         rep movsq
-        mov dx, KERNEL_CS
-        lea rdi, [irq_idt + TICK_VECTOR * 16]
-        lea rax, [tick_isr]
-        call set_gate
-        lea rdi, [irq_idt + UART_VECTOR * 16]
-        lea rax, [uart_isr]
-        call set_gate
-        lea rdi, [irq_idt + PIC_SPURIOUS_VECTOR * 16]
-        lea rax, [spurious_isr]
-        call set_gate
-        lidt [irq_idtr]
         mov rax, [line_ticks]
         test rax, rax
         jnz .lines
@@ -128,14 +113,10 @@ long_mode:
         rdmsr                           ; on a PC without one (a reset one may mask the PIC's LINT0)
         and eax, ~APIC_GLOBAL_ENABLE
         wrmsr
-        call pic_init
-        call pit_1khz
-        mov al, IER_RDA                 ; the UART: an interrupt per received byte, OUT2 on
-        mov dx, COM1_IER
-        out dx, al
-        mov al, MCR_DTR_RTS_OUT2
-        mov dx, COM1_MCR
-        out dx, al
+        lea rdi, [irq_idt]
+        mov dx, KERNEL_CS
+        call irq_init
+        lidt [irq_idtr]
         push USER_DS                    ; to CPL3, interrupts on
         lea rax, [user_stack_top]
         push rax
