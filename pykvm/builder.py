@@ -73,14 +73,15 @@ class MachineParts:
 def build(
     config: MachineConfig, kvm: Kvm | None, request_stop: RequestStop, closing: Closing, *,
     memory_backing: int | None = None, log_dirty: bool = False, events: Events | None = None,
-    host_inputs: HostInputs | None = None,
+    host_inputs: HostInputs | None = None, lock_disks: bool = True,
 ) -> MachineParts:  # fmt: skip
     """Build a machine from ``config``; ``kvm`` is a shared /dev/kvm (else one is opened).
 
     ``memory_backing`` is a file whose bytes become guest RAM, copy-on-write (a snapshot's);
     ``log_dirty`` has KVM log the guest's writes to RAM from the start; devices announce what
     the host should hear of (a balloon's size) on ``events``; ``host_inputs`` answers the
-    devices' questions to the host (by default, the host does; the machine closes it).
+    devices' questions to the host (by default, the host does; the machine closes it);
+    ``lock_disks=False`` leaves the disk images unlocked (see :class:`~pykvm.devices.virtio.blk.VirtioBlock`).
     """
     events = events or Events()
     inputs = closing(host_inputs if host_inputs is not None else HostInputs())
@@ -105,7 +106,8 @@ def build(
     if acpi is not None:
         attach_acpi_pm(devices, request_stop, inputs)
     fw_cfg = attach_fw_cfg(devices, config, memory_map, acpi)
-    virtio_console, balloon = attach_virtio_devices(devices, config, serial_output, memory_map, closing, inputs, events)
+    virtio_console, balloon = attach_virtio_devices(devices, config, serial_output, memory_map, closing, inputs, events,
+                                                    lock_disks)  # fmt: skip
     supported = kvm.supported_cpuid()
     vcpus = [closing(create_vcpu(kvm, vm, i, supported, devices)) for i in range(config.cpus)]
     serial_output.watch_stop(vcpus[0].stop_flag)  # every stop request sets it: a slow output gives way
@@ -242,6 +244,7 @@ def attach_virtio_devices(
     closing: Closing,
     inputs: HostInputs,
     events: Events,
+    lock_disks: bool = True,
 ) -> tuple[VirtioConsole | None, VirtioBalloon | None]:
     """The configured virtio devices, in a fixed order: console, disks, rng, net, balloon.
 
@@ -257,7 +260,7 @@ def attach_virtio_devices(
         from .devices.virtio.blk import VirtioBlock
 
         on_read = functools.partial(inputs.disk_read, index)
-        devices.attach_virtio(closing(VirtioBlock(disk.path, read_only=disk.read_only, on_read=on_read)))
+        devices.attach_virtio(closing(VirtioBlock(disk.path, read_only=disk.read_only, on_read=on_read, lock=lock_disks)))
     if config.rng:
         from .devices.virtio.rng import VirtioRng
 

@@ -15,7 +15,9 @@ and returns once every vCPU thread is parked at an exit boundary
 (:meth:`RunControl.park`); :meth:`RunControl.resume` lets all, or some, go on.  A
 debugger, which must not block where it learns of an event, holds with
 :meth:`RunControl.hold` and waits with :meth:`RunControl.wait_parked`.  A stop
-request always wins over a pause: parked threads wake and leave.
+request always wins over a pause: parked threads wake and leave.  :meth:`RunControl.nap`
+keeps every vCPU out of the guest for a while without waiting for it (throttling a guest
+that a live migration cannot keep up with): each one sleeps at its next exit boundary.
 
 With the in-kernel irqchip, HLT never leaves the kernel, so a guest that halts with
 interrupts disabled would sit there for ever, as on hardware.  The run's monitor
@@ -67,6 +69,7 @@ class RunControl:
         self._threads: dict[int, int] = {}  # vCPU id -> the thread running it
         self._held: set[int] = set()  # vCPUs that must park at their next exit boundary
         self._parked: set[int] = set()
+        self._naps: dict[int, float] = {}  # vCPU id -> seconds to sleep at its next exit boundary
         self._probe_round = 0
         self._halted: dict[int, int] = {}  # vCPU id -> the last probe round it reported halted in
         self._all_halted_since: int | None = None  # first probe round of an all-halted streak
@@ -112,6 +115,7 @@ class RunControl:
             for vcpu in self._vcpus:
                 vcpu.request_stop()
             self._kick_threads()
+            self._changed.notify_all()  # napping threads park at once
 
     def wait_parked(self, timeout: float | None = None) -> bool:
         """Wait until every vCPU thread but the caller's own is parked.  False if the run
@@ -136,12 +140,25 @@ class RunControl:
         """Whether any vCPU is held."""
         return bool(self._held)
 
+    def nap(self, seconds: float) -> None:
+        """Keep every vCPU out of the guest for ``seconds`` from its next exit boundary (returns at once)."""
+        with self._changed:
+            if self.stop is not None:
+                return
+            self._naps = {vcpu.id: seconds for vcpu in self._vcpus}
+            for vcpu in self._vcpus:
+                vcpu.request_stop()
+            self._kick_threads()
+
     def park(self, vcpu: Vcpu) -> bool:
-        """On ``vcpu``'s thread, after its stop flag stopped it: wait while it is held.
+        """On ``vcpu``'s thread, after its stop flag stopped it: sleep out a nap, wait while it is held.
 
         True to run on; False when the run is ending (the thread leaves).
         """
         with self._changed:
+            nap = self._naps.pop(vcpu.id, 0.0)
+            if nap > 0:
+                self._changed.wait_for(lambda: vcpu.id in self._held or self.stop is not None, nap)
             if vcpu.id in self._held and self.stop is None:
                 self._parked.add(vcpu.id)
                 self._changed.notify_all()

@@ -78,6 +78,7 @@ MAX_WAIT = 600.0  # the longest a request may ask the server to wait
 MAX_CONNECTIONS = 64  # served at once, one thread each
 ACCEPT_RETRY = 0.5  # seconds to wait before accepting again after running out of descriptors
 CONNECT_RETRY = 0.01  # seconds between the client's attempts while the server's backlog is full
+ANSWER_GRACE = 1.0  # seconds close() waits for requests under way to send their answers
 
 
 class ControlError(PykvmError):
@@ -100,6 +101,8 @@ class ControlServer:
         self._process = psutil.Process()
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._answered = threading.Condition(self._lock)
+        self._answering = 0  # requests being handled: close() lets them answer first
         self._commands: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "info": self._info,
             "balloon": self._balloon,
@@ -132,6 +135,7 @@ class ControlServer:
         self._wake()
         self._thread.join()
         with self._lock:
+            self._answered.wait_for(lambda: self._answering == 0, ANSWER_GRACE)
             for conn in list(self._connections):
                 try:
                     conn.shutdown(socket.SHUT_RDWR)
@@ -230,11 +234,23 @@ class ControlServer:
                     continue
                 line, buffered = buffered[:newline], buffered[newline + 1 :]
                 if line.strip():
-                    conn.sendall(_encode(self.handle_line(line)))
+                    self._answer(conn, line)
         except OSError as err:  # the client went away, or timed out
             log.debug("control socket %s: connection ended: %s", self.path, err)
         finally:
             self._forget(conn)
+
+    def _answer(self, conn: socket.socket, line: bytes) -> None:
+        """Handle one request and send its answer, which :meth:`close` waits for (a request may
+        end the run, and with it the server)."""
+        with self._lock:
+            self._answering += 1
+        try:
+            conn.sendall(_encode(self.handle_line(line)))
+        finally:
+            with self._lock:
+                self._answering -= 1
+                self._answered.notify_all()
 
     # --- requests ----------------------------------------------------------------------------
     def handle_line(self, line: bytes) -> dict[str, Any]:

@@ -27,29 +27,47 @@ _LOCK_NAMES = {fcntl.F_RDLCK: "READ", fcntl.F_WRLCK: "WRITE"}
 
 
 def lock_image(fd: int, path: str | Path, read_only: bool) -> int:
-    """Lock the image open at ``fd`` (shared if ``read_only``, else exclusive) and return ``fd``.
+    """Lock the image open at ``fd`` (shared if ``read_only``, else exclusive) and return ``fd``;
+    ``fd`` is closed if it cannot be locked (see :func:`take_lock`)."""
+    try:
+        take_lock(fd, path, read_only)
+    except ConfigError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def take_lock(fd: int, path: str | Path, read_only: bool) -> None:
+    """Lock the image open at ``fd``, shared if ``read_only``, else exclusive.
 
     Raises :class:`~pykvm.errors.ConfigError` naming the image, and the process that holds
-    it where /proc tells, if another open description holds a conflicting lock; ``fd`` is then
-    closed.  A filesystem without locks gets a warning, and no lock.
+    it where /proc tells, if another open description holds a conflicting lock.  A
+    filesystem without locks gets a warning, and no lock.
     """
     wanted = fcntl.F_RDLCK if read_only else fcntl.F_WRLCK
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(wanted, os.SEEK_SET, 0, 0, 0))
-        return fd
+        return
     except OSError as err:
         if err.errno not in (errno.EAGAIN, errno.EACCES):
             log.warning("%s: cannot lock the disk image (%s); other programs may write it meanwhile", path, err.strerror)
-            return fd
-        held = _conflicting_lock(fd, wanted)
-        holder = _holder(os.fstat(fd), held)
-        os.close(fd)
+            return
+    held = _conflicting_lock(fd, wanted)
+    holder = _holder(os.fstat(fd), held)
     if held == fcntl.F_WRLCK:
         raise ConfigError(f"{path}: the disk image is in use, writable, by {holder}; it cannot be opened until that ends")
     raise ConfigError(
         f"{path}: the disk image is in use by {holder}; a writable disk needs it alone "
         "(machines can share an image read-only: PATH,ro)"
     )
+
+
+def release_lock(fd: int) -> None:
+    """Let go of the lock on the image open at ``fd`` (it stays open)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
+    except OSError as err:
+        log.warning("cannot unlock a disk image (%s)", err.strerror)
 
 
 def _conflicting_lock(fd: int, wanted: int) -> int:

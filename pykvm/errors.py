@@ -79,3 +79,9 @@ class SnapshotError(PykvmError):
 class ReplayError(PykvmError):
     """A record or replay of host inputs cannot start: a log that is missing, malformed or
     recorded from another snapshot, or a machine whose inputs cannot be replayed."""
+
+
+class MigrationError(PykvmError):
+    """A live migration failed: the destination is gone, refused the guest or timed out, the
+    stream is broken or not pykvm's, or the guest's memory never converged.  On the source
+    the guest goes on running; on the destination no guest is left."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from .boot import load_image
 from .boot.plan import BootPlan, LoadRequest, Module
 from .builder import build
-from .config import MachineConfig
+from .config import DiskConfig, MachineConfig, NetConfig
 from .control import Stop
 from .devices.fw_cfg import set_cmdline
 from .dispatch import EXIT_NAMES, ExitDispatcher, address_label
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .devices.virtio.device import VirtioDevice
     from .devices.manager import VirtioSlot
     from .host_inputs import HostInputs
+    from .migration import Migration, MigrationResult
     from .snapshot import Manifest, ResetPoint
 
 log = logging.getLogger(__name__)
@@ -94,14 +95,15 @@ class Machine:
     @classmethod
     def restoring(
         cls, config: MachineConfig, kvm: Kvm | None, memory_file: int | None, *, log_dirty: bool = False,
-        host_inputs: HostInputs | None = None,
+        host_inputs: HostInputs | None = None, lock_disks: bool = True,
     ) -> Machine:  # fmt: skip
         """A machine whose guest RAM is ``memory_file`` (copy-on-write; anonymous when None), with
         KVM logging the guest's writes from the start if ``log_dirty`` and ``host_inputs`` answering
-        its devices, for a saved state to be put into (:func:`pykvm.snapshot.restore`); not ready to
-        run until it has."""
+        its devices, for a saved state to be put into (:func:`pykvm.snapshot.restore`, or a
+        migration, which locks the disk images itself: ``lock_disks=False``); not ready to run
+        until it has."""
         machine = cls.__new__(cls)
-        machine._construct(config, kvm, memory_file, log_dirty, host_inputs)
+        machine._construct(config, kvm, memory_file, log_dirty, host_inputs, lock_disks)
         return machine
 
     @classmethod
@@ -157,9 +159,31 @@ class Machine:
         return type(self).restore(self.snapshot_path, kvm=self.kvm, serial=serial, capture_serial=capture_serial,
                                   resettable=resettable)  # fmt: skip
 
+    @classmethod
+    def incoming(
+        cls, uri: str, *, kvm: Kvm | None = None, serial: str = "none", capture_serial: bool = False,
+        disks: Sequence[str | Path | DiskConfig] = (), net: NetConfig | None = None,
+        token: str | bytes | None = None, timeout: float | None = None,
+    ) -> Machine:  # fmt: skip
+        """A machine whose guest arrives by live migration on ``uri`` (``tcp:HOST:PORT``,
+        ``unix:PATH`` or ``fd:N``; see :meth:`migrate`), ready to run once all of it arrived.
+
+        ``serial`` and ``capture_serial`` are as for :meth:`restore`.  The guest's disk images
+        must be among ``disks`` (the same images the source uses) and its network device needs
+        ``net``: the stream never chooses host resources by itself.  With ``token`` only a source
+        that knows it is accepted.  ``timeout`` bounds the wait and the transfer (seconds).  A
+        stream that is broken, truncated or does not fit raises
+        :class:`~pykvm.errors.MigrationError` and leaves no machine.
+        """
+        from .migration import Incoming
+
+        with Incoming(uri) as endpoint:
+            return endpoint.receive(kvm=kvm, serial=serial, capture_serial=capture_serial, disks=disks,
+                                    net=net, token=token, timeout=timeout)  # fmt: skip
+
     def _construct(
         self, config: MachineConfig, kvm: Kvm | None, memory_file: int | None = None, log_dirty: bool = False,
-        host_inputs: HostInputs | None = None,
+        host_inputs: HostInputs | None = None, lock_disks: bool = True,
     ) -> None:
         self.config = config
         self.config.validate()
@@ -171,9 +195,12 @@ class Machine:
         self._reset_point: ResetPoint | None = None
         self.snapshot_path: Path | None = None  # the last snapshot taken or restored
         self.events = Events()
+        self.migration: Migration | None = None  # the latest migration of this machine's guest
+        self._migrated_to: str | None = None
         try:
             parts = build(self.config, kvm, self._request_stop, self._closing, memory_backing=memory_file,
-                          log_dirty=log_dirty, events=self.events, host_inputs=host_inputs)  # fmt: skip
+                          log_dirty=log_dirty, events=self.events, host_inputs=host_inputs,
+                          lock_disks=lock_disks)  # fmt: skip
         except BaseException:
             self.close()
             raise
@@ -302,6 +329,8 @@ class Machine:
         """Run the guest until it stops (or ``timeout`` seconds pass) and say how it ended."""
         if self._closed:
             raise PykvmError("this machine is closed")
+        if self._migrated_to is not None:
+            raise PykvmError(f"this machine's guest migrated to {self._migrated_to}; it runs there now")
         if not self._ready:
             raise PykvmError("nothing to run: load a guest image (or restore a snapshot) first")
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
@@ -347,6 +376,50 @@ class Machine:
         self._runner.resume()
         self.events.emit("resumed")
 
+    def nap(self, seconds: float) -> None:
+        """Keep every vCPU of the current run out of the guest for ``seconds`` from its next exit
+        boundary, without waiting for it (a migration throttles a guest this way)."""
+        self._runner.nap(seconds)
+
+    # --- live migration -------------------------------------------------------------------------
+    def migrate(
+        self, uri: str, *, downtime_ms: float = 300, timeout: float = 600, bandwidth: int | None = None,
+        token: str | bytes | None = None, auto_converge: bool = True,
+    ) -> MigrationResult:  # fmt: skip
+        """Move the guest, running or not, to the machine waiting at ``uri`` (:meth:`incoming`).
+
+        Memory is copied while the guest runs, then again what it wrote meanwhile, until the rest
+        can be sent within ``downtime_ms``; then the guest is paused, the rest and its state are
+        sent, and once the destination accepted it the run here ends as
+        :attr:`~pykvm.result.ExitReason.MIGRATED` (status 0) and the disk images are let go.
+        ``bandwidth`` limits the stream (bytes/s); ``auto_converge`` throttles a guest that writes
+        faster than the link sends; ``timeout`` (seconds) bounds the whole migration; ``token``
+        is a secret the destination must share.  Any failure raises
+        :class:`~pykvm.errors.MigrationError` and the guest runs on here.  :attr:`migration`
+        tells the progress meanwhile (``vm.migration.progress()``).
+        """
+        from .migration import Migration
+
+        if self._closed:
+            raise PykvmError("this machine is closed")
+        if not self._ready or self._migrated_to is not None:
+            raise PykvmError("nothing to migrate: load a guest image (or restore a snapshot) first")
+        if self.migration is not None and self.migration.active:
+            raise PykvmError(f"this machine's guest is being migrated to {self.migration.progress().uri} already")
+        point = self._reset_point
+        self.migration = Migration(
+            self, uri, downtime_ms=downtime_ms, timeout=timeout, bandwidth=bandwidth, token=token,
+            auto_converge=auto_converge, hand_over=self._hand_over,
+            note_written=point.written.extend if point is not None else None,
+        )  # fmt: skip
+        return self.migration.run()
+
+    def _hand_over(self, uri: str) -> None:
+        """The destination took the guest (this machine's run is paused): the run ends here."""
+        self._migrated_to = uri
+        if self.running:
+            self._runner.request_stop(Stop(ExitReason.MIGRATED, f"the guest migrated to {uri}"))
+
     # --- snapshots ----------------------------------------------------------------------
     def snapshot(self, path: str | Path) -> Manifest:
         """Save the machine (running or not) as a snapshot directory at ``path``; it goes on.
@@ -356,6 +429,7 @@ class Machine:
         """
         from .snapshot import save
 
+        self._refuse_during_migration("snapshot")
         started = time.monotonic()
         manifest = save(self, path)
         self.snapshot_path = Path(path)
@@ -373,11 +447,17 @@ class Machine:
 
         if self._reset_point is None:
             raise PykvmError("nothing to reset to: take a snapshot, or restore one with resettable=True, first")
+        self._refuse_during_migration("reset")
         return reset(self, self._reset_point)
 
     def stop_after_snapshot(self, path: str | Path) -> None:
         """End the current run as saved to the snapshot at ``path`` (status 0)."""
         self._runner.end(Stop(ExitReason.SNAPSHOTTED, f"saved to the snapshot {path}, then stopped"))
+
+    def _refuse_during_migration(self, what: str) -> None:
+        """A snapshot or reset would read the dirty log a migration relies on."""
+        if self.migration is not None and self.migration.active:
+            raise PykvmError(f"cannot {what} while the guest is being migrated; wait for the migration to end")
 
     def mark_ready(self, cmdline: bytes) -> None:
         """The guest is loaded (or its state restored) with this command line: it may run."""

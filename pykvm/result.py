@@ -25,6 +25,7 @@ class ExitReason(str, enum.Enum):
     STOPPED = "stopped"  # Machine.stop(): the user or a signal ended the run
     SNAPSHOTTED = "snapshotted"  # saved to a snapshot, then stopped (``pykvm ctl PATH snapshot DIR --stop``)
     DIVERGED = "replay-divergence"  # a replayed run left its log (pykvm.replay): what and where is said
+    MIGRATED = "migrated"  # Machine.migrate(): the guest runs on in another process
 
 
 # Process statuses.  Debug-exit statuses are always odd, so every other status is even.
@@ -33,6 +34,7 @@ STATUS = {
     ExitReason.POWEROFF: 0,
     ExitReason.RESET: 0,
     ExitReason.SNAPSHOTTED: 0,
+    ExitReason.MIGRATED: 0,
     ExitReason.UNHANDLED: 112,
     ExitReason.TRIPLE_FAULT: 114,
     ExitReason.INTERNAL_ERROR: 116,

@@ -121,6 +121,13 @@ class Runner:
         if control is not None:
             control.resume(vcpu_ids)
 
+    def nap(self, seconds: float) -> None:
+        """Keep every vCPU of the current run out of the guest for ``seconds`` (see :meth:`RunControl.nap`)."""
+        with self._lock:
+            control = self._control if self._running else None
+        if control is not None:
+            control.nap(seconds)
+
     @contextmanager
     def paused(self) -> Iterator[None]:
         """No vCPU runs inside (a machine that is not running needs no pausing); a run that was

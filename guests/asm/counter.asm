@@ -22,36 +22,12 @@ org 0x100000
 
 COUNT           equ 400
 TICKS_PER_LINE  equ 2
-PIT_DIV_1KHZ    equ 1193                ; PIT_HZ / 1000
-TICK_VECTOR     equ PIC1_VECTOR + 0     ; IRQ 0
-UART_VECTOR     equ PIC1_VECTOR + COM1_IRQ
-PIC_SPURIOUS_VECTOR equ PIC1_VECTOR + 7
-IDT_GATES       equ PIC_SPURIOUS_VECTOR + 1
-GATE_INTERRUPT  equ 0x8e00              ; present, DPL 0, 64-bit interrupt gate
-COM1_RBR        equ 0x3f8
-COM1_LSR        equ 0x3fd
-LSR_DATA_READY  equ 0x01
 
 _start:
         mov dx, cs
-        lea rdi, [idt + TICK_VECTOR * 16]
-        lea rax, [tick_isr]
-        call set_gate
-        lea rdi, [idt + UART_VECTOR * 16]
-        lea rax, [uart_isr]
-        call set_gate
-        lea rdi, [idt + PIC_SPURIOUS_VECTOR * 16]
-        lea rax, [spurious_isr]
-        call set_gate
+        lea rdi, [idt]
+        call irq_init
         lidt [idtr]
-        call pic_init
-        call pit_1khz
-        mov al, IER_RDA                 ; the UART: an interrupt per received byte, OUT2 on
-        mov dx, COM1_IER
-        out dx, al
-        mov al, MCR_DTR_RTS_OUT2
-        mov dx, COM1_MCR
-        out dx, al
 
         mov r13d, 1                     ; n
 .line:  mov ecx, TICKS_PER_LINE
@@ -88,49 +64,6 @@ wait_ticks:
         jmp .wait
 .done:  ret
 
-; An interrupt gate at rdi for the handler at rax, code selector dx (rax clobbered).
-set_gate:
-        mov [rdi], ax
-        mov [rdi + 2], dx
-        mov word [rdi + 4], GATE_INTERRUPT
-        shr rax, 16
-        mov [rdi + 6], ax
-        shr rax, 16
-        mov [rdi + 8], eax
-        mov dword [rdi + 12], 0
-        ret
-
-; The PICs remapped to PIC1_VECTOR / PIC2_VECTOR, every IRQ masked but IRQ 0 and COM1's.
-pic_init:
-        mov al, 0x11                    ; ICW1: edge triggered, cascade, ICW4 follows
-        out PIC1_CMD, al
-        out PIC2_CMD, al
-        mov al, PIC1_VECTOR             ; ICW2: vector base
-        out PIC1_DATA, al
-        mov al, PIC2_VECTOR
-        out PIC2_DATA, al
-        mov al, 1 << 2                  ; ICW3: the slave is on the master's IRQ 2 ...
-        out PIC1_DATA, al
-        mov al, 2                       ; ... and knows its cascade identity
-        out PIC2_DATA, al
-        mov al, 0x01                    ; ICW4: 8086 mode, normal EOI
-        out PIC1_DATA, al
-        out PIC2_DATA, al
-        mov al, 0xff & ~(1 << 0) & ~(1 << COM1_IRQ)
-        out PIC1_DATA, al
-        mov al, 0xff
-        out PIC2_DATA, al
-        ret
-
-pit_1khz:
-        mov al, PIT_CH0_MODE2
-        out PIT_CMD, al
-        mov al, PIT_DIV_1KHZ & 0xff     ; low byte, then high byte
-        out PIT_CH0, al
-        mov al, PIT_DIV_1KHZ >> 8
-        out PIT_CH0, al
-        ret
-
 tick_isr:
         push rax
         inc qword [ticks]
@@ -143,18 +76,9 @@ tick_isr:
 uart_isr:
         push rax
         push rdx
-.next:  mov dx, COM1_LSR
-        in al, dx
-        test al, LSR_DATA_READY
-        jz .done
-        mov dx, COM1_RBR
-        in al, dx
-        movzx edx, al
-        mov rax, [input_sum]
-        imul rax, rax, 31
-        add rax, rdx
-        mov [input_sum], rax
-        inc qword [input_bytes]
+.next:  call uart_read
+        jc .done
+        call fold_input
         jmp .next
 .done:  mov al, PIC_EOI
         out PIC1_CMD, al
@@ -166,6 +90,7 @@ spurious_isr:
         iretq
 
 %include "lib/serial_code.inc"
+%include "lib/long_pc_code.inc"
 
 msg_count:      db "count ", 0
 msg_input:      db "input ", 0
@@ -174,7 +99,7 @@ align 8
 ticks:          dq 0
 input_bytes:    dq 0
 input_sum:      dq 0
-idtr:           dw IDT_GATES * 16 - 1
+idtr:           dw IRQ_IDT_GATES * 16 - 1
                 dq idt
 align 16
-idt:            times IDT_GATES * 16 db 0
+idt:            times IRQ_IDT_GATES * 16 db 0

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import os
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from ..errors import BusError, ConfigError, StateError
 from ..kvm.fastpath import FastHandler, FastTable, Space
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from ..memory import GuestMemory
     from .virtio.device import VirtioDevice
     from .virtio.mmio import VirtioMmioTransport
+
+_Device = TypeVar("_Device", bound="VirtioDevice")
 
 
 @dataclasses.dataclass
@@ -191,6 +193,10 @@ class DeviceManager:
             self._vm.ioeventfd(fd, slot.base + QUEUE_NOTIFY, 4, pio=False, datamatch=index, deassign=True)
             os.close(fd)
         slot.notifiers.clear()
+
+    def virtio_devices(self, kind: type[_Device]) -> list[_Device]:
+        """The attached virtio devices of class ``kind``, in slot order."""
+        return [slot.device for slot in self.virtio if isinstance(slot.device, kind)]
 
     def kernel_device_args(self) -> str:
         """The ``virtio_mmio.device=<size>@<addr>:<irq>`` arguments that tell Linux where the devices are."""

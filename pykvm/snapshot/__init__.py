@@ -26,7 +26,7 @@ import json
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from ..config import MachineConfig
 from ..devices.acpi_pm import AcpiPmState
@@ -36,6 +36,7 @@ from ..devices.i8042 import I8042State
 from ..devices.uart import UartState
 from ..errors import PykvmError, SnapshotError, StateError
 from ..kvm import Kvm
+from ..kvm.state import CpuidEntry
 from ..memory import GuestMemory
 from ..native import ffi, lib
 from ..x86.layout import PAGE_SIZE
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["Manifest", "MachineState", "ResetPoint", "read_info", "restore", "save", "reset"]
 
 
-def _state_records() -> tuple[type, ...]:
+def state_records() -> tuple[type, ...]:
     """The records a state file's device entries may hold (no other class is ever built from one)."""
     from ..devices.virtio.balloon import BalloonState
     from ..devices.virtio.console import ConsoleState
@@ -67,6 +68,8 @@ class ResetPoint:
     state: MachineState
     memory_fd: int
     backs_memory: bool  # guest RAM is mapped from memory_fd (a restored machine)
+    # (gpa, bytes) runs written since, whose dirty log another reader took (a live migration)
+    written: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     def close(self) -> None:
         if self.memory_fd >= 0:
@@ -80,7 +83,8 @@ def save(machine: Machine, path: str | Path) -> Manifest:
     path = Path(path)
     with machine.paused_for_snapshot():
         state = capture(machine)
-        manifest = format.write(path, _manifest(machine, state), format_state(state), lambda fd: write_memory(machine.memory, fd))
+        manifest = format.write(path, describe(machine, state.vcpus[0].cpuid), format_state(state),
+                                lambda fd: write_memory(machine.memory, fd))  # fmt: skip
         machine.set_reset_point(ResetPoint(state, format.open_memory(path, manifest), backs_memory=False))
     return manifest
 
@@ -99,7 +103,9 @@ def format_state(state: MachineState) -> bytes:
     return json.dumps(encode(state), separators=(",", ":")).encode()
 
 
-def _manifest(machine: Machine, state: MachineState) -> Manifest:
+def describe(machine: Machine, cpuid: list[CpuidEntry]) -> Manifest:
+    """The manifest of ``machine``, whose vCPUs have ``cpuid``: what a machine must be to take its
+    state (the sizes and checksum of the snapshot's files are filled in as they are written)."""
     config = dataclasses.replace(machine.config, memory=machine.config.memory_bytes)
     return Manifest(
         format=format.FORMAT_NAME,
@@ -108,7 +114,7 @@ def _manifest(machine: Machine, state: MachineState) -> Manifest:
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         config=config,
         cmdline=machine.cmdline,
-        cpu_features=tuple(feature_words(state.vcpus[0].cpuid).items()),
+        cpu_features=tuple(feature_words(cpuid).items()),
         disks=tuple(DiskIdentity.of(disk.path) for disk in config.disks),
         state_size=0,
         state_sha256="",
@@ -192,7 +198,7 @@ def restore(
 
     path = Path(path)
     manifest = format.read_manifest(path)
-    state = format.read_state(path, manifest, _state_records())
+    state = format.read_state(path, manifest, state_records())
     if not allow_changed_disks:
         _check_disks(manifest.disks)
     config = dataclasses.replace(manifest.config, serial=serial, capture_serial=capture_serial, gdb=gdb, gdb_wait=gdb_wait)
@@ -208,7 +214,7 @@ def restore(
         raise
     point = ResetPoint(state, fd, backs_memory=True)  # owns fd from here: the mapping keeps the file
     try:
-        _check_cpu(machine, dict(manifest.cpu_features))
+        check_cpu(machine, dict(manifest.cpu_features))
         apply(machine, manifest.cmdline, state)
         if resettable:
             machine.set_reset_point(point)
@@ -236,7 +242,7 @@ def _check_disks(disks: tuple[DiskIdentity, ...]) -> None:
             )
 
 
-def _check_cpu(machine: Machine, seen: dict[str, int]) -> None:
+def check_cpu(machine: Machine, seen: dict[str, int]) -> None:
     """Refuse a host whose vCPUs would not get every feature the saved guest saw (what a fresh
     vCPU of this machine reports: where KVM adds host bits of its own, it does so here too)."""
     offered = feature_words(machine.vcpus[0].get_cpuid2())
@@ -267,7 +273,7 @@ def reset(machine: Machine, point: ResetPoint) -> int:
     if machine.running:
         raise PykvmError("reset() needs a machine that is not running; stop it first")
     restored = 0
-    for gpa, length in _written_since(machine):
+    for gpa, length in _written_since(machine, point):
         if point.backs_memory:
             machine.memory.discard(gpa, length)  # drops the private copies: the file's bytes come back
         else:
@@ -278,11 +284,17 @@ def reset(machine: Machine, point: ResetPoint) -> int:
     return restored
 
 
-def _written_since(machine: Machine) -> list[tuple[int, int]]:
+def _written_since(machine: Machine, point: ResetPoint) -> list[tuple[int, int]]:
     """(gpa, bytes) runs of the pages written since the reset point, merged."""
-    runs = [(page * PAGE_SIZE, PAGE_SIZE) for page in machine.memory.track_host_writes()]
+    runs = [(page * PAGE_SIZE, PAGE_SIZE) for page in machine.memory.track_host_writes()] + point.written
+    point.written.clear()
     for slot in machine.vm.memory_slots():
         runs += machine.vm.get_dirty_log(slot.slot).ranges()
+    return merge_runs(runs)
+
+
+def merge_runs(runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(gpa, bytes) runs sorted, with the overlapping and touching ones joined."""
     merged: list[tuple[int, int]] = []
     for gpa, length in sorted(runs):
         if merged and gpa <= merged[-1][0] + merged[-1][1]:

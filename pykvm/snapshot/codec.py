@@ -82,6 +82,20 @@ def hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def prepare(cls: type, records: Iterable[type] = ()) -> None:
+    """Read the type hints of ``cls`` and of every record it may hold now, so that the first
+    :func:`encode` or :func:`decode` does not pay for them (a migration does this before it
+    pauses the guest: resolving the hints of every state record takes milliseconds)."""
+    pending, seen = [cls, *records], set()
+    while pending:
+        hint = pending.pop()
+        if dataclasses.is_dataclass(hint) and hint not in seen:
+            seen.add(hint)
+            pending.extend(hints(hint).values())  # type: ignore[arg-type]
+        else:
+            pending.extend(typing.get_args(hint))
+
+
 def _is_any(hint: Any) -> bool:
     return hint is Any or hint is object
 

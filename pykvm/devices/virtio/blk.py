@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ...disk_lock import lock_image
+from ...disk_lock import lock_image, release_lock, take_lock
 from ...errors import ConfigError
 from ...native import fallocate, lib
 from .device import VirtioDevice
@@ -174,20 +174,25 @@ ReadHook = Callable[[int, Sequence[memoryview]], None]
 
 
 class VirtioBlock(VirtioDevice):
-    """A virtio-blk disk backed by the raw image at ``path`` (opened read-write unless ``read_only``)."""
+    """A virtio-blk disk backed by the raw image at ``path`` (opened read-write unless ``read_only``).
+
+    The image is locked while it is open (:mod:`pykvm.disk_lock`), unless ``lock`` is False: a
+    machine receiving a migrated guest takes the locks only once the source let go of them.
+    """
 
     name = "blk"
     device_id = DEVICE_ID
     queue_max_sizes = (QUEUE_SIZE,)
 
     def __init__(
-        self, path: str | Path, read_only: bool = False, serial: str | None = None, on_read: ReadHook | None = None
-    ) -> None:
+        self, path: str | Path, read_only: bool = False, serial: str | None = None, on_read: ReadHook | None = None,
+        lock: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.path = str(path)
         self.read_only = read_only
         self._on_read = on_read
-        self.fd = self._open()
+        self.fd = self._open(lock)
         try:
             info = os.fstat(self.fd)
             if stat.S_ISDIR(info.st_mode):  # O_RDONLY opens a directory without complaint
@@ -215,10 +220,11 @@ class VirtioBlock(VirtioDevice):
         else:
             self.features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
 
-    def _open(self) -> int:
+    def _open(self, lock: bool) -> int:
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
-            return lock_image(os.open(self.path, flags), self.path, self.read_only)
+            fd = os.open(self.path, flags)
+            return lock_image(fd, self.path, self.read_only) if lock else fd
         except FileNotFoundError as err:
             raise ConfigError(f"{self.path}: no such disk image") from err
         except IsADirectoryError as err:
@@ -229,6 +235,14 @@ class VirtioBlock(VirtioDevice):
         except OSError as err:
             hint = " (use PATH,ro for a read-only disk)" if err.errno == errno.EROFS else ""
             raise ConfigError(f"{self.path}: cannot open the disk image: {err.strerror}{hint}") from err
+
+    def lock_image(self) -> None:
+        """Lock the image (see :func:`pykvm.disk_lock.take_lock`)."""
+        take_lock(self.fd, self.path, self.read_only)
+
+    def unlock_image(self) -> None:
+        """Let another process lock the image (a migrated guest's destination)."""
+        release_lock(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
