@@ -35,11 +35,14 @@ from .kvm.state import CpuidEntry
 from .memory import GuestMemory
 from .native import lib
 from .result import ExitReason
+from .sleep import Sleep
 from .x86 import layout
 from .x86.acpi import AcpiTables, build_acpi_tables
 from .x86.cpu import BOOT_MSRS, vcpu_cpuid
 from .x86.e820 import E820Entry, build_memory_map, ram_regions
-from .x86.interrupts import BIOS_IRQ0_VECTOR, BIOS_IRQ8_VECTOR, COM1_IRQ, PIC_IRQ_BASE_OFFSET, Irqchip, gsi_routes
+from .x86.interrupts import (
+    BIOS_IRQ0_VECTOR, BIOS_IRQ8_VECTOR, COM1_IRQ, PIC_IRQ_BASE_OFFSET, RTC_IRQ, Irqchip, gsi_routes,
+)  # fmt: skip
 from .x86.mptable import build_mptable
 
 if TYPE_CHECKING:
@@ -68,14 +71,18 @@ class MachineParts:
     balloon: VirtioBalloon | None
     vcpus: list[Vcpu]
     host_inputs: HostInputs
+    sleep: Sleep | None  # ACPI S3, on a machine with ACPI
 
 
 def build(
     config: MachineConfig, kvm: Kvm | None, request_stop: RequestStop, closing: Closing, *,
-    memory_backing: int | None = None, log_dirty: bool = False, events: Events | None = None,
-    host_inputs: HostInputs | None = None, lock_disks: bool = True,
+    suspend: Callable[[], None], memory_backing: int | None = None, log_dirty: bool = False,
+    events: Events | None = None, host_inputs: HostInputs | None = None, lock_disks: bool = True,
 ) -> MachineParts:  # fmt: skip
     """Build a machine from ``config``; ``kvm`` is a shared /dev/kvm (else one is opened).
+
+    Devices call ``request_stop`` to end a run, and ``suspend`` when the guest enters ACPI S3
+    (both inside an exit, on the vCPU's thread).
 
     ``memory_backing`` is a file whose bytes become guest RAM, copy-on-write (a snapshot's);
     ``log_dirty`` has KVM log the guest's writes to RAM from the start; devices announce what
@@ -98,13 +105,14 @@ def build(
     serial = attach_serial(devices, serial_output)
     attach_debug_exit(devices, request_stop, *config.debug_exit)
     attach_i8042(devices, request_stop)
-    attach_cmos(devices, config.memory_bytes, inputs)
+    cmos = attach_cmos(devices, config.memory_bytes, inputs)
     attach_post_port(devices)
     if config.pc_testdev:
         attach_pc_testdev(devices, vm if config.irqchip else None)
-    acpi = write_firmware_tables(memory, config.cpus) if config.irqchip else None
-    if acpi is not None:
-        attach_acpi_pm(devices, request_stop, inputs)
+    acpi = build_acpi_tables(config.cpus) if config.irqchip else None
+    if acpi is not None and memory_backing is None:  # a snapshot's RAM holds them as the guest left them
+        write_firmware_tables(memory, acpi, config.cpus)
+    power = attach_acpi_pm(devices, request_stop, suspend, inputs) if acpi is not None else None
     fw_cfg = attach_fw_cfg(devices, config, memory_map, acpi)
     virtio_console, balloon = attach_virtio_devices(devices, config, serial_output, memory_map, closing, inputs, events,
                                                     lock_disks)  # fmt: skip
@@ -113,8 +121,9 @@ def build(
     serial_output.watch_stop(vcpus[0].stop_flag)  # every stop request sets it: a slow output gives way
     receivers = {"serial": serial.receive} | ({"console": virtio_console.receive} if virtio_console else {})
     inputs.connect(vcpus[0], receivers)
+    sleep = Sleep(power, cmos, vcpus, memory, acpi.tables["FACS"], events) if acpi and power else None
     return MachineParts(kvm, vm, memory_map, memory, devices, serial_output, serial, fw_cfg, acpi,
-                        virtio_console, balloon, vcpus, inputs)  # fmt: skip
+                        virtio_console, balloon, vcpus, inputs, sleep)  # fmt: skip
 
 
 def check_cpus(kvm: Kvm, cpus: int) -> None:
@@ -203,8 +212,10 @@ def attach_i8042(devices: DeviceManager, request_stop: RequestStop) -> None:
     devices.attach("i8042", layout.I8042_PORT, layout.I8042_PORTS, device)
 
 
-def attach_cmos(devices: DeviceManager, ram_size: int, inputs: HostInputs) -> None:
-    devices.attach("cmos", layout.CMOS_PORT, layout.CMOS_PORTS, Cmos(ram_size, clock=inputs.wall_clock_ns))
+def attach_cmos(devices: DeviceManager, ram_size: int, inputs: HostInputs) -> Cmos:
+    cmos = Cmos(ram_size, clock=inputs.wall_clock_ns, irq=devices.irq_line(RTC_IRQ))
+    devices.attach("cmos", layout.CMOS_PORT, layout.CMOS_PORTS, cmos)
+    return cmos
 
 
 def attach_post_port(devices: DeviceManager) -> None:
@@ -212,18 +223,19 @@ def attach_post_port(devices: DeviceManager) -> None:
     devices.attach("post", layout.POST_PORT, 1, ConstantPort(0xFF), fast=fast)
 
 
-def write_firmware_tables(memory: GuestMemory, cpus: int) -> AcpiTables:
+def write_firmware_tables(memory: GuestMemory, acpi: AcpiTables, cpus: int) -> None:
     """The ACPI tables and the MP table that describe the machine, where guests scan for them."""
-    acpi = build_acpi_tables(cpus)
     memory.write(acpi.base, acpi.blob)
     memory.write(layout.MPTABLE_START, build_mptable(cpus))
-    return acpi
 
 
-def attach_acpi_pm(devices: DeviceManager, request_stop: RequestStop, inputs: HostInputs) -> None:
-    power = AcpiPm(lambda: request_stop(Stop(ExitReason.POWEROFF, "the guest powered off (ACPI S5)")),
+def attach_acpi_pm(
+    devices: DeviceManager, request_stop: RequestStop, suspend: Callable[[], None], inputs: HostInputs
+) -> AcpiPm:
+    power = AcpiPm(lambda: request_stop(Stop(ExitReason.POWEROFF, "the guest powered off (ACPI S5)")), suspend,
                    clock=inputs.monotonic_ns)  # fmt: skip
     devices.attach("acpi-pm", layout.ACPI_PM_PORT, layout.ACPI_PM_PORTS, power)
+    return power
 
 
 def attach_fw_cfg(

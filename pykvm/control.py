@@ -19,6 +19,15 @@ request always wins over a pause: parked threads wake and leave.  :meth:`RunCont
 keeps every vCPU out of the guest for a while without waiting for it (throttling a guest
 that a live migration cannot keep up with): each one sleeps at its next exit boundary.
 
+A machine *sleeps* (ACPI S3) from the guest's S3 write until a wake event:
+:meth:`RunControl.suspend` holds every vCPU as a pause does, but apart from it (resuming
+a pause does not wake the machine), and :meth:`RunControl.wake`, or the alarm the
+:class:`Sleeper` names, ends the sleep.  The wake itself happens on vCPU 0's thread,
+once every other vCPU thread is parked and no pause holds vCPU 0: it has the sleeper
+reset the machine's processors (:class:`pykvm.sleep.Sleep`), then lets every vCPU go
+on.  Meanwhile the parked threads wait on a condition, vCPU 0's with a timeout only
+until the alarm: a sleeping machine takes no CPU.
+
 With the in-kernel irqchip, HLT never leaves the kernel, so a guest that halts with
 interrupts disabled would sit there for ever, as on hardware.  The run's monitor
 thread therefore probes now and then (:meth:`RunControl.probe`): every vCPU is
@@ -32,7 +41,8 @@ from __future__ import annotations
 import dataclasses
 import signal
 import threading
-from typing import TYPE_CHECKING, Iterable, Sequence
+import time
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
 from .native import lib
 from .result import ExitReason
@@ -58,6 +68,22 @@ class Stop:
     vcpu_id: int = 0
 
 
+class Sleeper(Protocol):
+    """What the run of a machine that sleeps (ACPI S3) asks of it (:class:`pykvm.sleep.Sleep`)."""
+
+    @property
+    def asleep(self) -> bool:
+        """Whether the machine sleeps (a run starts holding every vCPU if so)."""
+
+    def alarm(self) -> float | None:
+        """Seconds until a wake event of the machine's own (the RTC alarm); None if only
+        :meth:`RunControl.wake` can wake it."""
+
+    def wake(self, by_alarm: bool) -> Stop | None:
+        """Wake the machine (its alarm came, or a :meth:`RunControl.wake`), no vCPU running; a stop
+        if the run must end instead."""
+
+
 class RunControl:
     """One run's stop request, the vCPU threads it must reach, pausing, and the halt probe."""
 
@@ -73,6 +99,9 @@ class RunControl:
         self._probe_round = 0
         self._halted: dict[int, int] = {}  # vCPU id -> the last probe round it reported halted in
         self._all_halted_since: int | None = None  # first probe round of an all-halted streak
+        self._sleeper: Sleeper | None = None  # set while the machine sleeps
+        self._alarm_at: float | None = None  # time.monotonic() when the sleeper's alarm wakes it
+        self._woken_by_alarm: bool | None = None  # a wake is due: by the alarm, or asked for
         for vcpu in self._vcpus:
             vcpu.clear_stop()
 
@@ -151,7 +180,8 @@ class RunControl:
             self._kick_threads()
 
     def park(self, vcpu: Vcpu) -> bool:
-        """On ``vcpu``'s thread, after its stop flag stopped it: sleep out a nap, wait while it is held.
+        """On ``vcpu``'s thread, after its stop flag stopped it: sleep out a nap, then wait while it
+        is held or the machine sleeps (vCPU 0 wakes it when a wake is due).
 
         True to run on; False when the run is ending (the thread leaves).
         """
@@ -159,21 +189,86 @@ class RunControl:
             nap = self._naps.pop(vcpu.id, 0.0)
             if nap > 0:
                 self._changed.wait_for(lambda: vcpu.id in self._held or self.stop is not None, nap)
-            if vcpu.id in self._held and self.stop is None:
-                self._parked.add(vcpu.id)
-                self._changed.notify_all()
-                self._changed.wait_for(lambda: vcpu.id not in self._held or self.stop is not None)
-                self._parked.discard(vcpu.id)
+            while self.stop is None and (vcpu.id in self._held or self._sleeper is not None):
+                if vcpu is self._vcpus[0] and vcpu.id not in self._held and self._wake_due():
+                    self._parked.discard(vcpu.id)
+                    self._wake_machine(vcpu)
+                    continue
+                if vcpu.id not in self._parked:
+                    self._parked.add(vcpu.id)
+                    self._changed.notify_all()
+                self._changed.wait(self._alarm_timeout(vcpu))
+            self._parked.discard(vcpu.id)
             if self.stop is not None:
                 return False
             vcpu.clear_stop()  # under the lock: a stop requested from now on sets it again
             return True
 
+    # --- sleeping ---------------------------------------------------------------------------------
+    def suspend(self, sleeper: Sleeper) -> None:
+        """The machine sleeps: hold every vCPU until :meth:`wake` or ``sleeper``'s alarm (a device
+        calls it inside an exit, or the runner before the run's threads start)."""
+        alarm = sleeper.alarm()
+        with self._changed:
+            if self.stop is not None or self._sleeper is not None:
+                return
+            self._sleeper, self._woken_by_alarm = sleeper, None
+            self._alarm_at = None if alarm is None else time.monotonic() + alarm
+            for vcpu in self._vcpus:
+                vcpu.request_stop()
+            self._kick_threads()
+
+    def wake(self) -> bool:
+        """Wake the sleeping machine (vCPU 0 carries it out); False if it does not sleep, or
+        the run is ending."""
+        with self._changed:
+            if self._sleeper is None or self.stop is not None:
+                return False
+            if self._woken_by_alarm is None:
+                self._woken_by_alarm = False
+            self._changed.notify_all()
+            return True
+
+    @property
+    def asleep(self) -> bool:
+        """Whether the machine sleeps."""
+        return self._sleeper is not None
+
+    def _wake_due(self) -> bool:
+        if self._sleeper is None:
+            return False
+        if self._woken_by_alarm is None and self._alarm_at is not None and time.monotonic() >= self._alarm_at:
+            self._woken_by_alarm = True
+        return self._woken_by_alarm is not None
+
+    def _alarm_timeout(self, vcpu: Vcpu) -> float | None:
+        """How long ``vcpu``'s thread may wait before it must look at the alarm again."""
+        if self._alarm_at is None or vcpu is not self._vcpus[0] or vcpu.id in self._held:
+            return None
+        return max(self._alarm_at - time.monotonic(), 0.0)
+
+    def _wake_machine(self, vcpu: Vcpu) -> None:
+        """On vCPU 0's thread: once every other vCPU thread is parked, have the sleeper wake the
+        machine (a stop it returns ends the run), then let every vCPU go on.  A pause that comes
+        meanwhile holds vCPU 0 first: it parks, and wakes the machine when resumed."""
+        self._changed.wait_for(
+            lambda: self.stop is not None
+            or all(other in self._parked for other in self._threads if other != vcpu.id)
+        )
+        if self.stop is not None or self._sleeper is None or vcpu.id in self._held:
+            return
+        sleeper, by_alarm = self._sleeper, bool(self._woken_by_alarm)
+        self._sleeper, self._alarm_at, self._woken_by_alarm = None, None, None
+        stop = sleeper.wake(by_alarm)
+        if stop is not None:
+            self.request_stop(stop)
+        self._changed.notify_all()
+
     # --- the halt probe ---------------------------------------------------------------------------
     def probe(self) -> None:
         """Start a halt probe round: interrupt every vCPU so that it reports its state."""
         with self._lock:
-            if self._held:
+            if self._held or self._sleeper is not None:
                 return  # a held vCPU does not run, so it cannot report
             self._probe_round += 1
             for vcpu in self._vcpus:

@@ -2,6 +2,8 @@
 
 A :class:`~pykvm.machine.Machine` announces what happens to it on ``machine.events``:
 ``started`` and ``ended`` (a run, with its reason and status), ``paused`` and ``resumed``,
+``suspended`` and ``woken`` (ACPI S3: the guest suspended the machine; a wake, with its ``reason``,
+``rtc`` or ``host``, and the FACS waking ``vector``),
 ``snapshot`` (written: path, bytes, seconds) and ``restored``, ``balloon`` (the target or
 the guest's ``actual`` changed), ``migration`` (progress and end).  :meth:`Events.listen`
 adds a callback; :class:`JsonLinesWriter` is the listener behind ``pykvm run --events``,

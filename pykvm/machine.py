@@ -198,9 +198,9 @@ class Machine:
         self.migration: Migration | None = None  # the latest migration of this machine's guest
         self._migrated_to: str | None = None
         try:
-            parts = build(self.config, kvm, self._request_stop, self._closing, memory_backing=memory_file,
-                          log_dirty=log_dirty, events=self.events, host_inputs=host_inputs,
-                          lock_disks=lock_disks)  # fmt: skip
+            parts = build(self.config, kvm, self._request_stop, self._closing, suspend=self._suspend,
+                          memory_backing=memory_file, log_dirty=log_dirty, events=self.events,
+                          host_inputs=host_inputs, lock_disks=lock_disks)  # fmt: skip
         except BaseException:
             self.close()
             raise
@@ -213,8 +213,9 @@ class Machine:
         self.virtio_console, self.balloon = parts.virtio_console, parts.balloon
         self.host_inputs = parts.host_inputs
         self.dispatch = ExitDispatcher(self.pio, self.mmio)
+        self._sleep = parts.sleep
         self._runner = Runner(self.vcpus, self.dispatch, self.serial_output, self.stats, self.events,
-                              self.host_inputs.observer)  # fmt: skip
+                              self.host_inputs.observer, self._sleep)  # fmt: skip
         self.gdb_server: GdbServer | None = None
         if self.config.gdb is not None:
             from .debugger import serve_gdb  # only a machine served to gdb needs it
@@ -231,6 +232,11 @@ class Machine:
 
     def _request_stop(self, stop: Stop) -> None:
         self._runner.request_stop(stop)
+
+    def _suspend(self) -> None:
+        """The guest entered ACPI S3 (on the vCPU thread of its PM1a_CNT write)."""
+        self._runner.suspend()
+        self.events.emit("suspended")
 
     def attach_debugger(self, debugger: MachineDebugger) -> None:
         """Give ``debugger`` the first look at guest debug exits and emulation failures, and tell
@@ -419,6 +425,18 @@ class Machine:
         self._migrated_to = uri
         if self.running:
             self._runner.request_stop(Stop(ExitReason.MIGRATED, f"the guest migrated to {uri}"))
+
+    # --- ACPI S3 --------------------------------------------------------------------------
+    @property
+    def suspended(self) -> bool:
+        """Whether the guest put the machine to sleep (ACPI S3) and no wake has come yet."""
+        return self._sleep is not None and self._sleep.asleep
+
+    def wake(self) -> bool:
+        """Wake the machine from ACPI S3, from any thread (QEMU's ``system_wakeup``): its vCPUs
+        restart at the guest's waking vector (see :mod:`pykvm.sleep`).  Called between runs, it
+        wakes the machine for the next one.  False if the machine is not suspended."""
+        return self._runner.wake()
 
     # --- snapshots ----------------------------------------------------------------------
     def snapshot(self, path: str | Path) -> Manifest:

@@ -6,6 +6,8 @@ something ends the run: the guest (debug exit, reset, poweroff, a fault), the ti
 or :meth:`Runner.stop`.  How a stop reaches a vCPU that sits in KVM_RUN, and how a run
 is paused at exit boundaries, is :mod:`pykvm.control`'s; what each exit means is
 :mod:`pykvm.dispatch`'s.  The runner turns the stop into a :class:`~pykvm.result.RunResult`.
+A machine that sleeps (ACPI S3, its :class:`~pykvm.control.Sleeper`) sleeps across runs: a run
+starts with every vCPU held until the machine wakes, and :meth:`Runner.wake` wakes it between runs too.
 A :class:`RunObserver` (a debugger, a recorder or replayer) follows the runs: it learns of
 each run's control before any vCPU runs, may look at vCPU 0 before each of its entries into
 the guest, learns how the run stopped, and may amend the result.
@@ -20,7 +22,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 from .console import SerialOutput
-from .control import RunControl, Stop
+from .control import RunControl, Sleeper, Stop
 from .dispatch import ExitDispatcher
 from .events import Events
 from .kvm import Vcpu
@@ -60,6 +62,7 @@ class Runner:
     def __init__(
         self, vcpus: Sequence[Vcpu], dispatcher: ExitDispatcher, serial_output: SerialOutput,
         stats: Callable[[], RunStats], events: Events, observer: RunObserver | None = None,
+        sleeper: Sleeper | None = None,
     ) -> None:  # fmt: skip
         self._events = events
         self._vcpus = list(vcpus)
@@ -73,16 +76,20 @@ class Runner:
         self.wall_ns = 0
         self.started: float | None = None  # time.monotonic() when the first run began
         self.observer = observer
+        self._sleeper = sleeper
 
     @property
     def running(self) -> bool:
         return self._running
 
     def state(self) -> str:
-        """``"created"`` (never run), ``"running"``, ``"paused"`` or ``"stopped"`` (between runs)."""
+        """``"created"`` (never run), ``"running"``, ``"paused"``, ``"suspended"`` (ACPI S3) or
+        ``"stopped"`` (between runs)."""
         with self._lock:
             if self._running and self._control is not None:
-                return "paused" if self._control.paused else "running"
+                if self._control.paused:
+                    return "paused"
+                return "suspended" if self._control.asleep else "running"
             return "stopped" if self.started is not None else "created"
 
 
@@ -106,6 +113,26 @@ class Runner:
                 self._control.request_stop(stop)
             else:
                 self._pending_stop = stop
+
+    def suspend(self) -> None:
+        """The guest put the machine to sleep (a device calls it from a vCPU thread, inside an exit):
+        hold every vCPU until it wakes."""
+        control = self._control
+        assert control is not None and self._sleeper is not None, "only a machine that can sleep suspends"
+        control.suspend(self._sleeper)
+
+    def wake(self) -> bool:
+        """Wake the sleeping machine: the run's vCPU 0 does, or this thread between runs (a wake
+        that ends in a stop then ends the next run).  False if it does not sleep."""
+        with self._lock:
+            if self._running and self._control is not None:
+                return self._control.wake()
+            if self._sleeper is None or not self._sleeper.asleep:
+                return False
+            stop = self._sleeper.wake(by_alarm=False)
+            if stop is not None:
+                self._pending_stop = stop
+            return True
 
     def pause(self, timeout: float | None = None) -> bool:
         """Park every vCPU of the current run at an exit boundary; False if no run is going
@@ -153,6 +180,8 @@ class Runner:
         capture_start = self._serial_output.captured_size()
         with self._lock:
             self._control, self._running = control, True
+            if self._sleeper is not None and self._sleeper.asleep:
+                control.suspend(self._sleeper)
             if self._pending_stop is not None:
                 control.request_stop(self._pending_stop)
                 self._pending_stop = None
@@ -237,7 +266,9 @@ class Runner:
             if done.wait(max(wait, 0)):
                 return
             if deadline is not None and time.monotonic() >= deadline:
-                control.request_stop(Stop(ExitReason.TIMEOUT, f"still running after {timeout:g} s", with_registers=True))
+                state = "suspended (ACPI S3)" if control.asleep else "running"
+                stop = Stop(ExitReason.TIMEOUT, f"still {state} after {timeout:g} s", with_registers=True)
+                control.request_stop(stop)
                 return
             control.probe()
 

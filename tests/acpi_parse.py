@@ -135,34 +135,40 @@ def _madt_entry(madt: Madt, kind: int, entry: bytes) -> None:
         madt.other.append(kind)
 
 
-def aml_package_name(aml: bytes) -> tuple[bytes, list[int]]:
-    """Decode ``Name (NAME, Package () {integers})`` (ACPI 6.3 section 20.2) from ``aml``.
+def aml_package_names(aml: bytes) -> dict[bytes, list[int]]:
+    """Decode a sequence of ``Name (NAME, Package () {integers})`` (ACPI 6.3 section 20.2) from ``aml``.
 
     Only what a sleep-state package uses: NameOp, an optionally rooted NameSeg,
     PackageOp with a one-byte PkgLength, and ZeroOp / OneOp / BytePrefix elements.
     """
-    assert aml[0] == 0x08, "NameOp"
-    position = 1
-    root = aml[position] == 0x5C
-    position += root
-    name = (b"\\" if root else b"") + aml[position : position + 4]
-    position += 4
-    assert aml[position] == 0x12, "PackageOp"
-    package_length = aml[position + 1]
-    assert package_length < 0x40, "one-byte PkgLength"
-    end = position + 1 + package_length
-    assert end == len(aml), "the package ends the AML"
-    count = aml[position + 2]
-    position += 3
-    elements = []
-    while position < end:
-        opcode = aml[position]
-        if opcode in (0x00, 0x01):  # ZeroOp, OneOp
-            elements.append(opcode)
-            position += 1
-        else:
-            assert opcode == 0x0A, f"BytePrefix expected, got {opcode:#x}"
-            elements.append(aml[position + 1])
-            position += 2
-    assert len(elements) == count
-    return name, elements
+    names: dict[bytes, list[int]] = {}
+    position = 0
+    while position < len(aml):
+        assert aml[position] == 0x08, "NameOp"
+        position += 1
+        root = aml[position] == 0x5C
+        position += root
+        name = (b"\\" if root else b"") + aml[position : position + 4]
+        position += 4
+        assert aml[position] == 0x12, "PackageOp"
+        package_length = aml[position + 1]
+        assert package_length < 0x40, "one-byte PkgLength"
+        end = position + 1 + package_length
+        assert end <= len(aml), "the package ends inside the AML"
+        count = aml[position + 2]
+        position += 3
+        elements = []
+        while position < end:
+            opcode = aml[position]
+            if opcode in (0x00, 0x01):  # ZeroOp, OneOp
+                elements.append(opcode)
+                position += 1
+            else:
+                assert opcode == 0x0A, f"BytePrefix expected, got {opcode:#x}"
+                elements.append(aml[position + 1])
+                position += 2
+        assert position == end, "the elements fill the package"
+        assert len(elements) == count
+        assert name not in names, f"{name!r} named twice"
+        names[name] = elements
+    return names

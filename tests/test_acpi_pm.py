@@ -11,11 +11,14 @@ from pykvm.devices.acpi_pm import (
     GBL_EN,
     PM1_EN_DEFINED,
     PWRBTN_EN,
+    RTC_EN,
+    RTC_STS,
     SCI_EN,
     SLP_EN,
     SLP_TYP_SHIFT,
     TMR_EN,
     TMR_STS,
+    WAK_STS,
     AcpiPm,
 )
 from pykvm.devices.bus import Bus
@@ -30,6 +33,7 @@ PM_TMR = ACPI_PM_BASE + 8
 FREQUENCY = 3_579_545
 SECOND = 1_000_000_000
 EPOCH = 123_456_789_000  # the fake clock's reading at construction
+S3 = 1
 S5 = 5
 
 
@@ -37,12 +41,16 @@ class Machine:
     def __init__(self) -> None:
         self.now = EPOCH
         self.poweroffs = 0
-        self.pm = AcpiPm(on_poweroff=self._poweroff, clock=lambda: self.now)
+        self.suspends = 0
+        self.pm = AcpiPm(on_poweroff=self._poweroff, on_suspend=self._suspend, clock=lambda: self.now)
         self.bus = Bus("pio")
         self.bus.register(ACPI_PM_BASE, AcpiPm.SIZE, self.pm)
 
     def _poweroff(self) -> None:
         self.poweroffs += 1
+
+    def _suspend(self) -> None:
+        self.suspends += 1
 
     def at(self, ticks: int) -> None:
         """Set the clock to the first nanosecond at which the timer has counted ``ticks``."""
@@ -85,13 +93,45 @@ def test_slp_typ_5_with_slp_en_powers_off(machine: Machine) -> None:
     assert machine.pm.stats["poweroffs"] == 1
 
 
-@pytest.mark.parametrize("sleep_type", [0, 1, 2, 3, 4, 6, 7])
+@pytest.mark.parametrize("sleep_type", [0, 2, 3, 4, 6, 7])
 def test_other_sleep_types_are_ignored(machine: Machine, sleep_type: int, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("INFO", logger="pykvm.devices.acpi_pm"):
         machine.outw(PM1_CNT, sleep_value(sleep_type))
-    assert machine.poweroffs == 0
+    assert (machine.poweroffs, machine.suspends, machine.pm.sleeping) == (0, 0, False)
     assert machine.pm.stats["ignored_sleeps"] == 1
     assert f"sleep type {sleep_type}" in caplog.text
+
+
+def test_slp_typ_1_with_slp_en_suspends_until_a_wake(machine: Machine) -> None:
+    machine.outw(PM1_CNT, sleep_value(S3) | SCI_EN)  # what ACPICA writes for S3, and kvm-unit-tests' s3
+    assert (machine.suspends, machine.pm.sleeping, machine.pm.stats["suspends"]) == (1, True, 1)
+    assert machine.inw(PM1_CNT) == S3 << SLP_TYP_SHIFT | SCI_EN
+    machine.pm.wake(rtc_alarm=False)
+    assert (machine.suspends, machine.pm.sleeping) == (1, False)
+
+
+def test_a_second_s3_write_before_the_machine_stopped_suspends_once(machine: Machine) -> None:
+    machine.outw(PM1_CNT, sleep_value(S3))
+    machine.outw(PM1_CNT, sleep_value(S3))  # another vCPU's, in the same instant
+    assert (machine.suspends, machine.pm.stats["suspends"]) == (1, 1)
+
+
+@pytest.mark.parametrize(("rtc_alarm", "status"), [(True, WAK_STS | RTC_STS), (False, WAK_STS)])
+def test_a_wake_sets_wak_sts_and_rtc_sts_for_the_alarm(machine: Machine, rtc_alarm: bool, status: int) -> None:
+    machine.outw(PM1_CNT, sleep_value(S3))
+    machine.pm.wake(rtc_alarm=rtc_alarm)
+    assert machine.inw(PM1_STS) == status
+    machine.outw(PM1_STS, status)  # write 1 to clear, as OSPM does on resume
+    assert machine.inw(PM1_STS) == 0
+
+
+def test_rtc_en_makes_the_rtc_alarm_a_wake_event(machine: Machine) -> None:
+    assert not machine.pm.rtc_wake_enabled
+    machine.outw(PM1_EN, RTC_EN)  # what kvm-unit-tests' s3 writes
+    assert machine.pm.rtc_wake_enabled
+    assert machine.inw(PM1_EN) == RTC_EN
+    machine.outw(PM1_EN, 0)
+    assert not machine.pm.rtc_wake_enabled
 
 
 def test_slp_typ_without_slp_en_does_nothing(machine: Machine) -> None:
@@ -257,10 +297,11 @@ def test_unaligned_word_spans_two_registers(machine: Machine) -> None:
 def test_hostile_accesses_never_raise(machine: Machine) -> None:
     for offset in range(-1, AcpiPm.SIZE + 3):
         for size in (0, 1, 2, 3, 4, 8):
-            for value in (0, 0x2000, 0x3400, 0x3401, 0xFFFF, 0xFFFFFFFF, -1, 1 << 70):
+            for value in (0, 0x2000, 0x2400, 0x3400, 0x3401, 0xFFFF, 0xFFFFFFFF, -1, 1 << 70):
                 machine.pm.write(offset, size, value)
                 assert 0 <= machine.pm.read(offset, size) <= max((1 << (8 * size)) - 1, 0)
     assert machine.poweroffs > 0  # 0x3400 at offset 4 is S5
+    assert machine.suspends == 1  # 0x2400 at offset 4 is S3; the device sleeps until woken
 
 
 # --- state ---------------------------------------------------------------------------------------
@@ -289,6 +330,19 @@ def test_a_restored_timer_keeps_the_half_period_tmr_sts_was_cleared_in(machine: 
     assert restored.inw(PM1_STS) == 0
     restored.now += 1_000
     assert restored.inw(PM1_STS) == TMR_STS
+
+
+def test_a_sleeping_device_restores_asleep_and_wakes(machine: Machine) -> None:
+    machine.outw(PM1_EN, RTC_EN)
+    machine.outw(PM1_CNT, sleep_value(S3))
+    restored = Machine()
+    restored.pm.restore_state(machine.pm.save_state())
+    assert (restored.pm.sleeping, restored.pm.rtc_wake_enabled, restored.suspends) == (True, True, 0)
+    restored.pm.wake(rtc_alarm=True)
+    restored_state = restored.pm.save_state()
+    assert (restored_state.sleeping, restored_state.sts) == (False, WAK_STS | RTC_STS)
+    restored.pm.restore_state(machine.pm.save_state())
+    assert restored.pm.sleeping
 
 
 def test_restore_refuses_a_pm1_cnt_without_sci_en(machine: Machine) -> None:

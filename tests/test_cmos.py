@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import calendar
+import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pykvm.devices.bus import Bus
 from pykvm.devices.cmos import (
@@ -21,6 +24,7 @@ from pykvm.devices.cmos import (
     REG_A,
     REG_B,
     REG_B_24H,
+    REG_B_AIE,
     REG_B_DM,
     REG_C,
     REG_D,
@@ -32,7 +36,9 @@ from pykvm.devices.cmos import (
     Cmos,
     CmosState,
     memory_size_bytes,
+    next_alarm,
 )
+from pykvm.errors import StateError
 
 INDEX_PORT = 0x70
 DATA_PORT = 0x71
@@ -55,7 +61,8 @@ MORNING = utc(2026, 11, 23, 6, 30, 12)
 class Machine:
     def __init__(self, ram_size: int = 64 * MIB, now: int = MORNING) -> None:
         self.now = now
-        self.cmos = Cmos(ram_size, clock=lambda: self.now)
+        self.irq: list[bool] = []  # the interrupt line's changes
+        self.cmos = Cmos(ram_size, clock=lambda: self.now, irq=self.irq.append)
         self.bus = Bus("pio")
         self.bus.register(INDEX_PORT, Cmos.SIZE, self.cmos)
 
@@ -201,10 +208,31 @@ def test_alarm_registers_are_stored(machine: Machine) -> None:
 # --- status registers -----------------------------------------------------------------
 
 
-def test_status_a_reads_default_divider_and_never_uip(machine: Machine) -> None:
+def test_status_a_reads_default_divider_and_stores_all_but_uip(machine: Machine) -> None:
     assert machine.read(REG_A) == 0x26
     machine.write(REG_A, 0xFF)
     assert machine.read(REG_A) == 0x7F
+
+
+UIP = 0x80
+UIP_NS = 244_140  # 8 cycles of 32.768 kHz, rounded down
+
+
+def test_uip_is_set_in_the_last_244_us_before_each_update(machine: Machine) -> None:
+    second_end = MORNING + SECOND
+    for now, uip in ((MORNING, 0), (second_end - UIP_NS - 1, 0), (second_end - UIP_NS, UIP), (second_end - 1, UIP),
+                     (second_end, 0)):  # fmt: skip
+        machine.now = now
+        assert machine.read(REG_A) == 0x26 | uip, f"{now - MORNING} ns into the second"
+
+
+def test_uip_follows_the_guests_clock_and_stays_clear_while_set_stops_it(machine: Machine) -> None:
+    machine.now += 300_000_000
+    set_clock(machine, {SECONDS: 0x40})  # keeps the phase of the second
+    machine.now = MORNING + SECOND - 100_000
+    assert machine.read(REG_A) & UIP
+    machine.write(REG_B, REG_B_24H | REG_B_SET)
+    assert not machine.read(REG_A) & UIP
 
 
 def test_status_b_defaults_to_24h_bcd_and_is_stored(machine: Machine) -> None:
@@ -217,6 +245,99 @@ def test_status_c_reads_zero_and_d_reads_valid_ram_and_time(machine: Machine) ->
     machine.write(REG_C, 0xFF)
     machine.write(REG_D, 0x00)
     assert (machine.read(REG_C), machine.read(REG_D)) == (0x00, 0x80)
+
+
+# --- the alarm --------------------------------------------------------------------------------
+
+AF, IRQF = 0x20, 0x80
+DONT_CARE = 0xC0
+
+
+def set_alarm(machine: Machine, hours: int, minutes: int, seconds: int, reg_b: int = REG_B_24H | REG_B_AIE) -> None:
+    machine.write(REG_B, reg_b)
+    for index, value in ((HOURS_ALARM, hours), (MINUTES_ALARM, minutes), (SECONDS_ALARM, seconds)):
+        machine.write(index, value)
+
+
+def test_the_alarm_rings_with_af_irqf_and_irq_8_until_register_c_is_read(machine: Machine) -> None:
+    set_alarm(machine, DONT_CARE, DONT_CARE, DONT_CARE)
+    machine.cmos.ring_alarm()
+    assert machine.irq == [True]
+    assert machine.read(REG_C) == IRQF | AF
+    assert machine.irq == [True, False]
+    assert machine.read(REG_C) == 0  # reading clears the flags
+
+
+def test_an_alarm_without_aie_sets_af_only(machine: Machine) -> None:
+    set_alarm(machine, DONT_CARE, DONT_CARE, DONT_CARE, reg_b=REG_B_24H)
+    machine.cmos.ring_alarm()
+    assert (machine.read(REG_C), machine.irq) == (AF, [])
+
+
+@pytest.mark.parametrize(
+    ("alarm", "reg_b", "seconds"),
+    [
+        ((DONT_CARE, DONT_CARE, DONT_CARE), REG_B_24H, 1),  # the next update
+        ((DONT_CARE, DONT_CARE, 0x15), REG_B_24H, 3),  # 06:30:15
+        ((DONT_CARE, DONT_CARE, 0x12), REG_B_24H, 60),  # now is 06:30:12: the next match is a minute on
+        ((DONT_CARE, 0x29, DONT_CARE), REG_B_24H, 3600 - 30 * 60 - 12 + 29 * 60),  # 07:29:00
+        ((0x06, 0x30, 0x13), REG_B_24H, 1),
+        ((0x06, 0x30, 0x12), REG_B_24H, 24 * 3600),  # tomorrow
+        ((0x05, DONT_CARE, DONT_CARE), REG_B_24H, 23 * 3600 - 30 * 60 - 12),  # 05:00:00 tomorrow
+        ((0x86, 0x00, 0x00), 0, 12 * 3600 - 30 * 60 - 12),  # 12-hour BCD: 6 PM
+        ((6, 31, 0), REG_B_24H | REG_B_DM, 48),  # binary
+        ((0xFF, 0xC1, 0xDA), REG_B_24H, 1),  # any byte from 0xc0 is "don't care"
+    ],
+)  # fmt: skip
+def test_the_alarm_delay_is_the_time_until_the_alarm_registers_match(
+    machine: Machine, alarm: tuple[int, int, int], reg_b: int, seconds: int
+) -> None:
+    set_alarm(machine, *alarm, reg_b=reg_b | REG_B_AIE)
+    machine.now += 250_000_000  # 06:30:12.25: the alarm comes at the update, on a whole second
+    assert machine.cmos.alarm_delay_ns() == seconds * SECOND - 250_000_000
+
+
+@pytest.mark.parametrize(
+    ("alarm", "reg_b"),
+    [
+        ((DONT_CARE, DONT_CARE, DONT_CARE), REG_B_24H),  # AIE clear
+        ((DONT_CARE, DONT_CARE, 0x60), REG_B_24H | REG_B_AIE),  # no 60th second
+        ((DONT_CARE, 0x5A, DONT_CARE), REG_B_24H | REG_B_AIE),  # not BCD
+        ((0x24, DONT_CARE, DONT_CARE), REG_B_24H | REG_B_AIE),
+        ((0x13, DONT_CARE, DONT_CARE), REG_B_AIE),  # 12-hour mode has no hour 13
+        ((DONT_CARE, DONT_CARE, DONT_CARE), REG_B_24H | REG_B_AIE | REG_B_SET),  # the clock is stopped
+    ],
+)  # fmt: skip
+def test_an_alarm_that_never_rings_has_no_delay(machine: Machine, alarm: tuple[int, int, int], reg_b: int) -> None:
+    set_alarm(machine, *alarm, reg_b=reg_b)
+    assert machine.cmos.alarm_delay_ns() is None
+
+
+def test_the_alarm_follows_the_time_the_guest_set(machine: Machine) -> None:
+    set_clock(machine, NEW_YEAR_2000)  # 23:59:58
+    set_alarm(machine, 0x00, 0x00, 0x00)
+    assert machine.cmos.alarm_delay_ns() == 2 * SECOND
+
+
+VALUES = st.one_of(st.just(None), st.integers(0, 59))
+
+
+@given(st.integers(0, 10**10), st.one_of(st.just(None), st.integers(0, 23)), VALUES, VALUES)
+def test_next_alarm_is_the_first_matching_second_after_now(now: int, hour: int | None, minute: int | None,
+                                                           second: int | None) -> None:  # fmt: skip
+    def values(value: int | None, limit: int) -> range | tuple[int, ...]:
+        return range(limit) if value is None else (value,)
+
+    due = next_alarm(now, values(hour, 24), values(minute, 60), values(second, 60))
+    assert due is not None and now < due <= now + 2 * 24 * 3600
+    for moment in (due, *range(now + 1, min(due, now + 3700))):
+        h, m, s = time.gmtime(moment)[3:6]
+        matches = hour in (None, h) and minute in (None, m) and second in (None, s)
+        assert matches == (moment == due), moment
+
+
+def test_next_alarm_of_no_value_is_none() -> None:
+    assert next_alarm(MORNING // SECOND, range(24), (), range(60)) is None
 
 
 # --- index port and NVRAM ----------------------------------------------------------------
@@ -318,6 +439,24 @@ def test_an_rtc_saved_while_set_is_on_restores_its_written_registers(machine: Ma
     assert restored.read(HOURS) == 0x21
     restored.write(REG_B, REG_B_24H)
     assert restored.clock() == (0x20, 0x26, 0x11, 0x23, 0x02, 0x21, 0x30, 0x12)
+
+
+def test_a_restored_rtc_raises_its_interrupt_again_while_irqf_is_set(machine: Machine) -> None:
+    set_alarm(machine, DONT_CARE, DONT_CARE, DONT_CARE)
+    machine.cmos.ring_alarm()
+    restored = Machine()
+    restored.cmos.restore_state(machine.cmos.save_state())
+    assert restored.irq == [True]
+    assert restored.read(REG_C) == IRQF | AF
+
+
+def test_restore_refuses_register_c_flags_the_model_never_sets(machine: Machine) -> None:
+    state = machine.cmos.save_state()
+    ram = bytearray(state.ram)
+    ram[REG_C] = 0x10  # UF
+    with pytest.raises(StateError, match="CmosState.ram holds register C = 0x10"):
+        machine.cmos.restore_state(CmosState(state.index, state.nmi_disabled, bytes(ram), state.rtc_offset_ns))
+    assert machine.cmos.save_state() == state
 
 
 def test_an_rtc_restored_with_the_largest_offset_still_reads(machine: Machine) -> None:

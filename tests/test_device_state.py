@@ -35,7 +35,9 @@ from pykvm.devices.acpi_pm import (
     PM1_EN_OFFSET,
     PM1_STS_OFFSET,
     PM_TMR_OFFSET,
+    RTC_EN,
     SLP_EN,
+    SLP_TYP_S3,
     SLP_TYP_S5,
     SLP_TYP_SHIFT,
     TMR_STS,
@@ -105,6 +107,8 @@ class Rig:
                     self.device.receive_break()
                 case ("advance", nanoseconds):
                     self.clock.now += nanoseconds
+                case ("call", method, *args):  # what the machine asks of the device
+                    self.note("call", method, getattr(self.device, method)(*args))
 
 
 def restored_beside(kind: Kind, saved: Rig) -> Rig:
@@ -181,7 +185,7 @@ UART_KIND = Kind(
 
 
 def build_cmos(rig: Rig) -> Cmos:
-    return Cmos(RAM_SIZE, clock=rig.clock)
+    return Cmos(RAM_SIZE, clock=rig.clock, irq=functools.partial(rig.note, "irq"))
 
 
 CMOS_INDICES = st.one_of(
@@ -203,6 +207,8 @@ CMOS_KIND = Kind(
         st.just(read(cmos.DATA_PORT)),
         accesses(st.integers(0, 1)),
         advances(3 * SECOND, 3600 * SECOND, 400 * 24 * 3600 * SECOND),
+        chosen(write(cmos.INDEX_PORT, cmos.REG_C), write(cmos.DATA_PORT, cmos.REG_B_AIE | cmos.REG_B_24H),
+               ("call", "alarm_delay_ns"), ("call", "ring_alarm")),  # fmt: skip
     ),
     busy=(
         write(cmos.INDEX_PORT, cmos.REG_B), write(cmos.DATA_PORT, cmos.REG_B_SET | cmos.REG_B_24H),
@@ -212,6 +218,9 @@ CMOS_KIND = Kind(
         write(cmos.INDEX_PORT, cmos.REG_B), write(cmos.DATA_PORT, cmos.REG_B_SET | cmos.REG_B_DM),
         write(cmos.INDEX_PORT, cmos.MINUTES), write(cmos.DATA_PORT, 17),
         write(cmos.INDEX_PORT, cmos.NMI_DISABLE | cmos.SECONDS),
+        write(cmos.INDEX_PORT, cmos.REG_B), write(cmos.DATA_PORT, cmos.REG_B_AIE | cmos.REG_B_24H),
+        write(cmos.INDEX_PORT, cmos.SECONDS_ALARM), write(cmos.DATA_PORT, 0x30),
+        ("call", "alarm_delay_ns"), ("call", "ring_alarm"), write(cmos.INDEX_PORT, cmos.REG_A), read(cmos.DATA_PORT),
     ),
     follows_host_clock=True,
 )  # fmt: skip
@@ -242,7 +251,7 @@ I8042_KIND = Kind(
 
 
 def build_acpi_pm(rig: Rig) -> AcpiPm:
-    return AcpiPm(functools.partial(rig.note, "poweroff"), clock=rig.clock)
+    return AcpiPm(functools.partial(rig.note, "poweroff"), functools.partial(rig.note, "suspend"), clock=rig.clock)
 
 
 ACPI_PM_KIND = Kind(
@@ -252,15 +261,18 @@ ACPI_PM_KIND = Kind(
         accesses(st.integers(0, AcpiPm.SIZE - 1), st.one_of(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF_FFFF))),
         chosen(
             read(PM1_STS_OFFSET, 2), write(PM1_STS_OFFSET, TMR_STS, 2), write(PM1_EN_OFFSET, 0x0121, 2),
-            write(PM1_CNT_OFFSET, 3 << SLP_TYP_SHIFT, 2), write(PM1_CNT_OFFSET, SLP_EN | 1 << SLP_TYP_SHIFT, 2),
+            write(PM1_CNT_OFFSET, 3 << SLP_TYP_SHIFT, 2),
+            write(PM1_CNT_OFFSET, SLP_EN | SLP_TYP_S3 << SLP_TYP_SHIFT, 2),
             write(PM1_CNT_OFFSET, SLP_EN | SLP_TYP_S5 << SLP_TYP_SHIFT, 2), read(PM_TMR_OFFSET, 4),
+            write(PM1_EN_OFFSET, RTC_EN, 2), ("call", "wake", True), ("call", "wake", False),
         ),
         advances(SECOND, 300 * SECOND, 600 * SECOND, 1200 * SECOND),  # the timer's top bit flips every 600 s
     ),
     busy=(
         ("advance", 700 * SECOND), write(PM1_EN_OFFSET, 0x0101, 2), write(PM1_CNT_OFFSET, 3 << 10, 2),
         read(PM1_STS_OFFSET, 2), write(PM1_STS_OFFSET, TMR_STS, 2), ("advance", 600 * SECOND + 123),
-        read(PM1_STS_OFFSET, 2), read(PM_TMR_OFFSET, 4),
+        read(PM1_STS_OFFSET, 2), read(PM_TMR_OFFSET, 4), write(PM1_EN_OFFSET, RTC_EN, 2),
+        write(PM1_CNT_OFFSET, SLP_EN | SLP_TYP_S3 << SLP_TYP_SHIFT, 2),
     ),
 )  # fmt: skip
 
@@ -360,7 +372,8 @@ INVALID: dict[str, dict[str, tuple[object, ...]]] = {
         "rx_breaks": ((99,), (0, 0)),
     },
     "cmos": {
-        "index": (0x80, -1), "nmi_disabled": (0, 1), "ram": (bytes(127), bytes(129), bytearray(128)),
+        "index": (0x80, -1), "nmi_disabled": (0, 1),
+        "ram": (bytes(127), bytes(129), bytearray(128), bytes(cmos.REG_C) + b"\x10" + bytes(127 - cmos.REG_C)),
         "rtc_offset_ns": (cmos.RTC_OFFSET_LIMIT_NS + 1, -cmos.RTC_OFFSET_LIMIT_NS - 1),
     },
     "i8042": {
@@ -368,7 +381,7 @@ INVALID: dict[str, dict[str, tuple[object, ...]]] = {
         "output": (0x100, -1),
     },
     "acpi_pm": {
-        "sts": (0x10, 0x10000), "en": (0x02, 0x10000), "cnt": (0, 0x2001, 0x10001),
+        "sts": (0x10, 0x4000, 0x10000), "en": (0x02, 0x10000), "cnt": (0, 0x2001, 0x10001), "sleeping": (0, 1),
         "timer_ns": (-1, 1 << 63), "timer_half": (-1, 3),
     },
     "fw_cfg": {
@@ -378,7 +391,7 @@ INVALID: dict[str, dict[str, tuple[object, ...]]] = {
 # Values no field takes; None and True too, but for the fields that do take them.
 JUNK: tuple[object, ...] = (1.5, "1", [1], 10**5000, object())
 OPTIONAL_FIELDS = {"pending_command", "output", "selected"}
-BOOLEAN_FIELDS = {"thre_pending", "nmi_disabled"}
+BOOLEAN_FIELDS = {"thre_pending", "nmi_disabled", "sleeping"}
 
 
 def invalid_cases() -> list[Any]:

@@ -2,8 +2,7 @@
 
 scripts/kvm-unit-tests unpacks and builds the suite (build/kvm-unit-tests) and runs the x86
 tests QEMU 7.2 passes on this platform's nested kvm_pvm backend; each must pass under pykvm
-too.  ``s3`` is left out: it needs ACPI S3 suspend and resume, which pykvm does not have yet;
-``intel_iommu`` is expected to fail (strict xfail), for the reason given.
+too.  ``intel_iommu`` is expected to fail (strict xfail), for the reason given.
 The suite comes from the shared third-party folder (or $KVM_UNIT_TESTS_TARBALL); without it,
 or without gcc and make to build it, the tests are skipped with the reason.
 """
@@ -33,7 +32,7 @@ NOT_YET = {
     "(kernel-irqchip=split) and the edu PCI device, none of which pykvm has",
 }
 PASSED_BY_QEMU_HERE = [
-    "smptest", "smptest3", *VMEXIT, "idt_test", "realmode", "setjmp", "rmap_chain",
+    "smptest", "smptest3", *VMEXIT, "idt_test", "realmode", "s3", "setjmp", "rmap_chain",
     *(pytest.param(test, marks=pytest.mark.xfail(reason=reason, strict=True)) for test, reason in NOT_YET.items()),
 ]  # fmt: skip
 

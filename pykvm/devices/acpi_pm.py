@@ -8,13 +8,15 @@ PIIX4 PM base), with the layout :mod:`pykvm.x86.acpi` writes into the FADT
 offset  width  register
 ======  =====  =========================================================================
 0       2      PM1_STS (4.8.4.1.1): write 1 to clear.  TMR_STS (bit 0) is set each time
-               the timer's top bit changes (section 4.8.3); nothing sets the others
+               the timer's top bit changes (section 4.8.3); WAK_STS (bit 15) by a wake
+               from S3, with RTC_STS (bit 10) when the RTC alarm was the wake event
 2       2      PM1_EN (4.8.4.1.2): the defined enable bits are stored and read back
 4       2      PM1_CNT (4.8.4.2.1): SCI_EN (bit 0) always reads 1, for the machine is
                always in ACPI mode (the FADT has no SMI_CMD); BM_RLD and SLP_TYP are
                stored; GBL_RLS and SLP_EN are write-only.  Writing SLP_EN (bit 13) with
                SLP_TYP (bits 10-12) = 5, the DSDT's ``\\_S5_``, calls ``on_poweroff()``;
-               other sleep types are logged and ignored (``stats["ignored_sleeps"]``)
+               with SLP_TYP = 1, its ``\\_S3_``, the device sleeps (see below); other
+               sleep types are logged and ignored (``stats["ignored_sleeps"]``)
 6       2      nothing: reads 0xff, writes dropped (``stats["missed_*"]``)
 8       4      PM_TMR (4.8.4.3): read-only, 3.579545 MHz from ``clock()`` (nanoseconds),
                0 at construction, 32 bits wide as the FADT's TMR_VAL_EXT says
@@ -35,16 +37,28 @@ Lanes over no register, or past the range, read 0xff.  Accesses of other sizes
 read all ones and are dropped.
 
 ``on_poweroff()`` runs on the vCPU thread in the middle of the port write: it
-should request that the machine stop, not tear it down.  The device raises no
-SCI: nothing here sets a status bit whose enable an OS would wait on, except
-TMR_STS, which Linux does not enable.
+should request that the machine stop, not tear it down.
 
-State (:class:`AcpiPmState`): the three PM1 registers and the timer, whose
-count is kept as the time it has run (``timer_ns``).  A restored timer
-continues from that count, whatever the host's clock says at the restore: it
-is an interval timer (Linux uses it as a clocksource and to calibrate), so it
-must not jump by the time the machine spent saved, and QEMU's counts the
-virtual clock, which stops while the VM does and migrates with it.  Keeping
+S3, suspend to RAM (sections 7.4.2.4 and 16.1).  The S3 write marks the device
+:attr:`~AcpiPm.sleeping` and calls ``on_suspend()``, on the vCPU thread in the
+middle of the write, which must stop every vCPU before it runs another
+instruction (:mod:`pykvm.sleep`).  The device sleeps until :meth:`AcpiPm.wake`,
+which sets WAK_STS, and RTC_STS when the RTC alarm woke the machine: the wake
+events an OS finds in PM1_STS on resume.  The RTC alarm is a wake event only
+while PM1_EN's RTC_EN is set (:attr:`~AcpiPm.rtc_wake_enabled`), as on QEMU's
+PIIX4, whose RTC wakes the machine only then.
+
+The device raises no SCI: of the status bits it sets, only TMR_STS (which Linux
+does not enable) and RTC_STS (set by a wake, and cleared by the OS as it
+resumes) have an enable bit.
+
+State (:class:`AcpiPmState`): the three PM1 registers, whether the device
+sleeps, and the timer, whose count is kept as the time it has run
+(``timer_ns``).  A restored timer continues from that count, whatever the
+host's clock says at the restore: it is an interval timer (Linux uses it as a
+clocksource and to calibrate), so it must not jump by the time the machine
+spent saved, and QEMU's counts the virtual clock, which stops while the VM does
+and migrates with it.  Keeping
 nanoseconds rather than ticks keeps the timer's phase: the restored timer
 ticks at the same moments the saved one would have.
 """
@@ -67,10 +81,11 @@ from ..x86.acpi import (
     PM_TMR_BITS,
     PM_TMR_LEN,
     PM_TMR_OFFSET,
+    SLP_TYP_S3,
     SLP_TYP_S5,
 )
 from .ports import ACCESS_SIZES, BITS_PER_BYTE, BYTE_MASK, OPEN_BUS_BYTE, size_mask
-from .state import check_bits, check_int, check_record
+from .state import check_bits, check_int, check_record, check_type
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +94,11 @@ PM1_STS_OFFSET = PM1A_EVT_OFFSET
 PM1_EN_OFFSET = PM1A_EVT_OFFSET + PM1_REGISTER_WIDTH
 PM1_CNT_OFFSET = PM1A_CNT_OFFSET
 
-# PM1_STS bits (section 4.8.4.1.1): the only one this model sets.
+# PM1_STS bits (section 4.8.4.1.1): the ones this model sets.
 TMR_STS = 1 << 0
+RTC_STS = 1 << 10
+WAK_STS = 1 << 15
+PM1_STS_STORED = TMR_STS | RTC_STS | WAK_STS
 # PM1_EN bits (section 4.8.4.1.2).
 TMR_EN = 1 << 0
 GBL_EN = 1 << 5
@@ -112,6 +130,7 @@ class AcpiPmState:
     sts: int  # PM1_STS as stored (TMR_STS, until cleared)
     en: int  # PM1_EN
     cnt: int  # PM1_CNT's stored bits, SCI_EN always among them
+    sleeping: bool  # in S3: from the guest's S3 write until a wake
     timer_ns: int  # how long the PM timer has counted: it counts on from here
     timer_half: int  # the timer's half-period (of its top bit) in which TMR_STS was last cleared
 
@@ -130,14 +149,19 @@ class AcpiPm:
     #: Length of the port range the device is registered over (0x600-0x60b).
     SIZE = ACPI_PM_SIZE
 
-    def __init__(self, on_poweroff: Callable[[], None], clock: Callable[[], int] = time.monotonic_ns) -> None:
+    def __init__(
+        self, on_poweroff: Callable[[], None], on_suspend: Callable[[], None],
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:  # fmt: skip
         self.stats: Counter[str] = Counter()
         self._on_poweroff = on_poweroff
+        self._on_suspend = on_suspend
         self._clock = clock
         self._epoch = clock()
         self._sts = 0
         self._en = 0
         self._cnt = SCI_EN
+        self._sleeping = False
         self._timer_half = 0  # which half-period of the timer TMR_STS was last cleared in
         self._registers = (
             _Register(PM1_STS_OFFSET, PM1_REGISTER_WIDTH, self._read_sts, self._write_sts),
@@ -153,11 +177,28 @@ class AcpiPm:
     def _timer_ns(self) -> int:
         return max(self._clock() - self._epoch, 0)
 
+    # --- S3 ------------------------------------------------------------------------------------
+
+    @property
+    def sleeping(self) -> bool:
+        """Whether the machine is in S3: the guest entered it and no wake has come yet."""
+        return self._sleeping
+
+    @property
+    def rtc_wake_enabled(self) -> bool:
+        """Whether the RTC alarm may wake the machine from S3 (PM1_EN's RTC_EN)."""
+        return bool(self._en & RTC_EN)
+
+    def wake(self, rtc_alarm: bool) -> None:
+        """Leave S3: WAK_STS, and RTC_STS if ``rtc_alarm`` was the wake event, tell the OS why."""
+        self._sleeping = False
+        self._sts |= WAK_STS | (RTC_STS if rtc_alarm else 0)
+
     # --- state -----------------------------------------------------------------------------------
 
     def save_state(self) -> AcpiPmState:
         """The guest-visible state; the timer as the time it has counted."""
-        return AcpiPmState(self._sts, self._en, self._cnt, self._timer_ns(), self._timer_half)
+        return AcpiPmState(self._sts, self._en, self._cnt, self._sleeping, self._timer_ns(), self._timer_half)
 
     def restore_state(self, state: AcpiPmState) -> None:
         """Take ``state``: the timer counts on from ``state.timer_ns`` (see the module docstring).
@@ -165,13 +206,14 @@ class AcpiPm:
         Raises :class:`StateError`, changing nothing, if a field is invalid.
         """
         check_record(state, AcpiPmState)
-        check_bits(state, "sts", TMR_STS)
+        check_bits(state, "sts", PM1_STS_STORED)
         check_bits(state, "en", PM1_EN_DEFINED)
         if not check_bits(state, "cnt", PM1_CNT_STORED | SCI_EN) & SCI_EN:
             raise StateError(f"AcpiPmState.cnt is {state.cnt:#x}: SCI_EN always reads 1 on this machine")
+        check_type(state, "sleeping", bool)
         timer_ns = check_int(state, "timer_ns", 0, TIMER_NS_LIMIT)
         check_int(state, "timer_half", 0, _ticks(timer_ns) >> PM_TMR_TOP_BIT_SHIFT)
-        self._sts, self._en, self._cnt = state.sts, state.en, state.cnt
+        self._sts, self._en, self._cnt, self._sleeping = state.sts, state.en, state.cnt, state.sleeping
         self._epoch = self._clock() - timer_ns
         self._timer_half = state.timer_half
 
@@ -259,9 +301,20 @@ class AcpiPm:
             self.stats["poweroffs"] += 1
             log.info("ACPI PM: the guest entered S5 (soft off)")
             self._on_poweroff()
+        elif sleep_type == SLP_TYP_S3:
+            self._suspend()
         else:
             self.stats["ignored_sleeps"] += 1
-            log.info("ACPI PM: ignoring sleep type %d: only S5 (SLP_TYP %d) is supported", sleep_type, SLP_TYP_S5)
+            log.info("ACPI PM: ignoring sleep type %d: only S3 (SLP_TYP %d) and S5 (SLP_TYP %d) are supported",
+                     sleep_type, SLP_TYP_S3, SLP_TYP_S5)  # fmt: skip
+
+    def _suspend(self) -> None:
+        if self._sleeping:  # another vCPU's S3 write, before the first one stopped it
+            return
+        self._sleeping = True
+        self.stats["suspends"] += 1
+        log.info("ACPI PM: the guest entered S3 (suspend to RAM)")
+        self._on_suspend()
 
     # --- PM_TMR ------------------------------------------------------------------------------------
 

@@ -14,17 +14,25 @@ The selected byte, by index (names from the MC146818 datasheet):
   convention): the RTC's date and time in UTC, BCD unless register B's DM bit
   (binary mode) is set, 12-hour with the PM flag in bit 7 unless register B's
   24/12 bit is set.  See *Time* below for how they run and are set.
-- 0x01, 0x03, 0x05 seconds/minutes/hours alarm: stored.
-- 0x0A register A: UIP (bit 7, update in progress) always reads 0, since a
-  read computes a consistent time; the divider and rate bits are stored
+- 0x01, 0x03, 0x05 seconds/minutes/hours alarm: stored, in the mode of the
+  time registers; a value from 0xC0 up matches every value ("don't care").
+  See *Alarm* below.
+- 0x0A register A: UIP (bit 7, update in progress) reads 1 in the last
+  244 us of each second of the RTC (8 cycles of its 32.768 kHz time base,
+  before the update that would change the time registers), as QEMU's; never
+  while SET stops the clock.  A read computes a consistent time at any
+  moment; the bit is there for guests that wait for an update, as
+  kvm-unit-tests' s3 test does.  The divider and rate bits are stored
   (default 0x26: 32.768 kHz time base, 1.024 kHz rate), and the clock runs
   whatever they say.
 - 0x0B register B: stored (default 0x02: 24-hour, BCD).  SET (bit 7) stops
-  the time registers for the guest to write (see *Time*).  Its interrupt
-  enables (PIE, AIE, UIE) have no effect: this model raises no interrupts, so
-  it has no periodic, alarm or update-ended timer state.
-- 0x0C register C (interrupt flags) reads 0; 0x0D register D reads 0x80
-  (VRT: valid RAM and time, the battery is good).  Both are read-only.
+  the time registers for the guest to write (see *Time*).  AIE (bit 5)
+  enables the alarm interrupt (see *Alarm*); the periodic and update-ended
+  enables (PIE, UIE) have no effect.
+- 0x0C register C (interrupt flags): IRQF (bit 7) and AF (bit 5), set when
+  the alarm rings; a read returns them and clears them, and lowers IRQ 8.
+  0x0D register D reads 0x80 (VRT: valid RAM and time, the battery is good).
+  Both are read-only.
 - everything else (0x0E-0x7F) is NVRAM: stored and read back.  At
   construction it holds the memory sizes QEMU's PC machine writes there, for
   firmware and guests that look (see :func:`memory_size_bytes`).
@@ -55,6 +63,17 @@ for ever: certificates expire, make and NTP-less guests see a stale clock.  The
 clock that does continue from its saved value is the ACPI PM timer (an interval
 timer, see :mod:`pykvm.devices.acpi_pm`); on this platform the guest's TSC jumps
 forward by the wall time anyway (PLATFORM.md).
+
+Alarm.  The alarm rings at the update that makes the time registers' hours,
+minutes and seconds match the alarm registers (each "don't care" matching
+anything): it sets AF in register C, and with AIE also IRQF and raises the
+interrupt line (``irq(True)``: ISA IRQ 8 on a PC) until register C is read, as
+the MC146818 does.  The model keeps no timer of its own: the alarm rings
+where the machine waits for it, to wake from ACPI S3 (:mod:`pykvm.sleep`):
+:meth:`Cmos.alarm_delay_ns` tells how long until it is due, and
+:meth:`Cmos.ring_alarm` rings it.  A running guest that waits for the alarm's
+interrupt, or polls AF, waits in vain.  Register C is one of the 128 bytes a
+snapshot keeps; a restored device raises the line again if IRQF is set.
 """
 
 from __future__ import annotations
@@ -63,9 +82,10 @@ import calendar
 import datetime
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..errors import StateError
 from ..x86.e820 import ram_regions
 from ..x86.layout import KIB, MIB
 from .ports import BITS_PER_BYTE, BYTE_MASK, OPEN_BUS_BYTE, ByteRegisterDevice
@@ -103,13 +123,23 @@ REG_A_UIP = 0x80  # update in progress
 REG_A_DEFAULT = 0x26  # DV = 010 (32.768 kHz), RS = 0110 (1.024 kHz)
 REG_B_24H = 0x02  # 24/12: 1 = 24-hour mode
 REG_B_DM = 0x04  # data mode: 1 = binary, 0 = BCD
+REG_B_AIE = 0x20  # alarm interrupt enable
 REG_B_SET = 0x80  # stops the time registers while the guest writes them
 REG_B_DEFAULT = REG_B_24H
+REG_C_AF = 0x20  # alarm flag
+REG_C_IRQF = 0x80  # an enabled flag is set: the interrupt line is raised
+REG_C_FLAGS = REG_C_AF | REG_C_IRQF  # the flags this model sets
+ALARM_DONT_CARE = 0xC0  # an alarm byte with both top bits set matches every value
 REG_D_VRT = 0x80  # valid RAM and time
 HOURS_PM = 0x80  # 12-hour mode: set for PM hours
 HOURS_PER_HALF_DAY = 12
 YEARS_PER_CENTURY = 100
 DAYS_PER_WEEK = 7
+SECONDS_PER_MINUTE = 60
+MINUTES_PER_HOUR = 60
+HOURS_PER_DAY = 24
+SECONDS_PER_HOUR = SECONDS_PER_MINUTE * MINUTES_PER_HOUR
+SECONDS_PER_DAY = SECONDS_PER_HOUR * HOURS_PER_DAY
 
 # NVRAM memory-size bytes, as QEMU's pc_cmos_init() writes them.
 BASE_MEMORY_LO, BASE_MEMORY_HI = 0x15, 0x16  # KiB below 1 MiB
@@ -127,6 +157,8 @@ BCD_DIGIT_MASK = 0x0F
 DECIMAL_BASE = 10
 
 NS_PER_SECOND = 1_000_000_000
+# UIP is set this long before each update: 8 cycles of the 32.768 kHz time base (244 us).
+UIP_NS = 8 * NS_PER_SECOND // 32_768
 # How far a restored RTC may be from the host's clock: more than years 1-9999 can put between them.
 RTC_OFFSET_LIMIT_NS = 10_000 * 366 * 24 * 3600 * NS_PER_SECOND
 
@@ -137,7 +169,7 @@ class CmosState:
 
     index: int  # the selected byte
     nmi_disabled: bool
-    ram: bytes  # all 128 bytes: time registers as last latched or written, alarms, A-D, NVRAM
+    ram: bytes  # all 128 bytes: time registers as last latched or written, alarms, A-D (C: the flags), NVRAM
     rtc_offset_ns: int  # the guest's RTC minus the host's UTC clock (see the module docstring)
 
 
@@ -169,6 +201,25 @@ def _little_endian(indices: tuple[int, ...], value: int) -> dict[int, int]:
     return {index: (value >> (BITS_PER_BYTE * n)) & BYTE_MASK for n, index in enumerate(indices)}
 
 
+def next_alarm(now: int, hours: Sequence[int], minutes: Sequence[int], seconds: Sequence[int]) -> int | None:
+    """The first second after ``now`` (seconds since the epoch, UTC) whose time of day is one of
+    ``hours`` x ``minutes`` x ``seconds`` (each ascending); None if one of them is empty."""
+    today = now - now % SECONDS_PER_DAY
+    for day in (today, today + SECONDS_PER_DAY):  # every time of day comes within two days
+        for hour in hours:
+            hour_start = day + hour * SECONDS_PER_HOUR
+            if hour_start + SECONDS_PER_HOUR <= now:
+                continue
+            for minute in minutes:
+                minute_start = hour_start + minute * SECONDS_PER_MINUTE
+                if minute_start + SECONDS_PER_MINUTE <= now:
+                    continue
+                for second in seconds:
+                    if minute_start + second > now:
+                        return minute_start + second
+    return None
+
+
 def _to_bcd(value: int) -> int:
     return ((value // DECIMAL_BASE) << BCD_DIGIT_BITS) | (value % DECIMAL_BASE)
 
@@ -183,9 +234,12 @@ class Cmos(ByteRegisterDevice):
 
     SIZE = 2
 
-    def __init__(self, ram_size: int, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(
+        self, ram_size: int, clock: Callable[[], int] = time.time_ns, irq: Callable[[bool], None] | None = None
+    ) -> None:
         super().__init__()
         self._clock = clock
+        self._irq = irq
         self._index = 0
         self.nmi_disabled = False
         self._rtc_offset_ns = 0
@@ -206,11 +260,47 @@ class Cmos(ByteRegisterDevice):
         check_record(state, CmosState)
         check_int(state, "index", 0, INDEX_MASK)
         check_type(state, "nmi_disabled", bool)
-        check_bytes(state, "ram", CMOS_RAM_SIZE, CMOS_RAM_SIZE)
+        flags = check_bytes(state, "ram", CMOS_RAM_SIZE, CMOS_RAM_SIZE)[REG_C]
+        if flags & ~REG_C_FLAGS:
+            raise StateError(f"CmosState.ram holds register C = {flags:#x}, which sets flags other than AF and IRQF")
         check_int(state, "rtc_offset_ns", -RTC_OFFSET_LIMIT_NS, RTC_OFFSET_LIMIT_NS)
         self._index, self.nmi_disabled = state.index, state.nmi_disabled
         self._ram[:] = state.ram
         self._rtc_offset_ns = state.rtc_offset_ns
+        if flags & REG_C_IRQF and self._irq is not None:
+            self._irq(True)
+
+    # --- the alarm -----------------------------------------------------------------------
+
+    def alarm_delay_ns(self) -> int | None:
+        """Nanoseconds until the alarm rings with its interrupt; None if AIE is clear, SET stops
+        the clock, or the alarm registers name no time of day."""
+        if not self._ram[REG_B] & REG_B_AIE or self._setting:
+            return None
+        rtc_ns = self._clock() + self._rtc_offset_ns
+        due = next_alarm(
+            rtc_ns // NS_PER_SECOND,
+            self._alarm_values(HOURS_ALARM, HOURS_PER_DAY, self._decode_hours),
+            self._alarm_values(MINUTES_ALARM, MINUTES_PER_HOUR, self._decode),
+            self._alarm_values(SECONDS_ALARM, SECONDS_PER_MINUTE, self._decode),
+        )
+        return None if due is None else due * NS_PER_SECOND - rtc_ns
+
+    def ring_alarm(self) -> None:
+        """The alarm is due: AF, and with AIE also IRQF and the interrupt line."""
+        self._ram[REG_C] |= REG_C_AF
+        if self._ram[REG_B] & REG_B_AIE:
+            self._ram[REG_C] |= REG_C_IRQF
+            if self._irq is not None:
+                self._irq(True)
+
+    def _alarm_values(self, index: int, limit: int, decode: Callable[[int], int | None]) -> Sequence[int]:
+        """The values the alarm register ``index`` matches: all, one, or none (a byte that names none)."""
+        byte = self._ram[index]
+        if byte & ALARM_DONT_CARE == ALARM_DONT_CARE:
+            return range(limit)
+        value = decode(byte)
+        return (value,) if value is not None and value < limit else ()
 
     # --- the ports -----------------------------------------------------------------------
 
@@ -231,9 +321,9 @@ class Cmos(ByteRegisterDevice):
         if index in TIME_REGISTERS and not self._setting:
             return self._time_registers()[index]
         if index == REG_A:
-            return self._ram[REG_A] & ~REG_A_UIP
+            return self._ram[REG_A] & ~REG_A_UIP | (REG_A_UIP if self._updating() else 0)
         if index == REG_C:
-            return 0
+            return self._read_flags()
         if index == REG_D:
             return REG_D_VRT
         return self._ram[index]
@@ -246,12 +336,24 @@ class Cmos(ByteRegisterDevice):
         elif index not in (REG_C, REG_D):
             self._ram[index] = byte
 
+    def _read_flags(self) -> int:
+        """Register C: reading it clears the flags and lowers the interrupt line."""
+        flags = self._ram[REG_C]
+        self._ram[REG_C] = 0
+        if flags & REG_C_IRQF and self._irq is not None:
+            self._irq(False)
+        return flags
+
     # --- the clock -----------------------------------------------------------------------
 
     @property
     def _setting(self) -> bool:
         """Register B's SET bit: the time registers hold what the guest latched or wrote."""
         return bool(self._ram[REG_B] & REG_B_SET)
+
+    def _updating(self) -> bool:
+        """UIP: the clock runs and its next update is less than :data:`UIP_NS` away."""
+        return not self._setting and (self._clock() + self._rtc_offset_ns) % NS_PER_SECOND >= NS_PER_SECOND - UIP_NS
 
     def _write_register_b(self, byte: int) -> None:
         """Setting SET latches the time; clearing it starts the clock from the time registers.

@@ -7,8 +7,9 @@ this order, each on a 16-byte boundary (the FACS on a 64-byte one):
 
 =========  ===================================================================
 RSDP       revision 2: both checksums; points at the RSDT and the XSDT
-DSDT       only ``\\_S5_`` (see :data:`DSDT_AML`)
-FACS       the firmware control structure: no waking vector, global lock free
+DSDT       the sleep states ``\\_S3_`` and ``\\_S5_`` (see :data:`DSDT_AML`)
+FACS       the firmware control structure: no waking vector (the guest writes
+           one before it suspends), global lock free
 APIC       the MADT: one Processor Local APIC per vCPU (APIC IDs 0..N-1),
            the IOAPIC (ID N, GSI base 0), two Interrupt Source Overrides
            (ISA IRQ0 -> GSI 2, and the SCI: IRQ9 -> GSI 9 level, active high)
@@ -28,10 +29,11 @@ i8042.  SMI_CMD is 0: the machine is always in ACPI mode, so SCI_EN always
 reads 1 and an OS never tries an SMI transition (section 4.8.3.4, Legacy/ACPI
 Select and the SCI Interrupt).
 
-The FADT's FIRMWARE_CTRL points at a FACS even though nothing here needs
-one: the specification requires it unless the platform is hardware-reduced
-(section 5.2.10), and ACPICA, finding a global lock enable bit that sticks in
-PM1_EN, would otherwise believe in a global lock whose FACS it cannot find.
+The FADT's FIRMWARE_CTRL points at the FACS: the specification requires one
+unless the platform is hardware-reduced (section 5.2.10), ACPICA, finding a
+global lock enable bit that sticks in PM1_EN, would otherwise believe in a
+global lock whose FACS it cannot find, and an OS that suspends to S3 writes its
+waking vector there (:data:`FACS_WAKING_VECTOR_OFFSET`, read at the wake).
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ PM_TIMER_FREQUENCY = 3_579_545
 PM_TMR_BITS = 32
 # The SCI: ISA IRQ 9, level-triggered, active high (as on QEMU's PC).
 SCI_IRQ = ACPI_SCI_IRQ  # the FADT's SCI_INT
-# SLP_TYP that the DSDT's \_S5_ gives for soft-off (written to PM1a_CNT with SLP_EN).
+# SLP_TYP values the DSDT's \_S3_ and \_S5_ give (written to PM1a_CNT with SLP_EN): S3,
+# suspend to RAM, is 1 as in QEMU's DSDT (which kvm-unit-tests' s3 test writes without
+# reading it); S5, soft-off, is 5.
+SLP_TYP_S3 = 1
 SLP_TYP_S5 = 5
 
 # --- Common structure -----------------------------------------------------------------------
@@ -102,10 +107,14 @@ XSDT_REVISION = 1
 # X firmware waking vector, version, reserved, OSPM flags, reserved.
 FACS = struct.Struct("<4sIIIIIQB3xI24x")
 FACS_VERSION = 2
+# Firmware_Waking_Vector: the real-mode address an OS's wake code starts at.  (The 64-bit
+# X_Firmware_Waking_Vector after it is ignored, as SeaBIOS ignores it.)
+FACS_WAKING_VECTOR_OFFSET = 12
 
 # --- DSDT (section 5.2.11.1) --------------------------------------------------------------------
 DSDT_REVISION = 2  # 2 or more: AML integers are 64 bits
-# Name (\_S5_, Package () {5, 5, 0, 0}), hand-encoded in AML (section 20.2):
+# The sleep states, each Name (\_Sx_, Package () {SLP_TYPa, SLP_TYPb, 0, 0}) hand-encoded in
+# AML (section 20.2); for \_S5_:
 #   08                NameOp                                  (20.2.5.1, DefName)
 #   5C 5F 53 35 5F    NameString: RootChar '\', NameSeg "_S5_" (20.2.2)
 #   12                PackageOp                               (20.2.5.4, DefPackage)
@@ -114,9 +123,16 @@ DSDT_REVISION = 2  # 2 or more: AML integers are 64 bits
 #   0A 05             BytePrefix 5: SLP_TYPa for PM1a_CNT      (20.2.3)
 #   0A 05             BytePrefix 5: SLP_TYPb (there is no PM1b_CNT block)
 #   00 00             ZeroOp, ZeroOp: reserved
-# This is the \_S5 object of chapter 7 (\_Sx, System States): to turn the machine off,
-# OSPM writes SLP_TYPa << 10 | SLP_EN to PM1a_CNT.
-DSDT_AML = bytes([0x08, 0x5C, 0x5F, 0x53, 0x35, 0x5F, 0x12, 0x08, 0x04, 0x0A, SLP_TYP_S5, 0x0A, SLP_TYP_S5, 0x00, 0x00])
+# These are the \_Sx objects of chapter 7 (System States): to enter state x, OSPM writes
+# SLP_TYPa << 10 | SLP_EN to PM1a_CNT.
+
+
+def _sleep_state(name: bytes, sleep_type: int) -> bytes:
+    """``Name (\\<name>, Package () {sleep_type, sleep_type, 0, 0})`` in AML."""
+    return bytes([0x08, 0x5C, *name, 0x12, 0x08, 0x04, 0x0A, sleep_type, 0x0A, sleep_type, 0x00, 0x00])
+
+
+DSDT_AML = _sleep_state(b"_S3_", SLP_TYP_S3) + _sleep_state(b"_S5_", SLP_TYP_S5)
 
 # --- MADT (section 5.2.12) ----------------------------------------------------------------------
 MADT_REVISION = 5  # ACPI 6.3

@@ -24,6 +24,7 @@ PIC_CASCADE_IRQ = 2  # the slave 8259 hangs off master input 2
 PIT_IRQ = 0
 PIT_IOAPIC_PIN = 2
 COM1_IRQ = 4
+RTC_IRQ = 8
 ACPI_SCI_IRQ = 9
 PIC_INPUTS = 8
 # Where a PC BIOS leaves the PICs' interrupt vectors, and where struct kvm_pic_state keeps
