@@ -50,7 +50,7 @@ import qemu_run  # noqa: E402
 
 MIB = 1 << 20
 KERNEL = ROOT / "guests" / "build" / "multiboot_kludge.bin"
-ROWS = tuple(range(1, 12))
+ROWS = tuple(range(1, 16))
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def fmt_value(value: float | None, unit: str) -> str:
             return f"{value / 1e3:.2f} us"
         return f"{value:.3f} ns"
     if unit == "ms":
-        return f"{value:.1f} ms"
+        return f"{value:.3f} ms" if value < 1 else f"{value:.2f} ms" if value < 10 else f"{value:.1f} ms"
     if unit == "bytes":
         if abs(value) >= MIB:
             return f"{value / MIB:.1f} MiB"
@@ -709,6 +709,25 @@ def bench_density(s: Settings, results: dict, install_qemu: bool) -> list[Row]:
     return [Row(**row) for row in bd.rows(data)]
 
 
+# --- rows 12-15: snapshots (bench/bench_snapshot.py) --------------------------------------------------------
+def bench_snapshots(s: Settings, tmp: str, results: dict, install_qemu: bool) -> list[Row]:
+    """Rows 12-15: taking a snapshot, restoring to the first instruction, fast reset, clones, the per-test
+    cost of a pytest fixture; QEMU's migration to a file and -incoming beside pykvm."""
+    import bench_snapshot as bs
+
+    try:
+        qemu: str | None = ensure_qemu(install_qemu)
+    except Skipped as err:
+        progress(f"rows 12-15 without QEMU: {err}")
+        qemu = None
+    try:
+        data = bs.measure(s is QUICK, tmp, qemu, progress)
+    except bs.Unavailable as err:
+        raise Skipped(str(err)) from err
+    results["snapshots"] = data
+    return [Row(**row) for row in bs.rows(data)]
+
+
 # --- main ----------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="pykvm benchmarks against a raw-C KVM floor and QEMU microvm.")
@@ -776,6 +795,9 @@ def main(argv: list[str] | None = None) -> int:
             args.row_set.add(9)
         attempt(9, "virtio-blk: pykvm, QEMU microvm, host", lambda: bench_virtio_blk(s, tmp, results, args.install_qemu))
         attempt(11, "consolidation: idle guests per pykvm process", lambda: bench_density(s, results, args.install_qemu))
+        if args.row_set & {13, 14, 15}:  # rows 12-15 come from one measurement
+            args.row_set.add(12)
+        attempt(12, "snapshots: take, restore, reset, clones, pytest", lambda: bench_snapshots(s, tmp, results, args.install_qemu))
 
     elapsed = time.monotonic() - started
     print()
