@@ -101,7 +101,9 @@ def build(
     attach_post_port(devices)
     if config.pc_testdev:
         attach_pc_testdev(devices, vm if config.irqchip else None)
-    acpi = write_firmware_tables(memory, config.cpus) if config.irqchip else None
+    acpi = build_acpi_tables(config.cpus) if config.irqchip else None
+    if acpi is not None and memory_backing is None:  # a snapshot's RAM holds them: writing would copy its pages
+        write_firmware_tables(memory, acpi, config.cpus)
     if acpi is not None:
         attach_acpi_pm(devices, request_stop, inputs)
     fw_cfg = attach_fw_cfg(devices, config, memory_map, acpi)
@@ -209,12 +211,10 @@ def attach_post_port(devices: DeviceManager) -> None:
     devices.attach("post", layout.POST_PORT, 1, ConstantPort(0xFF), fast=fast)
 
 
-def write_firmware_tables(memory: GuestMemory, cpus: int) -> AcpiTables:
+def write_firmware_tables(memory: GuestMemory, acpi: AcpiTables, cpus: int) -> None:
     """The ACPI tables and the MP table that describe the machine, where guests scan for them."""
-    acpi = build_acpi_tables(cpus)
     memory.write(acpi.base, acpi.blob)
     memory.write(layout.MPTABLE_START, build_mptable(cpus))
-    return acpi
 
 
 def attach_acpi_pm(devices: DeviceManager, request_stop: RequestStop, inputs: HostInputs) -> None:
