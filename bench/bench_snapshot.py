@@ -29,7 +29,7 @@ debug exit (RESUMED), and each later run rewrites ``redirty`` pages and ends at 
 - **Clones** (14a-b): 100 machines restored from one 64 MiB snapshot in one fresh process, each run
   to RESUMED and through one round that rewrites 16 pages; RSS and PSS of the process (psutil) per
   clone: (after - before) / 100.
-- **Per-test cost in pytest** (15a): a generated test module of :data:`FIXTURE_TESTS` tests, each
+- **Per-test cost in pytest** (15a): a generated test module of 30 tests (6 with ``--quick``), each
   running the guest through a round, in a fresh pytest with one of two fixtures: boot per test (a new
   machine booted to the snapshot point, closed after) or reset per test (one machine booted and
   snapshotted per session, reset after each test); the median wall time of a test's setup, call and
@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -72,6 +72,7 @@ PAGE = 4096
 PARAMS = 32  # the guest's parameter block: touch (bytes), redirty (pages), hold (qwords)
 TOUCH = 16 * MIB
 TOUCH_BASE = 4 * MIB
+TOUCHED_LINE = b"bench_snapshot: touched %d pages\n" % (TOUCH // PAGE)  # what the guest prints at its snapshot point
 POINT, RESUMED, DIRTIED = 0x20, 0x21, 0x22  # the guest's debug-exit values
 RESUMED_STATUS = (RESUMED << 1) | 1  # a process that ends at RESUMED exits with this (pykvm and QEMU)
 SNAPSHOT_SIZES = ("64M", "1G")
@@ -95,7 +96,6 @@ class Plan:
 
 FULL = Plan(snapshot_rounds=5, restore_rounds=21, process_rounds=7, reset_rounds=31, clones=100, fixture_tests=30)
 QUICK = Plan(snapshot_rounds=2, restore_rounds=5, process_rounds=2, reset_rounds=5, clones=10, fixture_tests=6)
-FIXTURE_TESTS = FULL.fixture_tests
 
 
 class Unavailable(Exception):
@@ -112,10 +112,6 @@ def guest_image(directory: Path, touch: int = TOUCH, redirty: int = 0, hold: boo
     return path
 
 
-def touched_line(touch: int = TOUCH) -> bytes:
-    return b"bench_snapshot: touched %d pages\n" % (touch // PAGE)
-
-
 def boot_to_point(memory: str, image: Path, kvm: Any) -> Any:
     """A machine booted from ``image`` to the guest's snapshot point, checked."""
     from pykvm import Machine
@@ -125,8 +121,8 @@ def boot_to_point(memory: str, image: Path, kvm: Any) -> Any:
         machine.load(image)
         result = machine.run(timeout=RUN_TIMEOUT)
         pb.check_debug_exit(result, POINT, f"{image.name} ({memory}) booting to its snapshot point")
-        if result.serial != touched_line():
-            raise pb.WrongResult(f"{image.name} printed {result.serial[:200]!r}, expected {touched_line()!r}")
+        if result.serial != TOUCHED_LINE:
+            raise pb.WrongResult(f"{image.name} printed {result.serial[:200]!r}, expected {TOUCHED_LINE!r}")
     except BaseException:
         machine.close()
         raise
@@ -246,8 +242,8 @@ def qemu_snapshot(qemu: str, memory: str, image: Path, path: Path, directory: Pa
     qmp = None
     try:
         line = read_serial_line(process, QEMU_TIMEOUT)
-        if line != touched_line():
-            raise pb.WrongResult(f"QEMU's guest printed {line[:200]!r}, expected {touched_line()!r} "
+        if line != TOUCHED_LINE:
+            raise pb.WrongResult(f"QEMU's guest printed {line[:200]!r}, expected {TOUCHED_LINE!r} "
                                  f"({(directory / 'qemu.err').read_text()[-300:]})")  # fmt: skip
         qmp = Qmp(sock, process, QEMU_TIMEOUT)
         qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
@@ -255,14 +251,14 @@ def qemu_snapshot(qemu: str, memory: str, image: Path, path: Path, directory: Pa
         qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(path))}")
         status = qmp.event("MIGRATION", lambda data: data.get("status") in ("completed", "failed", "cancelled"))
         t1 = time.perf_counter_ns()
+        if status["data"]["status"] != "completed":
+            raise pb.WrongResult(f"QEMU's migration to {path} ended {status['data']['status']}")
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
         t2 = time.perf_counter_ns()
-        if status["data"]["status"] != "completed":
-            raise pb.WrongResult(f"QEMU's migration to {path} ended {status['data']['status']}")
         qmp.execute("quit")
         process.wait(QEMU_TIMEOUT)
     finally:
@@ -282,16 +278,16 @@ def restore_in_process(path: Path, kvm: Any) -> dict:
     """``Machine.restore`` then ``run()`` to the guest's first instruction (RESUMED), timed."""
     from pykvm import Machine
 
-    t0 = time.perf_counter_ns()
+    cpu0, t0 = time.thread_time_ns(), time.perf_counter_ns()
     machine = Machine.restore(path, kvm=kvm)
     t1 = time.perf_counter_ns()
     try:
         result = machine.run(timeout=RUN_TIMEOUT)
-        t2 = time.perf_counter_ns()
+        t2, cpu2 = time.perf_counter_ns(), time.thread_time_ns()
         pb.check_debug_exit(result, RESUMED, f"{path.name}, restored")
     finally:
         machine.close()
-    return {"ms": ms(t2 - t0), "restore_ms": ms(t1 - t0), "run_ms": ms(t2 - t1)}
+    return {"ms": ms(t2 - t0), "restore_ms": ms(t1 - t0), "run_ms": ms(t2 - t1), "cpu_ms": ms(cpu2 - cpu0)}
 
 
 # A fresh process that restores the snapshot argv[2] and runs it to its first instruction, writing its clock
@@ -345,14 +341,14 @@ def reset_series(path: Path, kvm: Any, pages: int, rounds: int) -> list[dict]:
             pb.check_debug_exit(machine.run(timeout=RUN_TIMEOUT), RESUMED, f"{path.name}, restored or reset")
             run_round(machine, f"{path.name}: a round of {pages} pages")
             check_pages(machine, pages, True, f"{path.name} after a round")
-            t0 = time.perf_counter_ns()
+            cpu0, t0 = time.thread_time_ns(), time.perf_counter_ns()
             restored = machine.reset()
-            t1 = time.perf_counter_ns()
+            t1, cpu1 = time.perf_counter_ns(), time.thread_time_ns()
             check_pages(machine, pages, False, f"{path.name} after reset")
             if restored < pages * PAGE:
                 raise pb.WrongResult(f"reset put back {restored} bytes; the guest had rewritten {pages} pages")
             if i:
-                samples.append({"ms": ms(t1 - t0), "bytes": restored})
+                samples.append({"ms": ms(t1 - t0), "bytes": restored, "cpu_ms": ms(cpu1 - cpu0)})
         pb.check_debug_exit(machine.run(timeout=RUN_TIMEOUT), RESUMED, f"{path.name}, after the last reset")
     return samples
 
@@ -398,6 +394,8 @@ def clones_child(path: Path, count: int) -> dict:
 
 
 def clones(path: Path, count: int) -> dict:
+    """:func:`clones_child` in a fresh process (whose RSS and PSS are then the clones' own), and the
+    figures per clone."""
     out = subprocess.run([sys.executable, str(Path(__file__)), "clones", str(path), "--count", str(count)],
                          capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -678,6 +676,7 @@ def restore_rows(data: dict) -> list[dict]:
                     "ratio": _vs(fig, q), "ratio_label": "pykvm/qemu"})  # fmt: skip
     split = ", ".join(
         f"{m} restore() {median_of(runs[m]['in_process'], 'restore_ms'):.2f} + run() {median_of(runs[m]['in_process'], 'run_ms'):.2f}"
+        f" (CPU time of the thread {median_of(runs[m]['in_process'], 'cpu_ms'):.2f})"
         for m in RESTORE_SIZES
     )
     phases = runs[RESTORE_SIZES[0]]["process"]
@@ -703,12 +702,13 @@ def reset_rows(data: dict) -> list[dict]:
             row.update(target="<= 1 ms", met=fig <= 1)
         out.append(row)
     put_back = ", ".join(f"{p}: {median_of(data['reset'][str(p)], 'bytes') // PAGE:.0f}" for p in RESET_PAGES)
+    cpu = ", ".join(f"{p}: {median_of(data['reset'][str(p)], 'cpu_ms'):.3f}" for p in RESET_PAGES)
     out[0]["note"] = (
         "13: a 64 MiB guest restored with resettable=True runs to its first instruction, then a round that rewrites "
         "N pages at CPL3 and ends at a debug exit; Machine.reset() is timed (the restored pages come back from the "
         "snapshot's file on the guest's next touch) and checked: the pages hold their snapshot values again and the "
         f"next run starts at the snapshot point. Pages put back per reset (the round's, and the kernel stack its "
-        f"debug exit used): {put_back}"
+        f"debug exit used): {put_back}; CPU time of the thread per reset, ms: {cpu}"
     )
     return out
 
