@@ -5,11 +5,47 @@
 ...     vm.load("guests/build/multiboot.elf", cmdline="hello")
 ...     result = vm.run(timeout=5)
 >>> result.status, result.reason, result.serial                       # doctest: +SKIP
+
+The names below are imported when first used, so that ``import pykvm`` (and
+``import pykvm.signals``, what the ``pykvm`` command does first) does not load the whole package.
 """
 
-from .config import MachineConfig
-from .errors import PykvmError
-from .machine import Machine
-from .result import ExitReason, RunResult, RunStats
+from __future__ import annotations
 
-__all__ = ["Machine", "MachineConfig", "ExitReason", "RunResult", "RunStats", "PykvmError"]
+import importlib
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .config import MachineConfig
+    from .devices.bus import Device
+    from .errors import PykvmError
+    from .kvm import Kvm
+    from .machine import Machine
+    from .result import ExitReason, RunResult, RunStats
+
+# name -> the module that defines it
+_EXPORTS = {
+    "Machine": ".machine",
+    "MachineConfig": ".config",
+    "ExitReason": ".result",
+    "RunResult": ".result",
+    "RunStats": ".result",
+    "PykvmError": ".errors",
+    "Kvm": ".kvm",
+    "Device": ".devices.bus",
+}
+__all__ = ["Machine", "MachineConfig", "ExitReason", "RunResult", "RunStats", "PykvmError", "Kvm", "Device"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pykvm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,8 +1,16 @@
-"""The ``pykvm`` command: ``python -m pykvm`` and the console script both start here."""
+"""The ``pykvm`` command (and ``python -m pykvm``): take the stop signals first, then run the CLI.
+
+The signals are taken before the rest of pykvm is imported, so that Ctrl-C at any moment of
+start-up ends the process cleanly (:mod:`pykvm.signals`).  An exception pykvm did not expect
+is a bug: it is said in one line (``-vv`` logs the traceback), not dumped on the user.
+"""
 
 from __future__ import annotations
 
 import gc
+import sys
+
+from .signals import STOPPER
 
 
 def main() -> None:
@@ -12,10 +20,20 @@ def main() -> None:
     collector's sight (``gc.freeze``): no collection walks it again, and neither does the
     interpreter's finalisation, which would otherwise take longer than booting a small guest.
     """
-    from .cli import main as command_line
+    STOPPER.install()
+    from .cli import main as cli
 
     gc.freeze()
-    command_line()
+    try:
+        cli()
+    except Exception as err:
+        import logging
+
+        from .result import ERROR_STATUS
+
+        logging.getLogger("pykvm").debug("internal error", exc_info=True)
+        print(f"pykvm: internal error (a bug in pykvm; -vv shows where): {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(ERROR_STATUS)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@
 #endif
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -37,6 +38,19 @@ enum pykvm_fast_kind { PYKVM_FAST_CONSTANT, PYKVM_FAST_DEBUG_EXIT, PYKVM_FAST_SE
 enum pykvm_space { PYKVM_SPACE_PIO, PYKVM_SPACE_MMIO };
 enum pykvm_stop { PYKVM_STOP_EXIT, PYKVM_STOP_DEBUG_EXIT, PYKVM_STOP_INTERRUPTED, PYKVM_STOP_REQUESTED };
 
+#define PYKVM_SERIAL_FDS 2
+
+/* Where the guest's serial output goes (see pykvm_serial_write); shared by every vCPU. */
+struct pykvm_serial_out {
+    int fds[PYKVM_SERIAL_FDS]; /* -1: unused, or given up */
+    uint32_t stalled[PYKVM_SERIAL_FDS];
+    uint64_t stall_ns;
+    uint64_t transmitted; /* bytes the guest sent */
+    uint64_t dropped;     /* bytes an fd in use did not take (stalled, or a stop came) */
+    uint64_t stalls;      /* times an fd was marked stalled */
+    int error;            /* errno of the last fd given up */
+};
+
 struct pykvm_fast_handler {
     uint32_t kind;
     uint32_t space;
@@ -44,7 +58,7 @@ struct pykvm_fast_handler {
     uint64_t base;
     uint64_t length;
     uint64_t value;
-    int fds[2];
+    struct pykvm_serial_out *serial;
     uint64_t reads;
     uint64_t writes;
 };
@@ -53,7 +67,6 @@ struct pykvm_fast_handler {
 struct pykvm_fast_table {
     uint32_t count;
     struct pykvm_fast_handler handlers[PYKVM_FAST_MAX];
-    int serial_errno;
 };
 
 struct pykvm_loop {
@@ -150,23 +163,89 @@ static struct pykvm_fast_handler *find_handler(struct pykvm_fast_table *table, u
     return NULL;
 }
 
-/* Copy transmitted bytes to every output fd; a failing fd is dropped and its errno kept. */
-static void serial_write(struct pykvm_fast_table *table, struct pykvm_fast_handler *h, const uint8_t *data, size_t len)
+/* ---- serial output --------------------------------------------------------------------
+ *
+ * pykvm_serial_write() copies what the guest transmits to the output fds, for the C fast path
+ * and for Python's devices alike, so that both behave the same:
+ * - a stop request always wins: while an fd cannot take more, the write waits in poll() slices
+ *   and gives up as soon as *stop is set (a vCPU thread is also kicked out of poll());
+ * - an fd that takes nothing for stall_ns (a pipe nobody reads) is marked stalled: from then on
+ *   what it cannot take at once is dropped, until it takes bytes again;
+ * - an fd whose write fails, or writes nothing, is given up and its errno kept.
+ * Bytes an fd in use did not take are counted in `dropped`.
+ */
+#define PYKVM_SERIAL_CHUNK 4096 /* PIPE_BUF: a pipe that poll() calls writable takes it at once */
+#define PYKVM_SERIAL_SLICE_MS 100
+
+static void give_up_fd(struct pykvm_serial_out *out, int i, int err)
 {
-    for (int i = 0; i < 2; i++) {
-        size_t done = 0;
+    out->error = err;
+    out->fds[i] = -1;
+}
 
-        while (h->fds[i] >= 0 && done < len) {
-            ssize_t n = write(h->fds[i], data + done, len - done);
+static int stop_requested(const uint32_t *stop)
+{
+    return stop && __atomic_load_n(stop, __ATOMIC_RELAXED);
+}
 
-            if (n >= 0) {
+/* Write to output fd i; returns how many bytes it took. */
+static size_t serial_write_fd(struct pykvm_serial_out *out, int i, const uint32_t *stop,
+                              const uint8_t *data, size_t len)
+{
+    size_t done = 0;
+    uint64_t waiting_since = 0;
+
+    while (done < len && out->fds[i] >= 0) {
+        struct pollfd pfd = { .fd = out->fds[i], .events = POLLOUT };
+        int ready = poll(&pfd, 1, out->stalled[i] ? 0 : PYKVM_SERIAL_SLICE_MS);
+
+        if (ready > 0) { /* writable, or an error that write() reports */
+            size_t chunk = len - done < PYKVM_SERIAL_CHUNK ? len - done : PYKVM_SERIAL_CHUNK;
+            ssize_t n = write(out->fds[i], data + done, chunk);
+
+            if (n > 0) {
                 done += (size_t)n;
-            } else if (errno != EINTR) {
-                table->serial_errno = errno;
-                h->fds[i] = -1;
+                out->stalled[i] = 0;
+                waiting_since = 0;
+                continue;
             }
+            if (n == 0) { /* took nothing and said nothing: retrying would spin */
+                give_up_fd(out, i, EIO);
+                break;
+            }
+            if (errno != EINTR && errno != EAGAIN) {
+                give_up_fd(out, i, errno);
+                break;
+            }
+        } else if (ready < 0 && errno != EINTR) {
+            give_up_fd(out, i, errno);
+            break;
+        }
+        if (out->stalled[i] || stop_requested(stop))
+            break;
+        if (!waiting_since) {
+            waiting_since = now_ns();
+        } else if (now_ns() - waiting_since >= out->stall_ns) {
+            out->stalled[i] = 1;
+            __atomic_add_fetch(&out->stalls, 1, __ATOMIC_RELAXED);
+            break;
         }
     }
+    return done;
+}
+
+int pykvm_serial_write(struct pykvm_serial_out *out, const uint32_t *stop, const uint8_t *data, size_t len)
+{
+    __atomic_add_fetch(&out->transmitted, len, __ATOMIC_RELAXED);
+    for (int i = 0; i < PYKVM_SERIAL_FDS; i++) {
+        if (out->fds[i] < 0)
+            continue;
+        size_t done = serial_write_fd(out, i, stop, data, len);
+
+        if (done < len && out->fds[i] >= 0)
+            __atomic_add_fetch(&out->dropped, len - done, __ATOMIC_RELAXED);
+    }
+    return 0;
 }
 
 static uint64_t little_endian(const uint8_t *data, uint32_t size)
@@ -207,7 +286,8 @@ static int fast_access(struct pykvm_loop *loop, struct pykvm_fast_handler *h, in
     case PYKVM_FAST_SERIAL_TX:
         if (size != 1)
             return -1; /* a wider access also reaches the next registers: Python */
-        serial_write(loop->table, h, data, count);
+        if (h->serial)
+            pykvm_serial_write(h->serial, &loop->stop, data, count);
         break;
     default:
         return -1;

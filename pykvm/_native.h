@@ -400,7 +400,7 @@ struct kvm_run {
 enum pykvm_fast_kind {
     PYKVM_FAST_CONSTANT,    /* reads return `value`, writes are ignored */
     PYKVM_FAST_DEBUG_EXIT,  /* a write ends the run with PYKVM_STOP_DEBUG_EXIT */
-    PYKVM_FAST_SERIAL_TX,   /* a 1-byte write is copied to `fds` */
+    PYKVM_FAST_SERIAL_TX,   /* 1-byte writes go to `serial` (pykvm_serial_write) */
     ...
 };
 
@@ -414,6 +414,19 @@ enum pykvm_stop {
     ...
 };
 
+#define PYKVM_SERIAL_FDS ...
+
+struct pykvm_serial_out {
+    int fds[...];
+    uint32_t stalled[...];
+    uint64_t stall_ns;
+    uint64_t transmitted;
+    uint64_t dropped;
+    uint64_t stalls;
+    int error;
+    ...;
+};
+
 struct pykvm_fast_handler {
     uint32_t kind;
     uint32_t space;
@@ -421,7 +434,7 @@ struct pykvm_fast_handler {
     uint64_t base;
     uint64_t length;
     uint64_t value;
-    int fds[2];
+    struct pykvm_serial_out *serial;
     uint64_t reads;
     uint64_t writes;
     ...;
@@ -430,7 +443,6 @@ struct pykvm_fast_handler {
 struct pykvm_fast_table {
     uint32_t count;
     struct pykvm_fast_handler handlers[...];
-    int serial_errno;
     ...;
 };
 
@@ -454,6 +466,7 @@ int pykvm_ioctl_value(int fd, unsigned long request, unsigned long value);
 int pykvm_fallocate(int fd, int mode, int64_t offset, int64_t length);
 int pykvm_loop_run(struct pykvm_loop *loop);
 int pykvm_install_kick_handler(int signo);
+int pykvm_serial_write(struct pykvm_serial_out *out, const uint32_t *stop, const uint8_t *data, size_t len);
 uint8_t *pykvm_io_data(struct kvm_run *run);
 struct kvm_regs *pykvm_sync_regs(struct kvm_run *run);
 

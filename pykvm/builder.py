@@ -110,6 +110,7 @@ def build(
     virtio_console, balloon = attach_virtio_devices(devices, config, serial_output, memory_map, closing, inputs, events)
     supported = kvm.supported_cpuid()
     vcpus = [closing(create_vcpu(kvm, vm, i, supported, devices)) for i in range(config.cpus)]
+    serial_output.watch_stop(vcpus[0].stop_flag)  # every stop request sets it: a slow output gives way
     receivers = {"serial": serial.receive} | ({"console": virtio_console.receive} if virtio_console else {})
     inputs.connect(vcpus[0], receivers)
     return MachineParts(kvm, vm, memory_map, memory, devices, serial_output, serial, fw_cfg, acpi,
@@ -168,7 +169,7 @@ def create_interrupt_controllers(vm: Vm, pit: bool = True) -> None:
 
 def attach_serial(devices: DeviceManager, output: SerialOutput) -> Uart16550:
     """COM1; its transmit register is answered in C while a THR write only means "send this byte"."""
-    transmit = devices.fast.add(FastKind.SERIAL_TX, Space.PIO, layout.COM1_PORT, 1, fds=output.fds)
+    transmit = devices.fast.add(FastKind.SERIAL_TX, Space.PIO, layout.COM1_PORT, 1, serial=output.sink)
 
     def follow_fast_path(ok: bool) -> None:
         transmit.enabled = ok

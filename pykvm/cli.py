@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, Callable, NoReturn
 
 import click
 
 from .boot import FORMATS
-from .config import DiskConfig, MachineConfig, NetConfig, device_options
+from .boot.flat import FORMAT as FLAT_FORMAT
+from .boot.plan import BootPlan
+from .config import DiskConfig, MachineConfig, NetConfig, SerialConfig, device_options
 from .console import StdinForwarder
 from .errors import PykvmError
 from .kvm.system import DEFAULT_PATH
 from .machine import Machine
 from .result import ERROR_STATUS, INTERRUPTED_STATUS, ExitReason, RunResult
+from .signals import STOPPER
 
-_QUIET_ENDINGS = (ExitReason.DEBUG_EXIT, ExitReason.HALTED, ExitReason.POWEROFF, ExitReason.RESET)
+_QUIET_ENDINGS = (ExitReason.DEBUG_EXIT, ExitReason.HALTED, ExitReason.POWEROFF, ExitReason.RESET, ExitReason.SNAPSHOTTED)
 
 
 class _Address(click.ParamType):
@@ -38,6 +43,67 @@ class _Address(click.ParamType):
         return number
 
 
+class _Seconds(click.ParamType):
+    """A finite number of seconds: above 0 (``positive``) or from 0, up to ``maximum``."""
+
+    name = "seconds"
+
+    def __init__(self, positive: bool = True, maximum: float | None = None) -> None:
+        self.positive = positive
+        self.maximum = maximum
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        if number < 0 or (self.positive and number == 0):
+            self.fail(f"{value!r} must be {'more than' if self.positive else 'at least'} 0 seconds", param, ctx)
+        if self.maximum is not None and number > self.maximum:
+            self.fail(f"{value!r} is more than {self.maximum:g} seconds", param, ctx)
+        return number
+
+
+# QEMU options people type by habit, and what pykvm takes instead.
+QEMU_OPTIONS = {
+    "-kernel": "the kernel is the argument: pykvm run KERNEL",
+    "-append": "pykvm's is --cmdline",
+    "-initrd": "pykvm's is --initrd",
+    "-smp": "pykvm's is -c/--cpus",
+    "-serial": "pykvm's is --serial (stdio, null, file:PATH)",
+    "-drive": "pykvm's is --disk PATH[,ro]",
+    "-hda": "pykvm's is --disk PATH",
+    "-device": "pykvm's devices are --disk, --rng, --net, --balloon and --console virtio",
+    "-netdev": "pykvm's is --net tap[=NAME]",
+    "-nographic": "pykvm needs none: the serial port is on stdio already",
+    "-display": "pykvm has no display: the serial port is on stdio",
+    "-enable-kvm": "pykvm always uses KVM",
+    "-accel": "pykvm always uses KVM",
+    "-no-reboot": "pykvm needs none: a reset ends the run",
+    "-machine": "pykvm has one machine type",
+    "-M": "pykvm has one machine type",
+    "-cpu": "pykvm gives the guest the host's CPU model",
+    "-bios": "pykvm boots kernels directly, without firmware",
+}
+
+
+class _RunCommand(click.Command):
+    """``pykvm run``, which answers a QEMU option with the pykvm option to use instead."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, list(args))
+        except click.NoSuchOption as err:
+            typed = next((arg for arg in args if arg in QEMU_OPTIONS and arg.startswith(err.option_name)), None)
+            if typed is None:
+                raise
+            raise click.UsageError(
+                f"{typed} is a QEMU option; {QEMU_OPTIONS[typed]} (pykvm-qemu takes QEMU's options as they are)", ctx
+            ) from err
+
+
 def _fail(message: object) -> NoReturn:
     click.echo(f"pykvm: error: {message}", err=True)
     sys.exit(ERROR_STATUS)
@@ -55,9 +121,9 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
     ctx.obj = device
 
 
-@main.command()
-@click.argument("guest", type=click.Path(path_type=Path, dir_okay=True))
-@click.option("-m", "--memory", default="64M", show_default=True, help="Guest RAM, e.g. 64M or 1G (a bare number is MiB).")
+@main.command(cls=_RunCommand)
+@click.argument("guest", type=click.Path(path_type=Path, dir_okay=True), required=False)
+@click.option("-m", "--memory", default="64M", show_default=True, help="Guest RAM, as QEMU's -m: 64M, 1.5G, size=1G (a bare number is MiB).")
 @click.option("-c", "--cpus", default=1, show_default=True, type=click.IntRange(min=1), help="Number of vCPUs.")
 @click.option("--no-irqchip", is_flag=True, help="A minimal machine: no PIC/IOAPIC/LAPIC/PIT, no virtio.")
 @click.option("--cmdline", default="", help="Kernel command line.")
@@ -69,7 +135,7 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 @click.option("--load-addr", type=_Address(), help="Where a flat binary loads [default: 0x7c00 in real mode, else 0x100000].")
 @click.option("--entry", type=_Address(), help="Entry point of a flat binary [default: its load address].")
 @click.option("--user-mode", is_flag=True, help="Enter long-mode code at CPL3.")
-@click.option("--serial", default="stdio", show_default=True, help="Serial output: stdio, none or a file path.")
+@click.option("--serial", default="stdio", show_default=True, help="Serial output: stdio, null (or none), file:PATH or a path.")
 @click.option("--console", type=click.Choice(["serial", "virtio"]), default="serial", show_default=True,
               help="Also give the guest a virtio-console (same output as the serial port).")  # fmt: skip
 @click.option("--disk", "disks", multiple=True, metavar="PATH[,ro]", help="A raw disk image as virtio-blk (repeatable).")
@@ -77,7 +143,7 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 @click.option("--net", metavar="tap[=NAME]", help="A virtio-net on a TAP device.")
 @click.option("--virtio-notify", type=click.Choice(["ioeventfd", "sync"]), default="ioeventfd", show_default=True,
               help="How queue notifications reach devices: an I/O thread, or synchronous MMIO exits (debugging).")  # fmt: skip
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop the guest after this many seconds (status 124).")
+@click.option("--timeout", type=_Seconds(), help="Stop the guest after this many seconds (status 124).")
 @click.option("--stats", is_flag=True, help="Print exit counts and where the time went, on stderr.")
 @click.option("--balloon", is_flag=True, help="A virtio-balloon (set its size with `pykvm ctl PATH balloon SIZE`).")
 @click.option("--share-pages", is_flag=True, help="Let the kernel merge identical guest pages (KSM, MADV_MERGEABLE).")
@@ -87,20 +153,40 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 @click.option("--gdb", "gdb", metavar="tcp::PORT|tcp:HOST:PORT|unix:PATH",
               help="Serve the guest to gdb (`target remote`) there; tcp::PORT listens on 127.0.0.1 only.")  # fmt: skip
 @click.option("--gdb-wait", is_flag=True, help="Hold the guest before its first instruction until gdb continues it.")
+@click.option("--restore", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Run the machine saved in the snapshot DIR (instead of booting GUEST).")  # fmt: skip
+@click.option("--allow-changed-disks", is_flag=True, help="With --restore: use disk images changed since the snapshot.")
+@click.option("--record", type=click.Path(path_type=Path, dir_okay=False), metavar="LOG",
+              help="With --restore: log every host input the guest takes, to replay the run.")  # fmt: skip
+@click.option("--replay", type=click.Path(path_type=Path, dir_okay=False), metavar="LOG",
+              help="With --restore: feed the guest the inputs LOG recorded instead of the host's.")  # fmt: skip
+@click.option("--events", metavar="PATH|fd:N", help="Write the machine's lifecycle events there, one JSON object per line.")
 @click.pass_obj
-def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdline: str, modules: tuple[Path, ...], initrd: Path | None, image_format: str, mode: str | None,
+def run(device: str, guest: Path | None, memory: str, cpus: int, no_irqchip: bool, cmdline: str, modules: tuple[Path, ...], initrd: Path | None, image_format: str, mode: str | None,
         load_addr: int | None, entry: int | None, user_mode: bool, serial: str, console: str, disks: tuple[str, ...],
         rng: bool, net: str | None, virtio_notify: str, timeout: float | None, stats: bool,
         balloon: bool, share_pages: bool, control: str | None, devices: tuple[str, ...], gdb: str | None,
-        gdb_wait: bool) -> None:  # fmt: skip
-    """Boot GUEST (flat binary, ELF, multiboot, Linux bzImage or PVH kernel); exit with the guest's status.
+        gdb_wait: bool, restore: Path | None, allow_changed_disks: bool, record: Path | None, replay: Path | None,
+        events: str | None) -> None:  # fmt: skip
+    """Boot GUEST (flat binary, ELF, multiboot, Linux bzImage or PVH kernel), or run a saved machine
+    (--restore DIR); exit with the guest's status.
 
     \b
     Status: 0 halted/reset; (v << 1) | 1 after the guest wrote v to port 0xf4;
     2 pykvm error; 112 unhandled exit; 114 triple fault; 116 emulation failure;
-    118 entry failure; 124 timeout; 130 interrupted.
+    118 entry failure; 120 a replay diverged; 124 timeout;
+    128 + n stopped by signal n (130 Ctrl-C, 143 SIGTERM).
     """
-    forwarder = None
+    if restore is not None:
+        _check_restore_options(guest)
+        restored = functools.partial(Machine.restore, restore, kvm_path=device, serial=serial, allow_changed_disks=allow_changed_disks,
+                                     record=record, replay=replay)  # fmt: skip
+        session = _Session(restored, None, {}, timeout, control, events, replaying=replay is not None)
+        _finish(session.run(), stats, serial, None)
+    if guest is None:
+        raise click.UsageError("run needs a GUEST image to boot, or --restore DIR")
+    if record is not None or replay is not None or allow_changed_disks:
+        raise click.UsageError("--record, --replay and --allow-changed-disks go with --restore DIR")
     try:
         device_fields: dict[str, object] = {}
         for spec in devices:
@@ -122,26 +208,90 @@ def run(device: str, guest: Path, memory: str, cpus: int, no_irqchip: bool, cmdl
             gdb=gdb,
             gdb_wait=gdb_wait,
         )
-        with Machine(config) as vm, _control_server(control, vm):
-            vm.load(guest, format=image_format, cmdline=cmdline, modules=modules, initrd=initrd, mode=mode,
-                    load_addr=load_addr, entry=entry, user=user_mode)  # fmt: skip
-            if vm.gdb_server is not None:
-                waiting = "waiting for gdb" if gdb_wait else "gdb can attach"
-                click.echo(f"pykvm: {waiting}: target remote {vm.gdb_server.gdb_address}", err=True)
-            if serial == "stdio":
-                forwarder = StdinForwarder(vm.serial.receive)
-                forwarder.start()
-            result = vm.run(timeout=timeout)
+        load = {"format": image_format, "cmdline": cmdline, "modules": modules, "initrd": initrd, "mode": mode,
+                "load_addr": load_addr, "entry": entry, "user": user_mode}  # fmt: skip
     except PykvmError as err:
         _fail(err)
-    except KeyboardInterrupt:
-        click.echo("pykvm: interrupted", err=True)
-        sys.exit(INTERRUPTED_STATUS)
-    finally:
-        if forwarder is not None:
-            forwarder.stop()
+    session = _Session(functools.partial(Machine, config), guest, load, timeout, control, events)
+    _finish(session.run(), stats, serial, session.plan)
+
+
+# What --restore takes from its snapshot; given with --restore, they are a mistake.
+MACHINE_OPTIONS = ("memory", "cpus", "no_irqchip", "cmdline", "modules", "initrd", "image_format", "mode", "load_addr",
+                   "entry", "user_mode", "console", "disks", "rng", "net", "balloon", "share_pages", "devices", "gdb",
+                   "gdb_wait")  # fmt: skip
+
+
+def _check_restore_options(guest: Path | None) -> None:
+    ctx = click.get_current_context()
+    given = [name for name in MACHINE_OPTIONS if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    if guest is not None or given:
+        what = "a GUEST image" if guest is not None else "--" + given[0].replace("_", "-")
+        raise click.UsageError(f"--restore runs the machine the snapshot saved: {what} does not go with it")
+
+
+class _Session:
+    """One ``pykvm run``: make the machine, load the guest (unless restored), serve what was asked
+    for around it, run it; a stop signal ends the run (:mod:`pykvm.signals`)."""
+
+    def __init__(
+        self, make: Callable[[], Machine], guest: Path | None, load: dict[str, Any], timeout: float | None,
+        control: str | None, events: str | None, replaying: bool = False,
+    ) -> None:  # fmt: skip
+        self._make, self._guest, self._load, self._timeout = make, guest, load, timeout
+        self._control, self._events, self._replaying = control, events, replaying
+        self.plan: BootPlan | None = None
+
+    def run(self) -> tuple[RunResult, int]:
+        """The run's result and how many bytes the guest sent to its serial port."""
+        forwarder = None
+        STOPPER.guard()  # from here on a signal stops the machine, which then cleans up
+        try:
+            with self._make() as vm, _control_server(self._control, vm), _event_writer(self._events, vm):
+                STOPPER.attach(vm.stop)
+                if self._guest is not None:
+                    self.plan = vm.load(self._guest, **self._load)
+                    if self.plan.format == FLAT_FORMAT and self._load["mode"] is None:
+                        _note(f"{self._guest} is a flat binary: it starts in {_where(self.plan)} "
+                              "(--mode, --load-addr and --entry change that)")  # fmt: skip
+                if vm.gdb_server is not None:
+                    waiting = "waiting for gdb" if vm.config.gdb_wait else "gdb can attach"
+                    click.echo(f"pykvm: {waiting}: target remote {vm.gdb_server.gdb_address}", err=True)
+                if SerialConfig.parse(vm.config.serial).kind == "stdio" and not self._replaying:
+                    forwarder = StdinForwarder(vm.host_inputs.serial_input)
+                    STOPPER.before_exit(forwarder.stop)
+                    forwarder.start()
+                return vm.run(timeout=self._timeout), vm.serial_output.transmitted
+        except PykvmError as err:
+            _fail(err)
+        except KeyboardInterrupt:  # only where STOPPER does not take the signals (pykvm.cli called in-process)
+            click.echo("pykvm: interrupted", err=True)
+            sys.exit(INTERRUPTED_STATUS)
+        finally:
+            if forwarder is not None:
+                forwarder.stop()
+            STOPPER.release()
+
+
+def _finish(outcome: tuple[RunResult, int], stats: bool, serial: str, plan: BootPlan | None) -> NoReturn:
+    result, transmitted = outcome
     _report(result, stats)
+    if not transmitted and plan is not None and SerialConfig.parse(serial).kind != "null":
+        _note(f"the guest wrote nothing to the serial port; it was loaded as {FORMAT_NAMES.get(plan.format, plan.format)} and started in {_where(plan)}")
     sys.exit(result.status)
+
+
+FORMAT_NAMES = {"flat": "a flat binary", "elf": "an ELF kernel", "multiboot": "a multiboot kernel",
+                "linux": "a Linux bzImage", "pvh": "a PVH kernel"}  # fmt: skip
+
+
+def _where(plan: BootPlan) -> str:
+    cpl3 = " at CPL3" if plan.entry.user else ""
+    return f"{plan.entry.mode.value} mode{cpl3} at {plan.entry.entry:#x}"
+
+
+def _note(message: str) -> None:
+    click.echo(f"pykvm: note: {message}", err=True)
 
 
 def _control_server(path: str | None, vm: Machine) -> contextlib.AbstractContextManager[object]:
@@ -151,6 +301,17 @@ def _control_server(path: str | None, vm: Machine) -> contextlib.AbstractContext
     from .control_socket import ControlServer  # only a machine with --control needs it
 
     return contextlib.closing(ControlServer(path, vm))
+
+
+def _event_writer(target: str | None, vm: Machine) -> contextlib.AbstractContextManager[object]:
+    """The machine's lifecycle events written to ``target`` (PATH or fd:N) as JSON lines."""
+    if target is None:
+        return contextlib.nullcontext()
+    from .events import JsonLinesWriter
+
+    writer = JsonLinesWriter(target)
+    vm.events.listen(writer)
+    return contextlib.closing(writer)
 
 
 def _report(result: RunResult, stats: bool) -> None:
@@ -186,13 +347,13 @@ def ctl(ctx: click.Context, path: str) -> None:
     ctx.obj = path
 
 
-def _control(path: str, message: dict, as_json: bool) -> None:
+def _control(path: str, message: dict[str, Any], as_json: bool, timeout: float) -> None:
     import json
 
     from .control_socket import format_answer, request as control_request  # only `pykvm ctl` needs it
 
     try:
-        answer = control_request(path, message)
+        answer = control_request(path, message, timeout=timeout + message.get("wait", 0))
     except PykvmError as err:
         _fail(err)
     if as_json:
@@ -205,27 +366,66 @@ def _control(path: str, message: dict, as_json: bool) -> None:
         click.echo(format_answer(message["cmd"], answer))
 
 
+def _ctl_options(command: Any) -> Any:
+    """The options every ``pykvm ctl`` command takes: --json and --timeout."""
+    command = click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")(command)
+    return click.option("--timeout", type=_Seconds(), default=10, show_default=True,
+                        help="Give up when the machine does not answer within this many seconds.")(command)  # fmt: skip
+
+
 @ctl.command("balloon")
 @click.argument("size")
-@click.option("--wait", type=click.FloatRange(min=0, max=600), default=0, help="Wait up to this many seconds for the guest.")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
+@click.option("--wait", type=_Seconds(positive=False, maximum=600), default=0, help="Wait up to this many seconds for the guest.")
+@_ctl_options
 @click.pass_obj
-def ctl_balloon(path: str, size: str, wait: float, as_json: bool) -> None:
+def ctl_balloon(path: str, size: str, wait: float, as_json: bool, timeout: float) -> None:
     """Set the balloon to SIZE: take that much memory (32M, 1G) from the guest."""
-    _control(path, {"cmd": "balloon", "target": size, "wait": wait}, as_json)
+    _control(path, {"cmd": "balloon", "target": size, "wait": wait}, as_json, timeout)
 
 
 @ctl.command("stats")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
+@_ctl_options
 @click.pass_obj
-def ctl_stats(path: str, as_json: bool) -> None:
+def ctl_stats(path: str, as_json: bool, timeout: float) -> None:
     """The guest's balloon statistics and the host's memory."""
-    _control(path, {"cmd": "stats"}, as_json)
+    _control(path, {"cmd": "stats"}, as_json, timeout)
 
 
 @ctl.command("info")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
+@_ctl_options
 @click.pass_obj
-def ctl_info(path: str, as_json: bool) -> None:
+def ctl_info(path: str, as_json: bool, timeout: float) -> None:
     """What the machine is: memory, vCPUs, devices, balloon, RSS, page sharing."""
-    _control(path, {"cmd": "info"}, as_json)
+    _control(path, {"cmd": "info"}, as_json, timeout)
+
+
+@ctl.command("snapshot")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--stop", is_flag=True, help="End the run once the snapshot is written (status 0).")
+@_ctl_options
+@click.pass_obj
+def ctl_snapshot(path: str, directory: str, stop: bool, as_json: bool, timeout: float) -> None:
+    """Save the running machine as a snapshot in DIRECTORY (`pykvm run --restore DIRECTORY` runs it)."""
+    _control(path, {"cmd": "snapshot", "path": str(Path(directory).resolve()), "stop": stop}, as_json, timeout)
+
+
+@main.group()
+def snapshot() -> None:
+    """Look at snapshots (`Machine.snapshot`, `pykvm ctl PATH snapshot DIR`)."""
+
+
+@snapshot.command("info")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def snapshot_info(directory: Path, as_json: bool) -> None:
+    """What the snapshot in DIRECTORY holds: the machine, its sizes, where it comes from."""
+    import json
+
+    from .snapshot import format_manifest, read_info
+    from .snapshot.codec import encode
+
+    try:
+        manifest = read_info(directory)
+    except PykvmError as err:
+        _fail(err)
+    click.echo(json.dumps(encode(manifest), indent=1) if as_json else format_manifest(directory, manifest))

@@ -12,18 +12,48 @@ from .kvm.system import DEFAULT_PATH
 from .x86.layout import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, MIB, PAGE_SIZE
 
 MIN_MEMORY = 2 * MIB
-_UNITS = {"": MIB, "k": 1 << 10, "m": MIB, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "k": 1 << 10, "m": MIB, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+# QEMU's qemu_strtosz(): a decimal number with an optional fraction, or a hex one, then one unit
+# letter (B, K, M, G, T, P, E, any case; pykvm also takes KiB/KB forms).  No sign, no exponent.
+_SIZE = re.compile(
+    r"^\s*(?:(?P<hex>0x[0-9a-f]+)|(?P<int>\d+)(?:\.(?P<frac>\d*))?)(?:(?P<unit>[bkmgtpe])(?<!b)(?:i?b)?|(?P<byte>b))?$",
+    re.IGNORECASE,
+)
+_MAX_SIZE = (1 << 64) - 1
 
 
 def parse_size(value: str | int) -> int:
-    """Bytes from ``"64M"``, ``"1G"``, ``"512KiB"``...; a bare number string is MiB (as QEMU's -m), an int is bytes."""
+    """Bytes from a size as QEMU's ``-m`` reads it: ``64M``, ``1.5G``, ``512k``, ``4096B``, ``size=64M``.
+
+    A bare number is MiB; a fraction needs a unit above bytes (``1.5G``; truncated to whole
+    bytes); ``KiB``/``KB`` forms are accepted too.  An int is bytes.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(f"a size is a string like 64M or a number of bytes, not {value!r}")
     if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"a size cannot be negative: {value}")
         return value
-    match = _SIZE.match(value)
-    if not match:
-        raise ConfigError(f"cannot read {value!r} as a size: write it like 64M, 512K or 2G")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+    text = value.strip()
+    key, equals, rest = text.partition("=")
+    if equals:
+        if key.strip().lower() != "size" or "," in rest:
+            raise ConfigError(f"cannot read {value!r} as a size: of QEMU's -m keys only size= is understood")
+        text = rest
+    match = _SIZE.match(text)
+    if not match or (match["frac"] is not None and (match["hex"] or match["byte"])):
+        raise ConfigError(f"cannot read {value!r} as a size: write it like 64M, 1.5G, 512K or 2G")
+    unit = 1 if match["byte"] else _UNITS[(match["unit"] or "m").lower()]
+    if match["hex"]:
+        size = int(match["hex"], 16) * unit
+    else:
+        fraction = match["frac"] or ""
+        if fraction.strip("0") and unit == 1:
+            raise ConfigError(f"cannot read {value!r} as a size: a fraction of a byte")
+        size = int(match["int"]) * unit + int(fraction or "0") * unit // 10 ** len(fraction)
+    if size > _MAX_SIZE:
+        raise ConfigError(f"size {value!r} is too large")
+    return size
 
 
 def check_memory_size(size: int) -> None:
@@ -38,6 +68,36 @@ def check_memory_size(size: int) -> None:
             f"guest memory of {size / MIB:.0f} MiB is more than this host's {host / MIB:.0f} MiB of RAM; "
             "ask for less with -m"
         )
+
+
+# QEMU -serial backends pykvm does not offer (a plain word or a "name:" prefix).
+_QEMU_SERIAL_BACKENDS = frozenset(
+    ("vc", "pty", "chardev", "pipe", "udp", "tcp", "telnet", "websocket", "unix", "mon", "braille", "msmouse",
+     "ringbuf", "memory", "socket", "serial", "tty", "parallel", "spicevmc", "spiceport", "dbus")
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SerialConfig:
+    """Where the UART's output goes: ``kind`` is ``"stdio"``, ``"null"`` (nowhere) or ``"file"`` (``path``)."""
+
+    kind: str = "null"
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SerialConfig:
+        """QEMU's ``-serial`` forms ``stdio``, ``null``, ``none`` (both discard the output) and
+        ``file:PATH``, or a plain path (``./null`` is a file named null)."""
+        if text == "stdio":
+            return cls("stdio")
+        if text in ("null", "none"):
+            return cls("null")
+        backend, colon, rest = text.partition(":")
+        if colon and backend == "file" and rest:
+            return cls("file", rest)
+        if not text or backend == "file" or backend.lower() in _QEMU_SERIAL_BACKENDS:
+            raise ConfigError(f"serial output {text!r} is not one pykvm offers: write stdio, null, file:PATH or a path")
+        return cls("file", text)
 
 
 @dataclass(frozen=True)
@@ -77,7 +137,8 @@ class MachineConfig:
 
     ``memory`` is RAM in bytes (or a size string, see :func:`parse_size`); ``cpus`` the number of vCPUs.
     ``irqchip`` gives the in-kernel PIC, IOAPIC, LAPIC and PIT (off: a minimal machine).
-    ``serial`` is where the UART's output goes: ``"stdio"``, ``"none"`` or a file path;
+    ``serial`` is where the UART's output goes (:meth:`SerialConfig.parse`: ``"stdio"``,
+    ``"null"``/``"none"``, ``"file:PATH"`` or a path);
     ``capture_serial`` also keeps it in the run's result.  ``console="virtio"`` adds a
     virtio-console writing to the same place; ``disks`` are virtio-blk images; ``rng``
     adds a virtio-rng; ``net`` a virtio-net on a TAP device.
@@ -124,8 +185,7 @@ class MachineConfig:
             raise ConfigError(f"a machine needs at least one vCPU, not {self.cpus!r}")
         if self.cpus > 1 and not self.irqchip:
             raise ConfigError("several vCPUs need the in-kernel irqchip (their LAPICs start the APs)")
-        if not self.serial:
-            raise ConfigError("serial must be 'stdio', 'none' or a file path")
+        SerialConfig.parse(self.serial)
         if self.console not in ("serial", "virtio"):
             raise ConfigError(f"console must be 'serial' or 'virtio', not {self.console!r}")
         if self.virtio_notify not in ("ioeventfd", "sync"):

@@ -2,8 +2,11 @@
 
 ``pykvm run GUEST --control PATH`` (``ControlServer(PATH, machine)`` in a program) serves
 PATH from a thread until it is closed; ``pykvm ctl PATH ...`` is the client
-(:func:`request`).  The socket file is created mode 0600 and removed on close; a stale one
-(nobody listening) is replaced, a live one is an error.
+(:func:`request`).  The socket file is created mode 0600 (there is no moment when it is
+not) and removed on close, if it is still the one this server created; a stale one (nobody
+listening) is replaced, a live one is an error.  At most :data:`MAX_CONNECTIONS` are served at
+once (a thread each); more wait in the listen backlog until a slot comes free.  Out of file
+descriptors, the server waits a moment and tries again; it never spins.
 
 Protocol (version 1): JSON lines.  The client sends one JSON object per line, UTF-8,
 newline-terminated; the server answers each with one JSON object on one line, in order, on
@@ -16,7 +19,13 @@ malformed request (not JSON, not an object, no or unknown ``cmd``, bad arguments
     ``pid``, ``memory`` (guest RAM), ``cpus``, ``devices`` (virtio device names),
     ``rss`` (the pykvm process), ``guest_resident`` (guest RAM resident on the host),
     ``share_pages`` (and ``ksm``, :func:`~pykvm.memory_policy.ksm_status`, when it is on),
-    ``balloon``: null or ``{"target", "actual", "features"}``.
+    ``balloon``: null or ``{"target", "actual", "features"}``; ``state`` (``created``,
+    ``running``, ``paused``, ``stopped``), ``uptime`` (seconds since the first run began),
+    ``exits`` (by reason), ``vcpus``: ``[{"id", "rip", "mode", "cpl"}]`` (:meth:`Machine.status`).
+``{"cmd": "snapshot", "path": DIR}``
+    Save the machine as a snapshot directory at ``DIR`` (it runs on; with ``"stop": true`` the
+    run then ends, status 0).  Answer: ``path``, ``memory_bytes`` (RAM the memory file holds),
+    ``seconds``.
 ``{"cmd": "balloon", "target": "32M"}``
     Set the balloon's size (a size string as for ``-m``, or bytes); with ``"wait": seconds``
     wait until the driver's ``actual`` reaches it.  Answer: ``target``, ``actual``, and
@@ -38,6 +47,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -65,6 +75,9 @@ PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024
 IDLE_TIMEOUT = 300.0  # a connection that sends nothing for this long is closed
 MAX_WAIT = 600.0  # the longest a request may ask the server to wait
+MAX_CONNECTIONS = 64  # served at once, one thread each
+ACCEPT_RETRY = 0.5  # seconds to wait before accepting again after running out of descriptors
+CONNECT_RETRY = 0.01  # seconds between the client's attempts while the server's backlog is full
 
 
 class ControlError(PykvmError):
@@ -91,27 +104,32 @@ class ControlServer:
             "info": self._info,
             "balloon": self._balloon,
             "stats": self._stats,
+            "snapshot": self._snapshot,
         }
         _remove_stale(path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
+            os.fchmod(self._listener.fileno(), 0o600)  # Linux creates the file with the socket's mode
             self._listener.bind(path)
-            os.chmod(path, 0o600)
-            self._listener.listen(8)
+            self._inode = _inode(os.lstat(path))
+            os.chmod(path, 0o600)  # only narrows it further, should the umask have allowed less
+            self._listener.listen(socket.SOMAXCONN)
         except OSError as err:
             self._listener.close()
             raise ControlError(f"cannot serve the control socket {path}: {err.strerror}") from err
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._closed = False
+        self._accept_failing = False
         self._thread = threading.Thread(target=self._accept_loop, name="pykvm-control", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        """Stop serving, close every connection and remove the socket file (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        os.write(self._wake_w, b"x")
+        """Stop serving, close every connection and remove the socket file if it is still ours (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._wake()
         self._thread.join()
         with self._lock:
             for conn in list(self._connections):
@@ -119,31 +137,82 @@ class ControlServer:
                     conn.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        self._listener.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+            self._listener.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        self._remove_own_socket()
+
+    def _remove_own_socket(self) -> None:
+        """Unlink the path only if it is still the socket this server bound (not a file put there since)."""
         try:
-            os.unlink(self.path)
+            if _inode(os.lstat(self.path)) == self._inode:
+                os.unlink(self.path)
         except FileNotFoundError:
             pass
 
+    def _wake(self) -> None:
+        """Make the accept loop look again (closing, or a connection slot came free)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:  # the pipe is full of wake-ups already
+            pass
+
     def _accept_loop(self) -> None:
+        """Accept while a connection slot is free; out of descriptors, wait a moment (never spin)."""
+        retry_at = 0.0
         with selectors.DefaultSelector() as selector:
-            selector.register(self._listener, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
             while not self._closed:
-                for key, _ in selector.select():
-                    if key.fileobj is not self._listener:
-                        return
-                    try:
-                        conn, _ = self._listener.accept()
-                    except OSError as err:
-                        log.warning("control socket %s: accept failed: %s", self.path, err)
-                        continue
-                    conn.settimeout(IDLE_TIMEOUT)
-                    with self._lock:
-                        self._connections.add(conn)
-                    threading.Thread(target=self._serve, args=(conn,), name="pykvm-control-conn", daemon=True).start()
+                with self._lock:
+                    room = len(self._connections) < MAX_CONNECTIONS
+                pause = max(retry_at - time.monotonic(), 0.0)
+                accepting = room and not pause
+                listening = self._listener in selector.get_map()
+                if accepting and not listening:
+                    selector.register(self._listener, selectors.EVENT_READ)
+                elif listening and not accepting:
+                    selector.unregister(self._listener)
+                for key, _ in selector.select(pause or None):
+                    if key.fileobj is self._listener:
+                        retry_at = 0.0 if self._accept_one() else time.monotonic() + ACCEPT_RETRY
+                    else:
+                        os.read(self._wake_r, 4096)
+
+    def _accept_one(self) -> bool:
+        """Accept and serve one connection; False when the process is out of descriptors or memory."""
+        try:
+            conn, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return True
+        except OSError as err:
+            if not self._accept_failing:
+                log.warning("control socket %s: cannot accept (%s); trying again every %g s",
+                            self.path, err.strerror, ACCEPT_RETRY)  # fmt: skip
+            self._accept_failing = True
+            return False
+        self._accept_failing = False
+        conn.settimeout(IDLE_TIMEOUT)
+        with self._lock:
+            self._connections.add(conn)
+        try:
+            threading.Thread(target=self._serve, args=(conn,), name="pykvm-control-conn", daemon=True).start()
+        except RuntimeError:  # no thread to be had: say so rather than leave the client waiting
+            self._forget(conn, _encode({"ok": False, "error": "the machine cannot start another thread now"}))
+        return True
+
+    def _forget(self, conn: socket.socket, last_words: bytes = b"") -> None:
+        """Close a connection, free its slot and let the accept loop know."""
+        with self._lock:
+            self._connections.discard(conn)
+            if last_words:
+                try:
+                    conn.setblocking(False)
+                    conn.send(last_words)
+                except OSError:
+                    pass
+            conn.close()
+            if not self._closed:
+                self._wake()
 
     def _serve(self, conn: socket.socket) -> None:
         buffered = b""
@@ -165,9 +234,7 @@ class ControlServer:
         except OSError as err:  # the client went away, or timed out
             log.debug("control socket %s: connection ended: %s", self.path, err)
         finally:
-            with self._lock:
-                self._connections.discard(conn)
-            conn.close()
+            self._forget(conn)
 
     # --- requests ----------------------------------------------------------------------------
     def handle_line(self, line: bytes) -> dict[str, Any]:
@@ -176,6 +243,8 @@ class ControlServer:
             request = json.loads(line)
         except (ValueError, UnicodeDecodeError) as err:
             return {"ok": False, "error": f"malformed request, not JSON: {err}"}
+        except RecursionError:
+            return {"ok": False, "error": "malformed request: JSON nested too deeply"}
         return self.handle(request)
 
     def handle(self, request: object) -> dict[str, Any]:
@@ -222,7 +291,20 @@ class ControlServer:
             answer["ksm"] = ksm_status()
         if balloon is not None:
             answer["balloon"] = {"target": balloon.target, "actual": balloon.actual, "features": balloon.negotiated}
+        status = self.machine.status()
+        answer.update(state=status.state, uptime=round(status.uptime, 3), exits=status.exits_by_reason,
+                      vcpus=[dataclasses.asdict(vcpu) for vcpu in status.vcpus])  # fmt: skip
         return answer
+
+    def _snapshot(self, request: dict[str, Any]) -> dict[str, Any]:
+        path = request.get("path")
+        if not isinstance(path, str) or not path:
+            raise RequestError("snapshot needs a 'path': the directory to write it to")
+        started = time.monotonic()
+        manifest = self.machine.snapshot(path)
+        if request.get("stop") is True:
+            self.machine.stop_after_snapshot(path)
+        return {"path": path, "memory_bytes": manifest.memory_data_bytes, "seconds": round(time.monotonic() - started, 3)}
 
     def _balloon(self, request: dict[str, Any]) -> dict[str, Any]:
         balloon = self._balloon_device()
@@ -267,6 +349,10 @@ def _encode(answer: dict[str, Any]) -> bytes:
     return json.dumps(answer, separators=(", ", ": ")).encode() + b"\n"
 
 
+def _inode(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
 def _remove_stale(path: str) -> None:
     """Remove a socket file nobody listens on; refuse to replace a live socket or another file."""
     try:
@@ -275,10 +361,12 @@ def _remove_stale(path: str) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise ControlError(f"cannot serve the control socket {path}: it exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     try:
-        probe.connect(path)
+        probe.connect(path)  # never waits: a full backlog (EAGAIN) also means someone listens
     except OSError as err:
+        if err.errno == errno.EAGAIN:
+            raise ControlError(f"cannot serve the control socket {path}: another pykvm is listening there") from err
         if err.errno not in (errno.ECONNREFUSED, errno.ENOENT):
             raise ControlError(f"cannot serve the control socket {path}: {err.strerror}") from err
         os.unlink(path)  # stale: its server is gone
@@ -292,31 +380,46 @@ def _remove_stale(path: str) -> None:
 def request(path: str, message: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
     """Send one request to the control socket at ``path`` and return its answer.
 
-    Raises :class:`ControlError` if nobody answers (an ``ok: false`` answer is returned as is).
+    Raises :class:`ControlError` if nobody answers within ``timeout`` seconds (an ``ok: false``
+    answer is returned as is).  A server whose backlog is full is tried again until then.
     """
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            _connect(sock, path, deadline)
             sock.sendall(_encode(message))
             answer = b""
             while not answer.endswith(b"\n"):
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 data = sock.recv(65536)
                 if not data:
                     raise ControlError(f"control socket {path}: the server closed the connection without answering")
                 answer += data
         except socket.timeout as err:
-            raise ControlError(f"control socket {path}: no answer within {timeout:g} s") from err
+            raise ControlError(f"control socket {path}: no answer within {timeout:g} s (is the machine stopped?)") from err
         except OSError as err:
             hint = " (is the machine running with --control?)" if err.errno in (errno.ENOENT, errno.ECONNREFUSED) else ""
             raise ControlError(f"control socket {path}: {err.strerror}{hint}") from err
     try:
         decoded = json.loads(answer)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise ControlError(f"control socket {path}: the answer is not JSON: {err}") from err
     if not isinstance(decoded, dict):
         raise ControlError(f"control socket {path}: the answer is not a JSON object")
     return decoded
+
+
+def _connect(sock: socket.socket, path: str, deadline: float) -> None:
+    """Connect, trying again while the server's backlog is full (EAGAIN), until ``deadline``."""
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise socket.timeout from None
+            time.sleep(CONNECT_RETRY)
 
 
 def _mib(value: object) -> str:
@@ -324,7 +427,7 @@ def _mib(value: object) -> str:
 
 
 def format_answer(cmd: str, answer: dict[str, Any]) -> str:
-    """One line of human output for a successful answer to ``cmd``."""
+    """Human output for a successful answer to ``cmd`` (one line; ``info`` adds the run and each vCPU)."""
     if cmd == "balloon":
         line = f"balloon: target {_mib(answer.get('target'))}, actual {_mib(answer.get('actual'))}"
         if answer.get("reached") is False:
@@ -351,5 +454,13 @@ def format_answer(cmd: str, answer: dict[str, Any]) -> str:
             f"page sharing on (KSM {'running' if ksm.get('run') == 1 else 'not running'}, "
             f"saved {_mib(ksm.get('saved_bytes', 0))} host-wide)")  # fmt: skip
         parts.append(sharing)
-        return ", ".join(parts)
+        lines = [", ".join(parts)]
+        if "state" in answer:
+            exits = ", ".join(f"{name} {count}" for name, count in sorted((answer.get("exits") or {}).items()))
+            lines.append(f"state: {answer['state']}, up {answer.get('uptime', 0):.1f} s; exits: {exits or 'none'}")
+            lines += [f"vCPU {v.get('id')}: {v.get('mode')} mode, CPL {v.get('cpl')}, rip {v.get('rip', 0):#x}"
+                      for v in answer.get("vcpus") or []]  # fmt: skip
+        return "\n".join(lines)
+    if cmd == "snapshot":
+        return f"snapshot: {answer.get('path')}: {_mib(answer.get('memory_bytes'))} of RAM in {answer.get('seconds')} s"
     return json.dumps(answer)

@@ -18,6 +18,18 @@ BACKENDS = {
     "kvm_amd": "hardware (AMD-V)",
     "kvm_pvm": "software (PVM, pagetable-based nested virtualization)",
 }
+# What guests each kind of backend can run (the README's "Notes on software KVM backends").
+HARDWARE_GUESTS = "guest code runs natively at full speed: any x86-64 kernel boots, a full Linux included"
+GUESTS = {
+    "kvm_intel": HARDWARE_GUESTS,
+    "kvm_amd": HARDWARE_GUESTS,
+    "kvm_pvm": (
+        "long-mode user code (CPL3) runs natively; kernel code (CPL0, real and protected mode) is "
+        "emulated at about 1 us an instruction, and some instructions cannot be: small kernels run; "
+        "a full Linux boot is not possible"
+    ),
+}
+UNKNOWN_GUESTS = "unknown backend: whether guest kernel code runs natively cannot be told"
 CAPABILITIES = (
     "IRQCHIP", "HLT", "USER_MEMORY", "SET_TSS_ADDR", "EXT_CPUID", "PIT2", "IOEVENTFD", "IRQFD",
     "SYNC_REGS", "IMMEDIATE_EXIT", "READONLY_MEM", "MP_STATE", "XSAVE", "X86_USER_SPACE_MSR",
@@ -109,6 +121,7 @@ def host_info(kvm_path: str = "/dev/kvm") -> dict[str, Any]:
             "api_version": kvm.api_version(),
             "backend": backend,
             "backend_kind": BACKENDS.get(backend or "", "unknown"),
+            "guests": GUESTS.get(backend or "", UNKNOWN_GUESTS),
             "host_kernel": os.uname().release,
             "cpu_model": _cpu_model(),
             "host_cpus": os.cpu_count(),
@@ -130,6 +143,7 @@ def format_info(info: dict[str, Any]) -> str:
     lines = [
         f"device:       {info['device']} (KVM API {info['api_version']})",
         f"backend:      {info['backend'] or 'unknown'}: {info['backend_kind']}",
+        f"guests:       {info['guests']}",
         f"host:         {info['cpu_model']}, {info['host_cpus']} CPUs, Linux {info['host_kernel']}",
         "limits:",
         *(f"  {name:<24} {value}" for name, value in info["limits"].items()),

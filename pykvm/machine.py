@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -29,11 +31,12 @@ from .events import Events
 from .kvm import Kvm, Vcpu
 from .kvm.fastpath import Space
 from .native import lib
-from .result import MachineStatus, RunResult, RunStats, VcpuStatus
+from .result import ExitReason, MachineStatus, RunResult, RunStats, VcpuStatus
 from .runner import Runner
 from .x86.cpu import apply_entry
 from .x86.e820 import ram_regions
 from .x86.entry import CpuMode
+from .x86.layout import MIB
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -103,16 +106,17 @@ class Machine:
 
     @classmethod
     def restore(
-        cls, path: str | Path, *, kvm: Kvm | None = None, serial: str = "none", capture_serial: bool = False,
-        allow_changed_disks: bool = False, resettable: bool = False, record: str | Path | None = None,
-        replay: str | Path | None = None,
+        cls, path: str | Path, *, kvm: Kvm | None = None, kvm_path: str | None = None, serial: str = "none",
+        capture_serial: bool = False, allow_changed_disks: bool = False, resettable: bool = False,
+        record: str | Path | None = None, replay: str | Path | None = None,
     ) -> Machine:  # fmt: skip
         """A machine restored from the snapshot at ``path`` (see :meth:`snapshot`), ready to run.
 
         Guest RAM is mapped from the snapshot copy-on-write, so restoring costs the same for any
         RAM size and many machines restored from one snapshot share the pages none of them
         changed.  ``serial`` and ``capture_serial`` are as for a new machine; a disk image that
-        changed since the snapshot is refused unless ``allow_changed_disks``.  ``resettable``
+        changed since the snapshot is refused unless ``allow_changed_disks``; ``kvm_path`` names
+        the KVM device to use when no ``kvm`` is shared (the snapshot's is not).  ``resettable``
         makes the snapshot the machine's reset point (:meth:`reset`); KVM then logs the guest's
         writes, which costs a little at restore (about 3 ms per GiB of RAM here) and at run.
 
@@ -120,7 +124,7 @@ class Machine:
         feeds a log's inputs back instead of the host's (see :mod:`pykvm.replay`; both capture
         the serial output).
         """
-        options: dict[str, Any] = dict(kvm=kvm, serial=serial, allow_changed_disks=allow_changed_disks)
+        options: dict[str, Any] = dict(kvm=kvm, kvm_path=kvm_path, serial=serial, allow_changed_disks=allow_changed_disks)
         if record is not None and replay is not None:
             raise ConfigError("a machine either records its host inputs or replays them, not both")
         if record is not None:
@@ -147,7 +151,6 @@ class Machine:
         self.cmdline = b""
         self._msrs: list[int] | None = None
         self._reset_point: ResetPoint | None = None
-        self._serial_error_reported = False
         self.events = Events()
         try:
             parts = build(self.config, kvm, self._request_stop, self._closing, memory_backing=memory_file,
@@ -234,19 +237,19 @@ class Machine:
         ``cmdline`` and module strings are bytes, or str (see :func:`pykvm.boot.plan.to_bytes`).
         A module is a file, whose string is its name, or a (file, string) pair.
         """
-        path = Path(path)
+        path, ram = Path(path), self.config.memory_bytes
         request = LoadRequest(
             memory_map=self.memory_map,
             ram=tuple(ram_regions(self.config.memory_bytes)),
             cmdline=cmdline,
-            modules=tuple(_module(m) for m in modules),
-            initrd=Module(Path(initrd), read_image(Path(initrd)), str(initrd)) if initrd is not None else None,
+            modules=tuple(_module(m, ram) for m in modules),
+            initrd=Module(Path(initrd), read_image(Path(initrd), ram), str(initrd)) if initrd is not None else None,
             rsdp_addr=self.acpi.base if self.acpi is not None else None,
             mode=CpuMode(mode) if mode is not None else None,
             load_addr=load_addr,
             entry=entry,
         )
-        plan = load_image(path, read_image(path), request, format)
+        plan = load_image(path, read_image(path, ram), request, format)
         entry_state = plan.entry
         if user:
             if entry_state.mode is not CpuMode.LONG:
@@ -269,19 +272,17 @@ class Machine:
             raise PykvmError("this machine is closed")
         if not self._ready:
             raise PykvmError("nothing to run: load a guest image (or restore a snapshot) first")
-        if timeout is not None and not timeout > 0:
-            raise ConfigError(f"timeout must be positive, not {timeout}")
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise ConfigError(f"timeout must be a finite number of seconds above 0, not {timeout}")
         try:
             return self._runner.run(timeout)
         finally:
-            self._report_fast_serial_error()
+            self._report_serial_problems()
 
-    def _report_fast_serial_error(self) -> None:
-        """The C path drops a serial output fd that fails; say so once, as the Python path does."""
-        error = self.devices.fast.serial_errno
-        if error and not self._serial_error_reported:
-            self._serial_error_reported = True
-            log.warning("serial output failed (%s); no longer writing there", os.strerror(error))
+    def _report_serial_problems(self) -> None:
+        """Say once what the serial output could not write (either path: they share one state)."""
+        for message in self.serial_output.problems():
+            log.warning(message)
 
     def stop(self, signal_number: int | None = None) -> None:
         """End the current run as :attr:`ExitReason.STOPPED`, from any thread or a signal handler.
@@ -340,6 +341,10 @@ class Machine:
         if self._reset_point is None:
             raise PykvmError("nothing to reset to: take a snapshot, or restore one with resettable=True, first")
         return reset(self, self._reset_point)
+
+    def stop_after_snapshot(self, path: str | Path) -> None:
+        """End the current run as saved to the snapshot at ``path`` (status 0)."""
+        self._runner.end(Stop(ExitReason.SNAPSHOTTED, f"saved to the snapshot {path}, then stopped"))
 
     def mark_ready(self, cmdline: bytes) -> None:
         """The guest is loaded (or its state restored) with this command line: it may run."""
@@ -407,18 +412,42 @@ def _vcpu_status(vcpu: Vcpu) -> VcpuStatus:
     return VcpuStatus(vcpu.id, vcpu.get_regs().rip, CpuMode.of(sregs.cr0, sregs.efer).value, sregs.cs.dpl)
 
 
-def _module(spec: str | Path | tuple[str | Path, str | bytes]) -> Module:
+def _module(spec: str | Path | tuple[str | Path, str | bytes], limit: int) -> Module:
     file, string = spec if isinstance(spec, tuple) else (spec, str(spec))
-    return Module(Path(file), read_image(Path(file)), string)
+    return Module(Path(file), read_image(Path(file), limit), string)
 
 
-def read_image(path: Path) -> bytes:
-    """The bytes of a guest image or module, or an :class:`ImageError` that says why not."""
+def read_image(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of a guest image or module, or an :class:`ImageError` that says why not.
+
+    Only a regular file is read (a FIFO would wait for a writer, ``/dev/zero`` never ends), and
+    only once its size is known to be at most ``limit`` bytes (the guest's RAM, which a larger
+    image cannot fit in).
+    """
     try:
-        return path.read_bytes()
+        _check_image_file(path, os.stat(path), limit)
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as file:  # no wait at a FIFO
+            _check_image_file(path, os.fstat(file.fileno()), limit)  # the same file, should it have changed
+            data = file.read() if limit is None else file.read(limit + 1)
     except FileNotFoundError as err:
         raise ImageError(str(path), "no such file") from err
-    except IsADirectoryError as err:
-        raise ImageError(str(path), "is a directory, not a guest image") from err
     except OSError as err:
         raise ImageError(str(path), f"cannot be read: {err.strerror}") from err
+    if limit is not None and len(data) > limit:
+        raise ImageError(str(path), f"grew past {limit} bytes while it was read")
+    return data
+
+
+_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}  # fmt: skip
+
+
+def _check_image_file(path: Path, info: os.stat_result, limit: int | None) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        raise ImageError(str(path), f"is {kind}, not a guest image file")
+    if limit is not None and info.st_size > limit:
+        raise ImageError(
+            str(path),
+            f"is {info.st_size / MIB:.1f} MiB and does not fit in guest RAM ({limit / MIB:.1f} MiB; give more with -m)",
+        )

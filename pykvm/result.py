@@ -23,6 +23,7 @@ class ExitReason(str, enum.Enum):
     UNHANDLED = "unhandled-exit"  # an exit reason pykvm does not handle
     TIMEOUT = "timeout"  # run(timeout=...) expired
     STOPPED = "stopped"  # Machine.stop(): the user or a signal ended the run
+    SNAPSHOTTED = "snapshotted"  # saved to a snapshot, then stopped (``pykvm ctl PATH snapshot DIR --stop``)
     DIVERGED = "replay-divergence"  # a replayed run left its log (pykvm.replay): what and where is said
 
 
@@ -31,6 +32,7 @@ STATUS = {
     ExitReason.HALTED: 0,
     ExitReason.POWEROFF: 0,
     ExitReason.RESET: 0,
+    ExitReason.SNAPSHOTTED: 0,
     ExitReason.UNHANDLED: 112,
     ExitReason.TRIPLE_FAULT: 114,
     ExitReason.INTERNAL_ERROR: 116,

@@ -96,7 +96,11 @@ class Runner:
     def stop(self, signal_number: int | None = None) -> None:
         """End the current run as :attr:`ExitReason.STOPPED` (see :meth:`Machine.stop`)."""
         name = signal.Signals(signal_number).name if signal_number else None
-        stop = Stop(ExitReason.STOPPED, f"stopped by {name}" if name else "stopped", signal_number, with_registers=True)
+        self.end(Stop(ExitReason.STOPPED, f"stopped by {name}" if name else "stopped", signal_number, with_registers=True))
+
+    def end(self, stop: Stop) -> None:
+        """End the current run for ``stop``, from any thread or a signal handler; while no run is
+        going, the next one ends before the guest executes anything."""
         with self._lock:
             if self._running and self._control is not None:
                 self._control.request_stop(stop)

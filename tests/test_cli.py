@@ -6,36 +6,49 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from command import assert_one_line_error, pykvm
 from conftest import guest
+from pykvm.info import GUESTS, UNKNOWN_GUESTS, kvm_backend
 
 pytestmark = pytest.mark.kvm
 
 
-def pykvm(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None, user_cmd: list[str] | None = None) -> subprocess.CompletedProcess:
-    command = (user_cmd or []) + [sys.executable, "-m", "pykvm", *args]
-    return subprocess.run(command, input=stdin, capture_output=True, timeout=120, env={**os.environ, **(env or {})})
-
-
-def assert_one_line_error(process: subprocess.CompletedProcess, *fragments: str) -> None:
-    stderr = process.stderr.decode()
-    assert process.returncode == 2, stderr
-    assert "Traceback" not in stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pykvm: error: "), stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
 def test_run_prints_the_guest_serial_output_and_exits_with_its_status() -> None:
-    process = pykvm("run", str(guest("hello_real.bin")))
+    process = pykvm("run", str(guest("hello_real.bin")), "--mode", "real")
     assert process.stdout == b"Hello from real mode\n"
     assert process.returncode == 1 and process.stderr == b""
+
+
+def test_a_flat_binary_without_a_mode_gets_one_note_saying_where_it_starts() -> None:
+    image = guest("hello_real.bin")
+    process = pykvm("run", str(image))
+    assert process.stdout == b"Hello from real mode\n" and process.returncode == 1
+    assert process.stderr.decode() == (
+        f"pykvm: note: {image} is a flat binary: it starts in real mode at 0x7c00 "
+        "(--mode, --load-addr and --entry change that)\n"
+    )
+
+
+def test_a_run_without_output_says_what_pykvm_assumed() -> None:
+    # Long-mode code run as a boot sector: it prints nothing (the newcomer's first surprise).
+    process = pykvm("run", str(guest("hello_long.bin")), "--timeout", "30")
+    notes = process.stderr.decode().splitlines()
+    assert process.stdout == b"" and notes[0].startswith("pykvm: note: ") and "real mode at 0x7c00" in notes[0]
+    assert notes[-1] == (
+        "pykvm: note: the guest wrote nothing to the serial port; "
+        "it was loaded as a flat binary and started in real mode at 0x7c00"
+    )
+    explicit = pykvm("run", str(guest("hello_long.bin")), "--mode", "long")
+    assert explicit.stdout == b"Hello from long mode\n" and explicit.stderr == b""
+
+
+def test_no_note_when_the_output_is_discarded_on_purpose() -> None:
+    process = pykvm("run", str(guest("hello_protected.elf")), "--serial", "null")
+    assert process.stdout == b"" and process.stderr == b"" and process.returncode == 1
 
 
 def test_run_exit_status_of_debug_exit_value_42() -> None:
@@ -75,7 +88,7 @@ def test_serial_input_comes_from_stdin() -> None:
 
 
 def test_stats_show_exits_by_reason_and_port() -> None:
-    process = pykvm("run", str(guest("hello_real.bin")), "--stats")
+    process = pykvm("run", str(guest("hello_real.bin")), "--mode", "real", "--stats")
     stderr = process.stderr.decode()
     assert stderr.startswith("exits: ") and "in guest" in stderr and "in Python handlers" in stderr
     assert "pio 0x03f8 write (COM1 THR/RBR) in C" in stderr and "pio 0x03fd read" in stderr
@@ -101,6 +114,15 @@ def test_info_reports_api_backend_and_capabilities() -> None:
     assert data["capabilities"]["user_memory"] == 1 and data["limits"]["max_vcpus"] >= 1
     text = pykvm("info").stdout.decode()
     assert "backend:" in text and data["backend"] in text
+
+
+def test_info_says_what_guests_this_backend_can_run() -> None:
+    backend = kvm_backend()
+    lines = pykvm("info").stdout.decode().splitlines()
+    assert f"guests:       {GUESTS.get(backend or '', UNKNOWN_GUESTS)}" in lines
+    assert json.loads(pykvm("info", "--json").stdout)["guests"] == GUESTS.get(backend or "", UNKNOWN_GUESTS)
+    assert "a full Linux boot is not possible" in GUESTS["kvm_pvm"]
+    assert "full speed" in GUESTS["kvm_intel"] and "full speed" in GUESTS["kvm_amd"]
 
 
 def test_missing_file() -> None:

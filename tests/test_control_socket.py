@@ -13,13 +13,16 @@ import stat
 import struct
 import subprocess
 import sys
+import textwrap
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from pykvm.config import MachineConfig
-from pykvm.control_socket import MAX_LINE, ControlError, ControlServer, format_answer, request
+from pykvm.result import MachineStatus, VcpuStatus
+from pykvm.control_socket import MAX_CONNECTIONS, MAX_LINE, ControlError, ControlServer, format_answer, request
 from pykvm.devices.virtio import mmio
 from pykvm.devices.virtio.balloon import F_STATS_VQ, VirtioBalloon
 from pykvm.memory import GuestMemory
@@ -39,6 +42,7 @@ def machine():  # type: ignore[no-untyped-def]
         memory=memory,
         balloon=balloon,
         devices=SimpleNamespace(virtio=[SimpleNamespace(device=balloon)]),
+        status=lambda: MachineStatus("created", 0.0, {}, (VcpuStatus(0, 0x7C00, "real", 0),)),
         driver=driver,
     )
     yield stand_in
@@ -116,11 +120,14 @@ def test_stats_asks_the_guest_and_reports_what_it_said(server, machine) -> None:
         (b'{"cmd": "balloon", "target": true}\n', "size string or a number"),
         (b'{"cmd": "balloon", "target": "lots"}\n', "cannot read 'lots' as a size"),
         (b'{"cmd": "balloon", "target": "1G"}\n', "out of range"),
-        (b'{"cmd": "balloon", "target": -4096}\n', "out of range"),
+        (b'{"cmd": "balloon", "target": -4096}\n', "cannot be negative"),
         (b'{"cmd": "balloon", "target": "1M", "wait": "soon"}\n', "wait must be a number"),
         (b'{"cmd": "stats", "timeout": 1e9}\n', "timeout must be a number"),
         (b"\xff\xfe\n", "not JSON"),
+        (b"[" * 30000 + b"]" * 30000 + b"\n", "nested too deeply"),
+        (b'{"a":' * 10000 + b"1" + b"}" * 10000 + b"\n", "nested too deeply"),
     ],
+    ids=lambda value: value[:40] if isinstance(value, bytes) else value,
 )
 def test_rule_a_malformed_request_gets_an_error_answer_and_the_server_goes_on(server, line: bytes, fragment: str) -> None:
     bad, good = converse(server.path, line, b'{"cmd": "info"}\n')
@@ -166,6 +173,138 @@ def test_the_socket_is_private_and_removed_on_close(machine, tmp_path: Path) -> 
     server.close()
     server.close()  # idempotent
     assert not path.exists()
+
+
+def test_the_socket_is_private_from_the_moment_it_exists(machine, tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "vm.sock"
+    modes = []
+    listen = socket.socket.listen
+
+    def spy(sock: socket.socket, *args: object) -> None:
+        modes.append(stat.S_IMODE(path.lstat().st_mode))
+        listen(sock, *args)
+
+    old_umask = os.umask(0)  # the most permissive umask a user could have
+    try:
+        monkeypatch.setattr(socket.socket, "listen", spy)
+        server = ControlServer(str(path), machine)
+    finally:
+        os.umask(old_umask)
+    server.close()
+    assert modes == [0o600]
+
+
+def test_close_leaves_a_file_that_replaced_the_socket(machine, tmp_path: Path) -> None:
+    path = tmp_path / "vm.sock"
+    server = ControlServer(str(path), machine)
+    path.unlink()
+    path.write_text("someone else's file")
+    server.close()
+    assert path.read_text() == "someone else's file"
+
+
+def test_close_leaves_another_machines_live_socket(machine, tmp_path: Path) -> None:
+    path = tmp_path / "vm.sock"
+    first = ControlServer(str(path), machine)
+    path.unlink()  # e.g. removed by hand, and a second machine started at the same path
+    second = ControlServer(str(path), machine)
+    try:
+        first.close()
+        assert request(str(path), {"cmd": "info"})["ok"]
+    finally:
+        second.close()
+    assert not path.exists()
+
+
+def test_parallel_clients_are_all_answered(server) -> None:
+    answers: list[dict] = []
+    clients = [threading.Thread(target=lambda: answers.append(request(server.path, {"cmd": "info"}, timeout=60)))
+               for _ in range(200)]  # fmt: skip
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join()
+    assert len(answers) == 200 and all(answer["ok"] for answer in answers)
+
+
+def serving_threads() -> int:
+    return sum(thread.name == "pykvm-control-conn" for thread in threading.enumerate())
+
+
+def test_connections_are_capped_and_the_rest_wait_their_turn(server) -> None:
+    idle = []
+    for _ in range(MAX_CONNECTIONS + 100):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(server.path)  # blocking: waits for room in the backlog
+        idle.append(sock)
+    probe = idle[MAX_CONNECTIONS - 1]  # the last one served: it answers
+    probe.sendall(b'{"cmd": "info"}\n')
+    assert json.loads(probe.makefile().readline())["ok"]
+    assert serving_threads() == MAX_CONNECTIONS
+    waiting = idle[-1]
+    waiting.sendall(b'{"cmd": "info"}\n')
+    for sock in idle[:-1]:
+        sock.close()  # slots come free; the last connection is served in turn
+    waiting.settimeout(60)
+    assert json.loads(waiting.makefile().readline())["ok"]
+    waiting.close()
+
+
+def test_out_of_descriptors_the_server_waits_instead_of_spinning(tmp_path: Path) -> None:
+    # A server process with few descriptors; the test opens connections until it runs out.
+    path = tmp_path / "vm.sock"
+    script = textwrap.dedent(f"""\
+        import logging, os, resource, sys
+        from types import SimpleNamespace
+        from pykvm.control_socket import ControlServer
+        logging.basicConfig(level=logging.WARNING)
+        used = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 12, used + 12))
+        server = ControlServer({str(path)!r}, SimpleNamespace())
+        print("ready", flush=True)
+        sys.stdin.read()  # until the test is done
+        server.close()
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)  # fmt: skip
+    rest = b""
+    try:
+        assert process.stdout.readline() == b"ready\n"
+        clients = []
+        for _ in range(40):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(path))
+            clients.append(sock)
+        clients[0].sendall(b'{"cmd": "nope"}\n')  # answered: the server got this far
+        assert json.loads(clients[0].makefile().readline())["ok"] is False
+        first_warning = process.stderr.readline()  # the server ran out while accepting the rest
+        assert b"cannot accept (Too many open files)" in first_warning
+        for sock in clients:
+            sock.close()
+        assert request(str(path), {"cmd": "nope"}, timeout=60)["ok"] is False  # it serves again
+    finally:
+        _, rest = process.communicate(b"", timeout=60)
+    assert process.returncode == 0 and rest == b""  # said once, not once per attempt
+
+
+def test_the_client_gives_up_on_a_server_that_never_answers(tmp_path: Path) -> None:
+    path = tmp_path / "stopped.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stopped:  # listens, never accepts: a stopped VM
+        stopped.bind(str(path))
+        stopped.listen(1)
+        with pytest.raises(ControlError, match="no answer within 0.5 s"):
+            request(str(path), {"cmd": "info"}, timeout=0.5)
+
+
+def test_pykvm_ctl_has_a_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "stopped.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stopped:
+        stopped.bind(str(path))
+        stopped.listen(1)
+        out = subprocess.run([sys.executable, "-m", "pykvm", "ctl", str(path), "info", "--timeout", "0.5"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr == f"pykvm: error: control socket {path}: no answer within 0.5 s (is the machine stopped?)\n"
 
 
 def test_a_stale_socket_is_replaced_and_a_live_one_refused(machine, tmp_path: Path) -> None:

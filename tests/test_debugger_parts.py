@@ -173,7 +173,7 @@ def test_hardware_backends_and_unknown_ones_can_do_all_guest_debugging() -> None
 
 
 def test_pykvm_info_lists_where_each_debug_event_works() -> None:
-    info = {"device": "/dev/kvm", "api_version": 12, "backend": "kvm_pvm", "backend_kind": "software",
+    info = {"device": "/dev/kvm", "api_version": 12, "backend": "kvm_pvm", "backend_kind": "software", "guests": "small kernels",
             "cpu_model": "cpu", "host_cpus": 2, "host_kernel": "6.1", "limits": {}, "capabilities": {},
             "debugging": DEBUG_SUPPORT["kvm_pvm"].as_dict()}  # fmt: skip
     text = format_info(info)

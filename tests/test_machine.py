@@ -288,3 +288,12 @@ def test_a_listener_that_fails_is_dropped_and_the_machine_goes_on(machine_factor
     machine.events.listen(broken)
     assert machine.run(timeout=30).reason is ExitReason.DEBUG_EXIT
     assert machine.run(timeout=30).reason is ExitReason.HALTED  # it goes on after its exit, and halts
+
+
+def test_the_package_exports_its_api_and_imports_it_only_when_used() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, pykvm; print('pykvm.machine' in sys.modules); print(pykvm.Machine.__name__, pykvm.Kvm.__name__, pykvm.Device.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "Machine", "Kvm", "Device"]

@@ -167,6 +167,7 @@ def test_a_virtio_blk_guest_saved_between_its_requests_finishes_alike(machine_fa
     original.resume()
     finished = run.join()
     assert finished.status == 1 and b"read back: OK" in finished.serial
+    original.close()  # it holds the image's write lock
     shutil.copy(tmp_path / "disk-at-snapshot.img", disk)  # the image as it was at the snapshot
     restored = restore_and_run(tmp_path / "snap", allow_changed_disks=True)
     assert restored.status == 1 and restored.serial == finished.serial[printed:]
@@ -281,6 +282,7 @@ def test_a_changed_disk_image_is_refused_unless_allowed(machine_factory, tmp_pat
     machine = machine_factory(disks=(_disk(disk),))
     machine.load(guest("snapshot.bin"), mode="long")
     machine.snapshot(tmp_path / "snap")
+    machine.close()  # it holds the image's write lock
     disk.write_bytes(b"\x01" * MIB)
     with pytest.raises(SnapshotError, match="changed since the snapshot"):
         Machine.restore(tmp_path / "snap")
@@ -291,7 +293,7 @@ def test_a_snapshot_replaces_an_older_one_but_nothing_else(saved, machine_factor
     machine = machine_factory()
     machine.load(guest("hello_long.elf"))
     machine.snapshot(saved)  # an older snapshot: replaced
-    assert snapshot_format.read_manifest(saved).cmdline == ""
+    assert snapshot_format.read_manifest(saved).cmdline == b""
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep").write_text("mine")

@@ -230,6 +230,7 @@ def test_without_negotiated_flush_a_write_is_stable_before_it_completes(
     driver, device = disk(memory, image, accept=~VIRTIO_BLK_F_FLUSH)
     request(driver, VIRTIO_BLK_T_OUT, 0, out=bytes(512))
     assert synced == [device.fd]
+    device.close()  # one writer at a time (the image is locked)
     driver2, device2 = disk(memory, image)  # FLUSH negotiated: write-back, no sync per write
     synced.clear()
     request(driver2, VIRTIO_BLK_T_OUT, 0, out=bytes(512))
@@ -320,6 +321,7 @@ def test_get_id_returns_a_20_byte_nul_padded_serial_derived_from_the_file(memory
     assert serial == device.serial and len(serial) == 20
     text = serial.rstrip(b"\0")
     assert text.startswith(b"pykvm-") and text.isascii() and serial[len(text):] == bytes(20 - len(text))
+    device.close()  # one writer at a time (the image is locked)
     assert VirtioBlock(image).serial == serial  # stable for the same file
     other = tmp_path / "other.img"
     other.write_bytes(bytes(512))

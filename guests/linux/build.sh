@@ -18,6 +18,9 @@ python=${PYTHON:-python3}
 outputs=("$build/bzImage" "$build/vmlinux" "$build/initramfs.cpio.gz")
 
 say() { echo "linux-guest: $*"; }
+# apt shows download progress on a terminal; in a CI log (no terminal) it stays quiet (-q).
+progress=(-q)
+[ -t 2 ] && progress=()
 die() { echo "linux-guest: error: $*" >&2; exit 1; }
 
 built=yes
@@ -71,7 +74,7 @@ download() {  # package -> the .deb's path, downloaded into build/debs once; fai
         say "downloading $package $version" >&2
         # As root, apt downloads as the _apt user, who cannot write here: keep root for this.
         [ "$(id -u)" -eq 0 ] && options=(-o APT::Sandbox::User=root)
-        (cd "$build/debs" && apt-get download -q ${options[@]+"${options[@]}"} "$package=$version" >&2) || return 1
+        (cd "$build/debs" && apt-get download ${progress[@]+"${progress[@]}"} ${options[@]+"${options[@]}"} "$package=$version" >&2) || return 1
         deb=$(find "$build/debs" -maxdepth 1 -name "${package}_${version//:/%3a}_*.deb" | head -n 1)
         [ -n "$deb" ] || die "apt-get download $package=$version left no .deb in $build/debs"
     fi

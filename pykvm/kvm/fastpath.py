@@ -3,16 +3,14 @@
 One table is shared by every vCPU of a machine.  Each entry covers a port or MMIO
 range and is one of three kinds: a constant (reads give ``value``, writes are
 ignored), a debug-exit port (a write stops the run with the written value) or a
-serial transmit register (1-byte writes are copied to up to two file
-descriptors).  Device models switch their entry off while their state makes the
+serial transmit register (1-byte writes go to a serial output, see
+:class:`~pykvm.console.SerialOutput`).  Device models switch their entry off while their state makes the
 simple answer wrong (e.g. the UART's divisor latch is selected).
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Sequence
-
 from ..errors import PykvmError
 from ..native import ffi, lib
 
@@ -71,23 +69,17 @@ class FastTable:
         self.handlers: list[FastHandler] = []
 
     def add(
-        self, kind: FastKind, space: Space, base: int, length: int, value: int = 0, fds: Sequence[int] = ()
+        self, kind: FastKind, space: Space, base: int, length: int, value: int = 0, serial: object = ffi.NULL
     ) -> FastHandler:
-        """Add an enabled entry covering ``[base, base+length)``."""
+        """Add an enabled entry covering ``[base, base+length)``; ``serial`` is a serial
+        transmit entry's ``struct pykvm_serial_out *`` (kept alive by its owner)."""
         if len(self.handlers) >= lib.PYKVM_FAST_MAX:
             raise PykvmError(f"no room for another fast handler (at most {lib.PYKVM_FAST_MAX})")
-        if len(fds) > 2:
-            raise PykvmError("a serial fast handler writes to at most two file descriptors")
         entry = self.cdata.handlers[len(self.handlers)]
         entry.kind, entry.space, entry.base, entry.length, entry.value = kind, space, base, length, value
-        entry.fds[0], entry.fds[1] = (list(fds) + [-1, -1])[:2]
+        entry.serial = serial
         entry.enabled = 1
         handler = FastHandler(entry)
         self.handlers.append(handler)
         self.cdata.count = len(self.handlers)
         return handler
-
-    @property
-    def serial_errno(self) -> int:
-        """The errno of the last failed serial write (0 if none); that fd is no longer written."""
-        return int(self.cdata.serial_errno)

@@ -381,6 +381,11 @@ class Vcpu:
     def clear_stop(self) -> None:
         self._loop.stop = 0
 
+    @property
+    def stop_flag(self) -> object:
+        """The C ``uint32_t *`` that :meth:`request_stop` sets (for C code that waits and must give up)."""
+        return ffi.addressof(self._loop, "stop")
+
     def run(self) -> Exit:
         """Run until an exit Python must see; returns it decoded."""
         stop = lib.pykvm_loop_run(self._loop)

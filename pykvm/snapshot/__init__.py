@@ -158,10 +158,33 @@ def read_info(path: str | Path) -> Manifest:
     return format.read_manifest(Path(path))
 
 
+def format_manifest(path: str | Path, manifest: Manifest) -> str:
+    """``pykvm snapshot info``: the manifest for humans."""
+    config = manifest.config
+    devices = [name for name, present in (("virtio-console", config.console == "virtio"), ("virtio-rng", config.rng),
+                                          ("virtio-net", config.net is not None), ("virtio-balloon", config.balloon))
+               if present] + [f"virtio-blk {disk.path}{' (read-only)' if disk.read_only else ''}" for disk in config.disks]  # fmt: skip
+    on_disk = (Path(path) / format.MEMORY).stat().st_blocks * 512 if (Path(path) / format.MEMORY).exists() else 0
+    mib = 1 << 20
+    lines = [
+        f"snapshot:   {path} (format {manifest.format} {manifest.version}, pykvm {manifest.pykvm_version}, {manifest.created})",
+        f"machine:    {config.memory_bytes / mib:.0f} MiB RAM, {config.cpus} vCPU{'s' if config.cpus != 1 else ''}, "
+        f"{'in-kernel irqchip' if config.irqchip else 'no irqchip'}; devices: {', '.join(devices) or 'none'}",
+        f"cmdline:    {manifest.cmdline.decode(errors='backslashreplace') or '(none)'}",
+        f"memory:     {manifest.memory_data_bytes / mib:.1f} MiB of RAM saved, {on_disk / mib:.1f} MiB on disk "
+        f"(the file is {manifest.memory_size / mib:.0f} MiB, sparse)",
+        f"state:      {manifest.state_size} bytes, SHA-256 {manifest.state_sha256[:16]}...",
+        f"CPU:        {sum(bin(bits).count('1') for _, bits in manifest.cpu_features)} feature bits the guest saw",
+    ]
+    lines += [f"disk:       {disk.path}, {disk.size} bytes" for disk in manifest.disks]
+    return "\n".join(lines)
+
+
 def restore(
     path: str | Path,
     *,
     kvm: Kvm | None = None,
+    kvm_path: str | None = None,
     serial: str = "none",
     capture_serial: bool = False,
     allow_changed_disks: bool = False,
@@ -188,8 +211,8 @@ def restore(
     config = dataclasses.replace(manifest.config, serial=serial, capture_serial=capture_serial)
     if virtio_notify is not None:
         config = dataclasses.replace(config, virtio_notify=virtio_notify)
-    if kvm is None:
-        config = dataclasses.replace(config, kvm_path=MachineConfig().kvm_path)
+    if kvm is None:  # the KVM device is this host's choice (the default, or ``kvm_path``)
+        config = dataclasses.replace(config, kvm_path=kvm_path or MachineConfig().kvm_path)
     fd = format.open_memory(path, manifest)
     try:
         machine = Machine.restoring(config, kvm, fd, log_dirty=resettable, host_inputs=host_inputs)
@@ -235,7 +258,7 @@ def _check_cpu(machine: Machine, seen: dict[str, int]) -> None:
         raise SnapshotError(f"this host's CPU (as KVM offers it) lacks features the guest saw: {', '.join(missing)}")
 
 
-def apply(machine: Machine, cmdline: str, state: MachineState) -> None:
+def apply(machine: Machine, cmdline: bytes, state: MachineState) -> None:
     """Put ``state`` into ``machine`` (built from the same configuration, not running)."""
     if len(state.vcpus) != len(machine.vcpus):
         raise StateError(f"the state has {len(state.vcpus)} vCPUs, the machine {len(machine.vcpus)}")

@@ -76,7 +76,7 @@ class Manifest:
     pykvm_version: str
     created: str  # ISO 8601, UTC
     config: MachineConfig
-    cmdline: str
+    cmdline: bytes  # as the guest got it
     cpu_features: tuple[tuple[str, int], ...]  # (feature word, the bits the guest saw)
     disks: tuple[DiskIdentity, ...]
     state_size: int

@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ...disk_lock import lock_image
 from ...errors import ConfigError
 from ...native import fallocate, lib
 from .device import VirtioDevice
@@ -217,7 +218,7 @@ class VirtioBlock(VirtioDevice):
     def _open(self) -> int:
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
-            return os.open(self.path, flags)
+            return lock_image(os.open(self.path, flags), self.path, self.read_only)
         except FileNotFoundError as err:
             raise ConfigError(f"{self.path}: no such disk image") from err
         except IsADirectoryError as err:
