@@ -19,10 +19,11 @@ debug exit (RESUMED), and each later run rewrites ``redirty`` pages and ends at 
   the file, so that both figures are "on disk"; its size is the stream's ``st_blocks``.
 - **Restore to the first instruction** (12e-j): snapshots of 64 MiB, 1 GiB and 4 GiB guests.  In one
   process with a shared ``Kvm``: ``Machine.restore(path, kvm=kvm)`` then ``run()`` until the guest's
-  first instruction, the RESUMED debug exit, has been handled.  As a fresh process: a Python process
-  that imports pykvm, restores and runs (:data:`FIRST_EXIT`), from ``posix_spawn`` to ``waitpid``,
-  against QEMU started with ``-incoming "exec:cat FILE"`` and the debug-exit device, whose process
-  ends at the same instruction (both exit with status 67).
+  first instruction, the RESUMED debug exit, has been handled.  As a fresh process: ``pykvm run
+  --restore``, from ``posix_spawn`` to ``waitpid``, against QEMU started with ``-incoming "exec:cat
+  FILE"`` and the debug-exit device, whose process ends at the same instruction (both exit with status
+  67); where such a process's time goes, from a Python process that imports pykvm, restores and runs
+  (:data:`FIRST_EXIT`) with clock readings between.
 - **Fast reset** (13a-d): a machine restored with ``resettable=True`` runs a round (rewrites 1, 64, 256 or
   1024 pages), then ``Machine.reset()`` is timed; each page must hold its snapshot value again and the
   next run must start at the snapshot point again.
@@ -320,6 +321,15 @@ def restore_fresh_process(path: Path, directory: Path) -> dict:
     return {"ms": ms(reaped - spawned), **{p: ms(t) for p, t in zip(PROCESS_PHASES, phases)}}
 
 
+def restore_command(path: Path) -> dict:
+    """ms from spawn to exit of ``pykvm run --restore``, which the guest's first instruction ends."""
+    cmd = [sys.executable, "-m", "pykvm", "run", "--restore", str(path), "--serial", "none"]
+    spawned, reaped, status = startup.spawn_wait(cmd)
+    if status != RESUMED_STATUS:
+        raise pb.WrongResult(f"{' '.join(cmd[1:])}: status {status}, expected {RESUMED_STATUS}")
+    return {"ms": ms(reaped - spawned)}
+
+
 def qemu_fresh_process(qemu: str, memory: str, image: Path, state: Path) -> dict:
     """ms from spawn to exit of QEMU restoring ``state``: its guest's first instruction ends it."""
     cmd = qemu_run.qemu_command(qemu, str(image), memory, ["-incoming", f"exec:cat {shlex.quote(str(state))}"])
@@ -578,9 +588,11 @@ def restores(plan: Plan, work: Path, image: Path, hold: Path, qemu: str | None, 
             states[memory] = work / f"restore-{memory}.qemu"
             qemu_snapshot(qemu, memory, hold, states[memory], work)
     startup.compile_bytecode(sys.executable)
-    out: dict[str, dict[str, list[dict]]] = {m: {"in_process": [], "process": [], "qemu": []} for m in RESTORE_SIZES}
+    out: dict[str, dict[str, list[dict]]] = {m: {"in_process": [], "command": [], "process": [], "qemu": []}
+                                             for m in RESTORE_SIZES}  # fmt: skip
     for memory in RESTORE_SIZES:  # warm-up: page cache, bytecode
         restore_in_process(paths[memory], kvm)
+        restore_command(paths[memory])
         restore_fresh_process(paths[memory], work)
         if qemu is not None:
             qemu_fresh_process(qemu, memory, hold, states[memory])
@@ -590,8 +602,10 @@ def restores(plan: Plan, work: Path, image: Path, hold: Path, qemu: str | None, 
     progress(f"row 12 (restore in one process): {plan.restore_rounds} rounds")
     for k in range(plan.process_rounds):
         for memory in RESTORE_SIZES:
-            for who in (("process", "qemu") if k % 2 else ("qemu", "process")):
-                if who == "process":
+            for who in (("command", "process", "qemu") if k % 2 else ("qemu", "process", "command")):
+                if who == "command":
+                    out[memory]["command"].append(restore_command(paths[memory]))
+                elif who == "process":
                     out[memory]["process"].append(restore_fresh_process(paths[memory], work))
                 elif qemu is not None:
                     out[memory]["qemu"].append(qemu_fresh_process(qemu, memory, hold, states[memory]))
@@ -669,9 +683,9 @@ def restore_rows(data: dict) -> list[dict]:
                     "unit": "ms", "ratio": _vs(inproc[memory], base), "ratio_label": f"{memory}/64M" if base else "",
                     "target": "<= 5 ms", "met": inproc[memory] <= 5})  # fmt: skip
     for letter, memory in zip("hij", RESTORE_SIZES):
-        fig = median_of(runs[memory]["process"])
+        fig = median_of(runs[memory]["command"])
         q = median_of(runs[memory]["qemu"]) if runs[memory]["qemu"] else None
-        out.append({"id": f"12{letter}", "what": f"restore to the first instruction, {memory}, fresh process",
+        out.append({"id": f"12{letter}", "what": f"restore to the first instruction, {memory}, `pykvm run --restore`",
                     "pykvm": fig, "baseline": q, "baseline_name": "QEMU -incoming" if q else "", "unit": "ms",
                     "ratio": _vs(fig, q), "ratio_label": "pykvm/qemu"})  # fmt: skip
     split = ", ".join(
@@ -683,10 +697,11 @@ def restore_rows(data: dict) -> list[dict]:
     breakdown = ", ".join(f"{p} {median_of(phases, p):.1f}" for p in PROCESS_PHASES)
     out[0]["note"] = (
         "12e-g: Machine.restore(path, kvm=shared Kvm) then run() until the guest's first instruction after the "
-        "snapshot point (a debug exit) has been handled, median ms: " + split + ". 12h-j: a fresh `python -c` "
-        "process that imports pykvm, restores and runs to that instruction (there is no restore command in the CLI), "
-        "spawn to exit, against QEMU microvm started with -incoming \"exec:cat FILE\" and the debug-exit device, which "
-        f"the same instruction ends (both exit with status {RESUMED_STATUS}); the 64M process's phases, ms: " + breakdown
+        "snapshot point (a debug exit) has been handled, median ms: " + split + ". 12h-j: `python -m pykvm run "
+        "--restore DIR --serial none`, spawn to exit, against QEMU microvm started with -incoming \"exec:cat FILE\" "
+        f"and the debug-exit device, which the same instruction ends (both exit with status {RESUMED_STATUS}). Where "
+        "a fresh process's time goes (a `python -c` process that imports pykvm, restores and runs; 64M, "
+        f"{median_of(phases):.1f} ms), ms: " + breakdown
     )
     return out
 
