@@ -99,10 +99,6 @@ FULL = Plan(snapshot_rounds=5, restore_rounds=21, process_rounds=7, reset_rounds
 QUICK = Plan(snapshot_rounds=2, restore_rounds=5, process_rounds=2, reset_rounds=5, clones=10, fixture_tests=6)
 
 
-class Unavailable(Exception):
-    """A part of the measurement cannot be taken on this host (e.g. no QEMU); the message says why."""
-
-
 # --- the guest ---------------------------------------------------------------------------------------
 def guest_image(directory: Path, touch: int = TOUCH, redirty: int = 0, hold: bool = False) -> Path:
     """A copy of the guest with its parameters set, in ``directory``."""
@@ -186,13 +182,13 @@ class Qmp:
                 break
             except OSError as err:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise Unavailable(f"QEMU's QMP socket {path} never answered: {err.strerror}") from err
+                    raise pb.WrongResult(f"QEMU's QMP socket {path} never answered: {err.strerror}") from err
                 time.sleep(0.01)
         self._sock.settimeout(timeout)
         self._file = self._sock.makefile("rb")
         self._events: list[dict] = []
         if "QMP" not in self._read():
-            raise Unavailable("QEMU's QMP socket sent no greeting")
+            raise pb.WrongResult("QEMU's QMP socket sent no greeting")
         self.execute("qmp_capabilities")
 
     def _read(self) -> dict:
@@ -780,7 +776,7 @@ def main(argv: list[str]) -> int:
             qemu = None if args.no_qemu else shutil.which("qemu-system-x86_64")
             with tempfile.TemporaryDirectory(prefix="pykvm-bench-") as tmp:
                 data = measure(args.quick, tmp, qemu, lambda message: print(message, file=sys.stderr, flush=True))
-    except (pb.WrongResult, Unavailable, OSError) as err:
+    except (pb.WrongResult, OSError) as err:
         print(json.dumps({"ok": False, "error": f"{type(err).__name__}: {err}"}))
         return 1
     print(json.dumps({"ok": True, **data}))

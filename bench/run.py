@@ -403,6 +403,15 @@ def ensure_qemu(install: bool) -> str:
     return qemu
 
 
+def qemu_if_any(install: bool, rows: str) -> str | None:
+    """The QEMU binary, or None (said on stderr) where there is none: ``rows`` then show pykvm alone."""
+    try:
+        return ensure_qemu(install)
+    except Skipped as err:
+        progress(f"{rows} without QEMU: {err}")
+        return None
+
+
 def bench_cli(s: Settings, results: dict, install_qemu: bool) -> list[Row]:
     """Row 4: process start to exit of ``pykvm run`` and of QEMU microvm, same kernel; wall and peak RSS;
     the floors (an idle interpreter, a C VMM booting the same kernel on the same machine) and where
@@ -678,11 +687,7 @@ def bench_virtio_blk(s: Settings, tmp: str, results: dict, install_qemu: bool) -
     """Rows 9 and 10: the CPL3 virtio-blk guest under pykvm and QEMU microvm, and the host's preadv."""
     import bench_virtio as bv
 
-    try:
-        qemu: str | None = ensure_qemu(install_qemu)
-    except Skipped as err:
-        progress(f"rows 9, 10 without QEMU: {err}")
-        qemu = None
+    qemu = qemu_if_any(install_qemu, "rows 9, 10")
     try:
         data = bv.measure(s is QUICK, tmp, qemu, progress)
     except bv.Unavailable as err:
@@ -696,11 +701,7 @@ def bench_density(s: Settings, results: dict, install_qemu: bool) -> list[Row]:
     """Row 11: idle 64 MiB guests in one pykvm process against QEMU microvm processes: memory per guest."""
     import bench_density as bd
 
-    try:
-        qemu: str | None = ensure_qemu(install_qemu)
-    except Skipped as err:
-        progress(f"row 11 without QEMU: {err}")
-        qemu = None
+    qemu = qemu_if_any(install_qemu, "row 11")
     try:
         data = bd.measure(s is QUICK, qemu, progress)
     except bd.DensityError as err:
@@ -715,15 +716,7 @@ def bench_snapshots(s: Settings, tmp: str, results: dict, install_qemu: bool) ->
     cost of a pytest fixture; QEMU's migration to a file and -incoming beside pykvm."""
     import bench_snapshot as bs
 
-    try:
-        qemu: str | None = ensure_qemu(install_qemu)
-    except Skipped as err:
-        progress(f"rows 12-15 without QEMU: {err}")
-        qemu = None
-    try:
-        data = bs.measure(s is QUICK, tmp, qemu, progress)
-    except bs.Unavailable as err:
-        raise Skipped(str(err)) from err
+    data = bs.measure(s is QUICK, tmp, qemu_if_any(install_qemu, "rows 12-15"), progress)
     results["snapshots"] = data
     return [Row(**row) for row in bs.rows(data)]
 
