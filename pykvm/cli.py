@@ -180,7 +180,7 @@ def run(device: str, guest: Path | None, memory: str, cpus: int, no_irqchip: boo
     if restore is not None:
         _check_restore_options(guest)
         restored = functools.partial(Machine.restore, restore, kvm_path=device, serial=serial, allow_changed_disks=allow_changed_disks,
-                                     record=record, replay=replay)  # fmt: skip
+                                     record=record, replay=replay, gdb=gdb, gdb_wait=gdb_wait)  # fmt: skip
         session = _Session(restored, None, {}, timeout, control, events, replaying=replay is not None)
         _finish(session.run(), stats, serial, None)
     if guest is None:
@@ -218,8 +218,7 @@ def run(device: str, guest: Path | None, memory: str, cpus: int, no_irqchip: boo
 
 # What --restore takes from its snapshot; given with --restore, they are a mistake.
 MACHINE_OPTIONS = ("memory", "cpus", "no_irqchip", "cmdline", "modules", "initrd", "image_format", "mode", "load_addr",
-                   "entry", "user_mode", "console", "disks", "rng", "net", "balloon", "share_pages", "devices", "gdb",
-                   "gdb_wait")  # fmt: skip
+                   "entry", "user_mode", "console", "disks", "rng", "net", "balloon", "share_pages", "devices")  # fmt: skip
 
 
 def _check_restore_options(guest: Path | None) -> None:

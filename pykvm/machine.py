@@ -108,7 +108,8 @@ class Machine:
     def restore(
         cls, path: str | Path, *, kvm: Kvm | None = None, kvm_path: str | None = None, serial: str = "none",
         capture_serial: bool = False, allow_changed_disks: bool = False, resettable: bool = False,
-        record: str | Path | None = None, replay: str | Path | None = None,
+        record: str | Path | None = None, replay: str | Path | None = None, gdb: str | None = None,
+        gdb_wait: bool = False,
     ) -> Machine:  # fmt: skip
         """A machine restored from the snapshot at ``path`` (see :meth:`snapshot`), ready to run.
 
@@ -122,22 +123,39 @@ class Machine:
 
         ``record`` logs every host input the guest takes from then on to that file, ``replay``
         feeds a log's inputs back instead of the host's (see :mod:`pykvm.replay`; both capture
-        the serial output).
+        the serial output).  ``gdb`` and ``gdb_wait`` serve the restored guest to gdb, as for a
+        new machine (not while recording or replaying).
         """
-        options: dict[str, Any] = dict(kvm=kvm, kvm_path=kvm_path, serial=serial, allow_changed_disks=allow_changed_disks)
+        options: dict[str, Any] = dict(kvm=kvm, kvm_path=kvm_path, serial=serial, allow_changed_disks=allow_changed_disks,
+                                       machine_type=cls)  # fmt: skip
         if record is not None and replay is not None:
             raise ConfigError("a machine either records its host inputs or replays them, not both")
+        if gdb is not None and (record is not None or replay is not None):
+            raise ConfigError("a machine that records or replays its host inputs cannot be served to gdb")
         if record is not None:
             from .replay import restore_recording
 
-            return restore_recording(path, record, **options)
-        if replay is not None:
+            machine = restore_recording(path, record, **options)
+        elif replay is not None:
             from .replay import restore_replaying
 
-            return restore_replaying(path, replay, **options)
-        from .snapshot import restore
+            machine = restore_replaying(path, replay, **options)
+        else:
+            from .snapshot import restore
 
-        return restore(path, capture_serial=capture_serial, resettable=resettable, **options)
+            machine = restore(path, capture_serial=capture_serial, resettable=resettable, gdb=gdb, gdb_wait=gdb_wait,
+                              **options)  # fmt: skip
+        machine.snapshot_path = Path(path)
+        return machine
+
+    def clone(self, *, serial: str = "none", capture_serial: bool = False, resettable: bool = False) -> Machine:
+        """Another machine restored from this one's last snapshot (taken or restored), sharing the
+        KVM device; machines restored from one snapshot share every page none of them changed.
+        Options as for :meth:`restore`."""
+        if self.snapshot_path is None:
+            raise PykvmError("nothing to clone: take a snapshot, or restore one, first")
+        return type(self).restore(self.snapshot_path, kvm=self.kvm, serial=serial, capture_serial=capture_serial,
+                                  resettable=resettable)  # fmt: skip
 
     def _construct(
         self, config: MachineConfig, kvm: Kvm | None, memory_file: int | None = None, log_dirty: bool = False,
@@ -151,6 +169,7 @@ class Machine:
         self.cmdline = b""
         self._msrs: list[int] | None = None
         self._reset_point: ResetPoint | None = None
+        self.snapshot_path: Path | None = None  # the last snapshot taken or restored
         self.events = Events()
         try:
             parts = build(self.config, kvm, self._request_stop, self._closing, memory_backing=memory_file,
@@ -211,6 +230,11 @@ class Machine:
             self._reset_point.close()
             self._reset_point = None
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def __enter__(self) -> Machine:
         return self
 
@@ -220,7 +244,7 @@ class Machine:
     # --- loading --------------------------------------------------------------------
     def load(
         self,
-        path: str | Path,
+        image: str | Path | bytes,
         *,
         format: str = "auto",
         cmdline: str | bytes = b"",
@@ -235,9 +259,17 @@ class Machine:
 
         ``user`` enters long-mode code at CPL3 (with IOPL 3, so it may still do port I/O).
         ``cmdline`` and module strings are bytes, or str (see :func:`pykvm.boot.plan.to_bytes`).
-        A module is a file, whose string is its name, or a (file, string) pair.
+        A module is a file, whose string is its name, or a (file, string) pair.  ``image`` is a
+        file, or the image's bytes (named ``image`` in messages and on a multiboot command line).
         """
-        path, ram = Path(path), self.config.memory_bytes
+        if self._closed:
+            raise PykvmError("this machine is closed")
+        ram = self.config.memory_bytes
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            path, data = Path("image"), bytes(image)
+        else:
+            path = Path(image)
+            data = read_image(path, ram)
         request = LoadRequest(
             memory_map=self.memory_map,
             ram=tuple(ram_regions(self.config.memory_bytes)),
@@ -249,7 +281,7 @@ class Machine:
             load_addr=load_addr,
             entry=entry,
         )
-        plan = load_image(path, read_image(path, ram), request, format)
+        plan = load_image(path, data, request, format)
         entry_state = plan.entry
         if user:
             if entry_state.mode is not CpuMode.LONG:
@@ -326,6 +358,7 @@ class Machine:
 
         started = time.monotonic()
         manifest = save(self, path)
+        self.snapshot_path = Path(path)
         self.events.emit("snapshot", path=str(path), memory_bytes=manifest.memory_data_bytes,
                          seconds=round(time.monotonic() - started, 6))  # fmt: skip
         return manifest

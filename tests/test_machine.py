@@ -101,7 +101,20 @@ def test_close_is_idempotent_and_context_manager_closes(kvm_host) -> None:
     machine.close()
     with Machine() as machine:
         pass
-    assert machine.memory.regions == []
+    assert machine.closed and machine.memory.regions == []
+    with pytest.raises(PykvmError, match="this machine is closed"):
+        machine.load(guest("hello_real.bin"))
+
+
+def test_an_image_given_as_bytes_runs_like_its_file(machine_factory) -> None:
+    machine = machine_factory()
+    machine.load(guest("hello_long.elf").read_bytes())
+    assert machine.run(timeout=60).serial == b"Hello from long mode\n"
+
+
+def test_a_machine_with_no_snapshot_has_nothing_to_clone(machine_factory) -> None:
+    with pytest.raises(PykvmError, match="nothing to clone"):
+        machine_factory().clone()
 
 
 @pytest.mark.parametrize(

@@ -195,3 +195,99 @@ def test_the_ci_workflow_parses_and_does_what_the_recipe_says() -> None:
     tests = next(step for step in steps if "pytest" in step.get("run", ""))
     assert tests["env"]["PYKVM_REQUIRE_KVM"] == "1" and "junit_logging=system-out" in tests["run"]
     assert any(step.get("uses", "").startswith("actions/checkout@") for step in steps)
+
+
+# --- booted_guest: boot once, a fresh machine per test ----------------------------------------
+BOOTED_TESTS = f"""
+import hashlib
+import pytest
+
+COUNTER, DIRTY_PAGES = {str(guest("counter.bin"))!r}, {str(guest("dirty_pages.bin"))!r}
+outputs, digests = [], []
+
+
+def ram_digest(machine):
+    digest = hashlib.sha256()
+    for region in machine.memory.regions:
+        digest.update(region.view)
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def counter(booted_guest):
+    return booted_guest(COUNTER, until=b"count 20\\n", mode="long")
+
+
+@pytest.fixture(scope="session")
+def rounds(booted_guest):
+    return booted_guest(DIRTY_PAGES, until=0x31, mode="long")
+
+
+@pytest.mark.parametrize("n", range(3))
+def test_each_test_continues_from_the_marker(counter, n):
+    last = int(counter.boot_output.rsplit(b"count ", 1)[1].split(b"\\n")[0])
+    assert last >= 20
+    result = counter.fresh().run()
+    assert result.status == 1 and result.serial.startswith(b"count %d\\n" % (last + 1))
+    outputs.append(result.serial)
+    assert result.serial == outputs[0]
+
+
+@pytest.mark.parametrize("n", range(3))
+def test_what_a_test_wrote_is_put_back(rounds, n):
+    machine = rounds.fresh()
+    digests.append(ram_digest(machine))
+    machine.memory.write_u64(0x200000, 2)
+    machine.memory.write_u64(0x200008, 0x300000 + 4096 * n)
+    machine.memory.write_u64(0x200010, 0x500000 + 4096 * n)
+    result = machine.run()
+    assert result.exit_value == 0x31
+    assert machine.memory.read(0x300000 + 4096 * n, 1) == b"\\xa5"
+    assert digests[-1] == digests[0]
+
+
+def test_a_test_that_closes_the_machine_leaves_a_fresh_one_for_the_next(rounds):
+    rounds.fresh().close()
+    assert not rounds.fresh().closed
+"""
+
+
+def test_booted_guest_gives_each_test_the_machine_as_saved(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(BOOTED_TESTS)
+    pytester.runpytest().assert_outcomes(passed=7)
+
+
+def test_a_booted_guest_reports_only_what_the_failing_test_printed(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(f"""
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def counter(booted_guest):
+            return booted_guest({str(guest("counter.bin"))!r}, until=b"count 20\\n", mode="long")
+
+        def test_wrong_expectation(counter):
+            assert counter.fresh().run().status == 0
+    """)
+    report = pytester.path / "report.xml"
+    pytester.runpytest(f"--junitxml={report}", "-o", "junit_logging=system-out").assert_outcomes(failed=1)
+    system_out = ElementTree.parse(report).getroot().find(".//testcase/system-out")
+    assert system_out is not None and "count 400\n" in system_out.text and "count 20\n" not in system_out.text
+
+
+@pytest.mark.parametrize(
+    "image, until, message",
+    [
+        ("hello_real.bin", "b'ready'", "*hello_real.bin never printed b'ready': *its last output: 'Hello from real mode\\n'*"),
+        ("hello_real.bin", "0x31", "*hello_real.bin never wrote 0x31 to the debug-exit port: *"),
+    ],
+)
+def test_a_guest_that_never_gets_ready_fails_its_tests_with_why(pytester: pytest.Pytester, image: str, until: str,
+                                                                message: str) -> None:  # fmt: skip
+    pytester.makepyfile(f"""
+        def test_it(booted_guest):
+            booted_guest({str(guest(image))!r}, until={until}, mode="real")
+    """)
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([message])
+    result.stdout.no_fnmatch_line("*Traceback*")

@@ -309,8 +309,10 @@ def test_the_memory_file_holds_only_what_the_guest_used(saved) -> None:
 
 
 def test_many_machines_restored_from_one_snapshot_share_what_none_of_them_changed(saved) -> None:
-    machines = [Machine.restore(saved, capture_serial=True) for _ in range(10)]
+    first = Machine.restore(saved, capture_serial=True)
+    machines = [first, *(first.clone(capture_serial=True) for _ in range(9))]
     try:
+        assert all(machine.kvm is first.kvm and machine.snapshot_path == saved for machine in machines)
         for machine in machines:
             assert machine.run(timeout=60).status == 1
         for machine in machines:
@@ -319,3 +321,14 @@ def test_many_machines_restored_from_one_snapshot_share_what_none_of_them_change
     finally:
         for machine in machines:
             machine.close()
+
+
+def test_a_restored_machine_is_served_to_gdb_only_when_asked(kvm_host, tmp_path) -> None:
+    with Machine(gdb=f"unix:{tmp_path / 'saved.gdb'}") as machine:
+        machine.load(guest("hello_long.elf"))
+        machine.snapshot(tmp_path / "snap")
+    with Machine.restore(tmp_path / "snap") as plain:
+        assert plain.gdb_server is None
+    with Machine.restore(tmp_path / "snap", gdb=f"unix:{tmp_path / 'restored.gdb'}", capture_serial=True) as served:
+        assert served.gdb_server is not None and (tmp_path / "restored.gdb").exists()
+        assert served.run(timeout=60).serial == b"Hello from long mode\n"

@@ -191,6 +191,9 @@ def restore(
     resettable: bool = False,
     virtio_notify: str | None = None,
     host_inputs: HostInputs | None = None,
+    machine_type: type[Machine] | None = None,
+    gdb: str | None = None,
+    gdb_wait: bool = False,
 ) -> Machine:
     """A machine restored from the snapshot at ``path``, ready to :meth:`~pykvm.Machine.run`.
 
@@ -200,6 +203,8 @@ def restore(
     unless ``allow_changed_disks``.  ``resettable``: the snapshot becomes the machine's reset
     point (KVM logs the guest's writes from the start).  ``host_inputs`` answers the devices'
     questions to the host (see :class:`~pykvm.host_inputs.HostInputs`) from the restore on.
+    ``machine_type`` is the class of the machine made (a subclass of :class:`~pykvm.Machine`);
+    ``gdb`` and ``gdb_wait`` serve it to gdb as for a new machine (the saved machine's are not kept).
     """
     from ..machine import Machine
 
@@ -208,14 +213,14 @@ def restore(
     state = format.read_state(path, manifest, _state_records(manifest.config))
     if not allow_changed_disks:
         _check_disks(manifest.disks)
-    config = dataclasses.replace(manifest.config, serial=serial, capture_serial=capture_serial)
+    config = dataclasses.replace(manifest.config, serial=serial, capture_serial=capture_serial, gdb=gdb, gdb_wait=gdb_wait)
     if virtio_notify is not None:
         config = dataclasses.replace(config, virtio_notify=virtio_notify)
     if kvm is None:  # the KVM device is this host's choice (the default, or ``kvm_path``)
         config = dataclasses.replace(config, kvm_path=kvm_path or MachineConfig().kvm_path)
     fd = format.open_memory(path, manifest)
     try:
-        machine = Machine.restoring(config, kvm, fd, log_dirty=resettable, host_inputs=host_inputs)
+        machine = (machine_type or Machine).restoring(config, kvm, fd, log_dirty=resettable, host_inputs=host_inputs)
     except BaseException:
         os.close(fd)
         raise
