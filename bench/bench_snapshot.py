@@ -31,10 +31,11 @@ debug exit (RESUMED), and each later run rewrites ``redirty`` pages and ends at 
   to RESUMED and through one round that rewrites 16 pages; RSS and PSS of the process (psutil) per
   clone: (after - before) / 100.
 - **Per-test cost in pytest** (15a): a generated test module of 30 tests (6 with ``--quick``), each
-  running the guest through a round, in a fresh pytest with one of two fixtures: boot per test (a new
-  machine booted to the snapshot point, closed after) or reset per test (one machine booted and
-  snapshotted per session, reset after each test); the median wall time of a test's setup, call and
-  teardown.
+  running the guest through a round, in a fresh pytest with one of two fixtures made of pykvm's pytest
+  plugin: boot per test (``machine_factory``: a new machine booted to the snapshot point, closed after
+  the test) or reset per test (``booted_guest(..., until=0x20)`` saves the guest at its snapshot point
+  once per session; ``fresh()`` gives each test the machine restored once, then reset); the median wall
+  time of a test's setup, call and teardown.
 
 Standard library, psutil and pykvm.
 """
@@ -416,46 +417,30 @@ def clones(path: Path, count: int) -> dict:
 
 # --- row 15: per-test cost in a pytest fixture ----------------------------------------------------------------------
 FIXTURE_CONFTEST = r'''
-"""Two fixtures for the same guest: booted for each test, or booted once, snapshotted and reset after each."""
+"""The same guest for each test: booted for it (pykvm's machine_factory), or as pykvm's booted_guest saved it
+at its snapshot point, put back by reset."""
 import json, os, time
 import pytest
-from pykvm import Machine
-from pykvm.kvm import Kvm
 
-GUEST, MODE, SNAPSHOT, OUT = (os.environ[f"SNAPBENCH_{k}"] for k in ("GUEST", "MODE", "SNAPSHOT", "OUT"))
+GUEST, MODE, OUT = (os.environ[f"SNAPBENCH_{k}"] for k in ("GUEST", "MODE", "OUT"))
 POINT = 0x20
 durations = []
 
-
-@pytest.fixture(scope="session")
-def kvm():
-    with Kvm() as handle:
-        yield handle
-
-
-def boot(kvm):
-    machine = Machine(memory="64M", kvm=kvm)
-    machine.load(GUEST)
-    assert machine.run(timeout=120).exit_value == POINT
-    return machine
-
-
 if MODE == "boot":
     @pytest.fixture
-    def guest(kvm):
-        with boot(kvm) as machine:
-            yield machine
+    def guest(machine_factory):
+        machine = machine_factory(memory="64M")
+        machine.load(GUEST)
+        assert machine.run(timeout=120).exit_value == POINT
+        return machine
 else:
     @pytest.fixture(scope="session")
-    def snapshotted(kvm):
-        with boot(kvm) as machine:
-            machine.snapshot(SNAPSHOT)
-            yield machine
+    def saved(booted_guest):
+        return booted_guest(GUEST, until=POINT, memory="64M")
 
     @pytest.fixture
-    def guest(snapshotted):
-        yield snapshotted
-        snapshotted.reset()
+    def guest(saved):
+        return saved.fresh()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -493,8 +478,7 @@ def fixture_cost(mode: str, image: Path, directory: Path, tests: int) -> dict:
     (suite / "conftest.py").write_text(FIXTURE_CONFTEST)
     (suite / "test_rounds.py").write_text(FIXTURE_TEST.format(touch_base=TOUCH_BASE, pages=FIXTURE_PAGES, tests=tests))
     out = suite / "durations.json"
-    env = {**os.environ, "SNAPBENCH_GUEST": str(image), "SNAPBENCH_MODE": mode,
-           "SNAPBENCH_SNAPSHOT": str(suite / "snapshot"), "SNAPBENCH_OUT": str(out)}  # fmt: skip
+    env = {**os.environ, "SNAPBENCH_GUEST": str(image), "SNAPBENCH_MODE": mode, "SNAPBENCH_OUT": str(out)}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(suite), str(suite)]
     t0 = time.perf_counter_ns()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, env=env, cwd=suite)
@@ -753,10 +737,11 @@ def fixture_rows(data: dict) -> list[dict]:
         "baseline_name": "boot per test", "unit": "ms", "ratio": fig / base, "ratio_label": "reset/boot",
         "note": (f"15: {reset['tests']} tests, each running the 64 MiB guest from its snapshot point through a round "
                  f"of {FIXTURE_PAGES} pages, in a fresh pytest per fixture; median of a test's setup + call + teardown "
-                 "(pytest_runtest_protocol). Boot per test: a machine built, booted to the snapshot point and closed per "
-                 "test; reset per test: one booted and snapshotted per session (its first test "
-                 f"{reset['first_test_ms']:.0f} ms), Machine.reset() after each. Whole sessions: "
-                 f"{boot['session_ms'] / 1000:.1f} s and {reset['session_ms'] / 1000:.1f} s"),
+                 "(pytest_runtest_protocol). Boot per test: pykvm's machine_factory, a machine built, booted to the "
+                 "snapshot point and closed per test; reset per test: pykvm's booted_guest(until=0x20), the guest saved "
+                 f"once per session (its first test {reset['first_test_ms']:.0f} ms), fresh() restoring it once, then "
+                 f"Machine.reset() for each test. Whole sessions: {boot['session_ms'] / 1000:.1f} s and "
+                 f"{reset['session_ms'] / 1000:.1f} s"),
     }]  # fmt: skip
 
 
