@@ -419,7 +419,7 @@ def clones(path: Path, count: int) -> dict:
 FIXTURE_CONFTEST = r'''
 """The same guest for each test: booted for it (pykvm's machine_factory), or as pykvm's booted_guest saved it
 at its snapshot point, put back by reset."""
-import json, os, time
+import json, os, resource, time
 import pytest
 
 GUEST, MODE, OUT = (os.environ[f"SNAPBENCH_{k}"] for k in ("GUEST", "MODE", "OUT"))
@@ -443,11 +443,16 @@ else:
         return saved.fresh()
 
 
+def cpu_ns():
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of the process
+    return int((usage.ru_utime + usage.ru_stime) * 1e9)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item):
-    started = time.perf_counter_ns()
+    started, cpu = time.perf_counter_ns(), cpu_ns()
     yield
-    durations.append(time.perf_counter_ns() - started)
+    durations.append((time.perf_counter_ns() - started, cpu_ns() - cpu))
 
 
 def pytest_sessionfinish(session):
@@ -486,9 +491,9 @@ def fixture_cost(mode: str, image: Path, directory: Path, tests: int) -> dict:
     if done.returncode != 0 or f"{tests} passed" not in done.stdout:
         raise pb.WrongResult(f"the pytest session with a {mode} fixture: status {done.returncode}: "
                              f"{(done.stdout + done.stderr).strip()[-600:]}")  # fmt: skip
-    durations = [ms(ns) for ns in json.loads(out.read_text())]
-    return {"per_test_ms": statistics.median(durations), "first_test_ms": durations[0], "session_ms": ms(t1 - t0),
-            "tests": tests, "durations_ms": durations}  # fmt: skip
+    wall, cpu = zip(*((ms(w), ms(c)) for w, c in json.loads(out.read_text())))
+    return {"per_test_ms": statistics.median(wall), "per_test_cpu_ms": statistics.median(cpu), "first_test_ms": wall[0],
+            "session_ms": ms(t1 - t0), "tests": tests, "durations_ms": wall, "cpu_ms": cpu}  # fmt: skip
 
 
 # --- everything ------------------------------------------------------------------------------------------------
@@ -740,8 +745,9 @@ def fixture_rows(data: dict) -> list[dict]:
                  "(pytest_runtest_protocol). Boot per test: pykvm's machine_factory, a machine built, booted to the "
                  "snapshot point and closed per test; reset per test: pykvm's booted_guest(until=0x20), the guest saved "
                  f"once per session (its first test {reset['first_test_ms']:.0f} ms), fresh() restoring it once, then "
-                 f"Machine.reset() for each test. Whole sessions: {boot['session_ms'] / 1000:.1f} s and "
-                 f"{reset['session_ms'] / 1000:.1f} s"),
+                 f"Machine.reset() for each test. CPU time of the pytest process per test (getrusage, every thread): "
+                 f"{reset['per_test_cpu_ms']:.1f} ms reset, {boot['per_test_cpu_ms']:.1f} ms boot. Whole sessions: "
+                 f"{boot['session_ms'] / 1000:.1f} s and {reset['session_ms'] / 1000:.1f} s"),
     }]  # fmt: skip
 
 
