@@ -80,7 +80,7 @@ def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {key: after.get(key, 0) - before.get(key, 0) for key in after if after.get(key, 0) != before.get(key, 0)}
 
 
-def _check_debug_exit(result: object, expected: int = 0, what: str = "guest") -> None:
+def check_debug_exit(result: object, expected: int = 0, what: str = "guest") -> None:
     from pykvm.result import ExitReason
 
     if result.reason is not ExitReason.DEBUG_EXIT or result.exit_value != expected:  # type: ignore[attr-defined]
@@ -140,7 +140,7 @@ class ExitBench:
         t0 = time.perf_counter_ns()
         result = m.run(timeout=RUN_TIMEOUT)
         t1 = time.perf_counter_ns()
-        _check_debug_exit(result, 0, self.label)
+        check_debug_exit(result, 0, self.label)
         exits = _delta(result.stats.exits_by_reason, before)
         expected = {"io": self.count + 1} if self.kind == "pio" else {"mmio": self.count, "io": 1}
         if exits != expected:
@@ -187,7 +187,7 @@ class IoeventfdBench:
         t0 = time.perf_counter_ns()
         result = m.run(timeout=RUN_TIMEOUT)
         t1 = time.perf_counter_ns()
-        _check_debug_exit(result, 0, "pykvm ioeventfd")
+        check_debug_exit(result, 0, "pykvm ioeventfd")
         counter = self._drain()
         exits = _delta(result.stats.exits_by_reason, before)
         if counter != self.count or exits != {"io": 1}:
@@ -231,7 +231,7 @@ def lifecycle_once(image: Path, irqchip: bool, kvm: object) -> dict:
     finally:
         machine.close()
     t4 = time.perf_counter_ns()
-    _check_debug_exit(result, 0, "pykvm lifecycle")
+    check_debug_exit(result, 0, "pykvm lifecycle")
     if result.stats.exits_by_reason != {"io": 1}:
         raise WrongResult(f"pykvm lifecycle: exits {result.stats.exits_by_reason}, expected one debug exit")
     return {"ns": t4 - t0, "phases": dict(zip(LIFECYCLE_PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)))}
@@ -314,7 +314,7 @@ def memory_probe(extra_machines: int = 9) -> dict:
         m = Machine(memory=GUEST_MEMORY)
         machines.append(m)
         m.load(hello, format="flat", mode="long")
-        _check_debug_exit(m.run(timeout=RUN_TIMEOUT), 0, "hello_long.bin")
+        check_debug_exit(m.run(timeout=RUN_TIMEOUT), 0, "hello_long.bin")
 
     try:
         one()

@@ -51,8 +51,8 @@ class QemuError(Exception):
     """QEMU cannot be used as asked; the message says why and what to do."""
 
 
-def qemu_command(qemu: str, kernel: str, memory: str, extra: list[str]) -> list[str]:
-    """The benchmark command line."""
+def qemu_command(qemu: str, kernel: str, memory: str, extra: list[str], debug_exit: bool = True) -> list[str]:
+    """The benchmark command line (``debug_exit=False``: without the isa-debug-exit device)."""
     return [
         qemu,
         "-enable-kvm",
@@ -61,7 +61,7 @@ def qemu_command(qemu: str, kernel: str, memory: str, extra: list[str]) -> list[
         "-no-user-config",
         "-nographic",
         "-serial", "stdio",
-        "-device", f"isa-debug-exit,iobase={DEBUG_EXIT_PORT},iosize=0x04",
+        *(["-device", f"isa-debug-exit,iobase={DEBUG_EXIT_PORT},iosize=0x04"] if debug_exit else []),
         "-m", memory,
         # A guest that triple-faults would otherwise be reset forever.
         "-no-reboot",

@@ -50,7 +50,7 @@ import qemu_run  # noqa: E402
 
 MIB = 1 << 20
 KERNEL = ROOT / "guests" / "build" / "multiboot_kludge.bin"
-ROWS = tuple(range(1, 12))
+ROWS = tuple(range(1, 16))
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def fmt_value(value: float | None, unit: str) -> str:
             return f"{value / 1e3:.2f} us"
         return f"{value:.3f} ns"
     if unit == "ms":
-        return f"{value:.1f} ms"
+        return f"{value:.3f} ms" if value < 1 else f"{value:.2f} ms" if value < 10 else f"{value:.1f} ms"
     if unit == "bytes":
         if abs(value) >= MIB:
             return f"{value / MIB:.1f} MiB"
@@ -403,6 +403,15 @@ def ensure_qemu(install: bool) -> str:
     return qemu
 
 
+def qemu_if_any(install: bool, rows: str) -> str | None:
+    """The QEMU binary, or None (said on stderr) where there is none: ``rows`` then show pykvm alone."""
+    try:
+        return ensure_qemu(install)
+    except Skipped as err:
+        progress(f"{rows} without QEMU: {err}")
+        return None
+
+
 def bench_cli(s: Settings, results: dict, install_qemu: bool) -> list[Row]:
     """Row 4: process start to exit of ``pykvm run`` and of QEMU microvm, same kernel; wall and peak RSS;
     the floors (an idle interpreter, a C VMM booting the same kernel on the same machine) and where
@@ -678,11 +687,7 @@ def bench_virtio_blk(s: Settings, tmp: str, results: dict, install_qemu: bool) -
     """Rows 9 and 10: the CPL3 virtio-blk guest under pykvm and QEMU microvm, and the host's preadv."""
     import bench_virtio as bv
 
-    try:
-        qemu: str | None = ensure_qemu(install_qemu)
-    except Skipped as err:
-        progress(f"rows 9, 10 without QEMU: {err}")
-        qemu = None
+    qemu = qemu_if_any(install_qemu, "rows 9, 10")
     try:
         data = bv.measure(s is QUICK, tmp, qemu, progress)
     except bv.Unavailable as err:
@@ -696,17 +701,24 @@ def bench_density(s: Settings, results: dict, install_qemu: bool) -> list[Row]:
     """Row 11: idle 64 MiB guests in one pykvm process against QEMU microvm processes: memory per guest."""
     import bench_density as bd
 
-    try:
-        qemu: str | None = ensure_qemu(install_qemu)
-    except Skipped as err:
-        progress(f"row 11 without QEMU: {err}")
-        qemu = None
+    qemu = qemu_if_any(install_qemu, "row 11")
     try:
         data = bd.measure(s is QUICK, qemu, progress)
     except bd.DensityError as err:
         raise WrongResult(str(err)) from err
     results["density"] = data
     return [Row(**row) for row in bd.rows(data)]
+
+
+# --- rows 12-15: snapshots (bench/bench_snapshot.py) --------------------------------------------------------
+def bench_snapshots(s: Settings, tmp: str, results: dict, install_qemu: bool) -> list[Row]:
+    """Rows 12-15: taking a snapshot, restoring to the first instruction, fast reset, clones, the per-test
+    cost of a pytest fixture; QEMU's migration to a file and -incoming beside pykvm."""
+    import bench_snapshot as bs
+
+    data = bs.measure(s is QUICK, tmp, qemu_if_any(install_qemu, "rows 12-15"), progress)
+    results["snapshots"] = data
+    return [Row(**row) for row in bs.rows(data)]
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -776,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
             args.row_set.add(9)
         attempt(9, "virtio-blk: pykvm, QEMU microvm, host", lambda: bench_virtio_blk(s, tmp, results, args.install_qemu))
         attempt(11, "consolidation: idle guests per pykvm process", lambda: bench_density(s, results, args.install_qemu))
+        if args.row_set & {13, 14, 15}:  # rows 12-15 come from one measurement
+            args.row_set.add(12)
+        attempt(12, "snapshots: take, restore, reset, clones, pytest", lambda: bench_snapshots(s, tmp, results, args.install_qemu))
 
     elapsed = time.monotonic() - started
     print()

@@ -110,7 +110,7 @@ def build(
     if config.pc_testdev:
         attach_pc_testdev(devices, vm if config.irqchip else None)
     acpi = build_acpi_tables(config.cpus) if config.irqchip else None
-    if acpi is not None and memory_backing is None:  # a snapshot's RAM holds them as the guest left them
+    if acpi is not None and memory_backing is None:  # a snapshot's RAM holds them: writing would copy its pages
         write_firmware_tables(memory, acpi, config.cpus)
     power = attach_acpi_pm(devices, request_stop, suspend, inputs) if acpi is not None else None
     fw_cfg = attach_fw_cfg(devices, config, memory_map, acpi)

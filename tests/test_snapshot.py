@@ -262,6 +262,20 @@ def test_a_damaged_or_foreign_snapshot_is_refused_in_one_line_before_any_guest_r
     assert "\n" not in str(caught.value)
 
 
+def test_a_state_naming_a_device_its_machine_lacks_is_refused_in_one_line(saved) -> None:
+    """The state file and the manifest's checksum both rewritten: what the file holds is still checked
+    (here a balloon's record in a machine without a balloon, and a record name that is not a string)."""
+    state = json.loads((saved / "state.json").read_text())
+    for name in ("BalloonState", ["UartState"]):
+        state["devices"]["ports"][0][1]["record"] = name
+        raw = json.dumps(state).encode()
+        (saved / "state.json").write_bytes(raw)
+        edit_manifest(saved, lambda m: m.update(state_size=len(raw), state_sha256=hashlib.sha256(raw).hexdigest()))
+        with pytest.raises(SnapshotError, match="devices.ports.0..1.: expected one of the records") as caught:
+            Machine.restore(saved)
+        assert "\n" not in str(caught.value)
+
+
 def test_a_changed_disk_image_is_refused_unless_allowed(machine_factory, tmp_path) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(MIB))

@@ -75,32 +75,10 @@ r_window:       dq 0                    ; 96
 r_detail:       dq 0                    ; 104
 
 ; ---- 32-bit protected mode: into long mode on page tables for the first 4 MiB --------------------------
-PTE_PRESENT_RW  equ 0x03
-PDE_HUGE        equ 0x80
-CR4_PAE         equ 1 << 5
-MSR_EFER        equ 0xc0000080
-EFER_LME        equ 1 << 8
-CR0_PE_PG       equ 0x80000001
+%include "lib/multiboot_long.inc"
 
 start32:
-        mov dword [boot_pml4], boot_pdpt + PTE_PRESENT_RW
-        mov dword [boot_pdpt], boot_pd + PTE_PRESENT_RW
-        mov dword [boot_pd], PTE_PRESENT_RW | PDE_HUGE
-        mov dword [boot_pd + 8], 0x200000 | PTE_PRESENT_RW | PDE_HUGE
-        mov eax, boot_pml4
-        mov cr3, eax
-        mov eax, cr4
-        or eax, CR4_PAE
-        mov cr4, eax
-        mov ecx, MSR_EFER
-        rdmsr
-        or eax, EFER_LME
-        wrmsr
-        mov eax, cr0
-        or eax, CR0_PE_PG
-        mov cr0, eax                    ; long mode (compatibility mode until CS is a 64-bit segment)
-        lgdt [gdt_ptr]
-        jmp 0x08:start64                ; lib/cpl3.inc's GDT: 0x08 is the 64-bit kernel code segment
+        MULTIBOOT_LONG_MODE start64
 
 ; ---- 64-bit: the kernel ------------------------------------------------------------------------------
 bits 64
@@ -584,9 +562,7 @@ load_end:
 
 ; ---- zero-initialised memory (the loader clears it up to bss_end) -----------------------------------------
         CPL3_BSS
-boot_pml4:      resb 4096               ; the 32-bit code's page tables, page-aligned after CPL3_BSS's
-boot_pdpt:      resb 4096
-boot_pd:        resb 4096
+        MULTIBOOT_LONG_MODE_BSS         ; the 32-bit code's page tables
 buffers:        resb MAX_DEPTH * MAX_SIZE
         VIRTQ disk_q                    ; 16-byte aligned (the buffers are)
 headers:        resb MAX_DEPTH * VIRTIO_BLK_REQ_BYTES

@@ -114,7 +114,7 @@ def _receive(channel: Channel, host: _HostChoices, token: bytes | None) -> Machi
         raise _as_migration_error(err) from err
     try:
         channel.send(answer(READY, proof(token, b"destination", their_nonce)))
-        records = state_records()
+        records = state_records(manifest.config)
         prepare(MachineState, records)  # now, not while the guest is paused at the source
         reader = StreamReader(channel.read_into, channel.peer)
         state = read_state(receive_records(reader, machine.memory, state_bound(manifest.config.cpus)), records)

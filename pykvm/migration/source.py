@@ -204,7 +204,7 @@ class Migration:
         machine = self._machine
         was_running = machine.running
         self._disks = _disks(machine)
-        prepare(MachineState, state_records())  # now, not while the guest is paused
+        prepare(MachineState, state_records(machine.config))  # now, not while the guest is paused
         writer = StreamWriter(channel, self._bandwidth_limit)
         sender = self._sender = PageSender(writer, machine.memory)
         log = DirtyLog(machine, self._note_written)

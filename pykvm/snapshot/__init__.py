@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -52,13 +52,24 @@ if TYPE_CHECKING:
 __all__ = ["Manifest", "MachineState", "ResetPoint", "read_info", "restore", "save", "reset"]
 
 
-def state_records() -> tuple[type, ...]:
-    """The records a state file's device entries may hold (no other class is ever built from one)."""
-    from ..devices.virtio.balloon import BalloonState
-    from ..devices.virtio.console import ConsoleState
-    from ..devices.virtio.mmio import TransportState
+def state_records(config: MachineConfig) -> tuple[type, ...]:
+    """The records the device entries of a machine with ``config`` may hold (no other class is ever
+    built from one); a virtio device's module is imported only for a machine that has one."""
+    records: list[type] = [UartState, CmosState, I8042State, AcpiPmState, FwCfgState]
+    virtio_console = config.console == "virtio"
+    if virtio_console or config.disks or config.rng or config.net is not None or config.balloon:
+        from ..devices.virtio.mmio import TransportState
 
-    return (UartState, CmosState, I8042State, AcpiPmState, FwCfgState, TransportState, BalloonState, ConsoleState)
+        records.append(TransportState)
+    if virtio_console:
+        from ..devices.virtio.console import ConsoleState
+
+        records.append(ConsoleState)
+    if config.balloon:
+        from ..devices.virtio.balloon import BalloonState
+
+        records.append(BalloonState)
+    return tuple(records)
 
 
 @dataclasses.dataclass
@@ -110,7 +121,7 @@ def describe(machine: Machine, cpuid: list[CpuidEntry]) -> Manifest:
     return Manifest(
         format=format.FORMAT_NAME,
         version=format.FORMAT_VERSION,
-        pykvm_version=metadata.version("pykvm-hypervisor"),
+        pykvm_version=_pykvm_version(),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         config=config,
         cmdline=machine.cmdline,
@@ -121,6 +132,13 @@ def describe(machine: Machine, cpuid: list[CpuidEntry]) -> Manifest:
         memory_size=max(region.end for region in machine.memory.regions),
         memory_data_bytes=0,
     )
+
+
+@functools.cache
+def _pykvm_version() -> str:
+    from importlib import metadata  # tens of milliseconds to import, and a look through the installed packages
+
+    return metadata.version("pykvm-hypervisor")
 
 
 def write_memory(memory: GuestMemory, fd: int) -> int:
@@ -198,7 +216,7 @@ def restore(
 
     path = Path(path)
     manifest = format.read_manifest(path)
-    state = format.read_state(path, manifest, state_records())
+    state = format.read_state(path, manifest, state_records(manifest.config))
     if not allow_changed_disks:
         _check_disks(manifest.disks)
     config = dataclasses.replace(manifest.config, serial=serial, capture_serial=capture_serial, gdb=gdb, gdb_wait=gdb_wait)

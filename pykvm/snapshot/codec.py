@@ -12,6 +12,11 @@ Encoding: ``bytes`` as base64 text, tuples and lists as lists, ``dict[int, int]`
 list of ``[key, value]`` pairs, a field typed ``Any`` (a device's own record, whose type
 depends on the device) as ``{"record": NAME, "fields": {...}}`` where NAME must be one of
 the records the caller names (never an arbitrary class).
+
+Each type is read by a decoder made once from its hints and kept (a restore decodes a
+few hundred values, and walking the hints for each of them cost more than the restore's
+ioctls).  The path in an error is put together only when there is an error: each
+decoder on the way back out adds its part.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import dataclasses
 import functools
 import types
 import typing
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import StateError
 
@@ -74,7 +79,10 @@ def _item_hints(hint: Any, count: int) -> list[Any]:
 
 def decode(data: Any, cls: type, records: Iterable[type] = ()) -> Any:
     """The ``cls`` record ``data`` describes; ``records`` are the classes an ``Any`` field may hold."""
-    return _Decoder({r.__name__: r for r in records}).value(data, cls, cls.__name__)
+    try:
+        return _decoder(cls)(data, {r.__name__: r for r in records})
+    except _Invalid as err:
+        raise StateError(err.render(cls.__name__)) from None
 
 
 @functools.cache
@@ -83,113 +91,205 @@ def hints(cls: type) -> dict[str, Any]:
 
 
 def prepare(cls: type, records: Iterable[type] = ()) -> None:
-    """Read the type hints of ``cls`` and of every record it may hold now, so that the first
-    :func:`encode` or :func:`decode` does not pay for them (a migration does this before it
-    pauses the guest: resolving the hints of every state record takes milliseconds)."""
-    pending, seen = [cls, *records], set()
-    while pending:
-        hint = pending.pop()
-        if dataclasses.is_dataclass(hint) and hint not in seen:
-            seen.add(hint)
-            pending.extend(hints(hint).values())  # type: ignore[arg-type]
-        else:
-            pending.extend(typing.get_args(hint))
+    """Make the decoders of ``cls`` and of every record it may hold now (reading their type
+    hints, which :func:`encode` uses too), so that the first :func:`encode` or :func:`decode`
+    does not pay for them: a migration does this before it pauses the guest."""
+    for record in (cls, *records):
+        _decoder(record)
 
 
 def _is_any(hint: Any) -> bool:
     return hint is Any or hint is object
 
 
-class _Decoder:
-    def __init__(self, records: Mapping[str, type]) -> None:
-        self._records = records
+# --- decoders -------------------------------------------------------------------------------------------
+Records = Mapping[str, type]  # the classes an ``Any`` field may hold, by name
+Decoder = Callable[[Any, Records], Any]
 
-    def value(self, data: Any, hint: Any, path: str) -> Any:
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-        if origin in (typing.Union, types.UnionType):
-            return self._union(data, args, path)
-        if _is_any(hint):
-            return self._any(data, path)
-        if dataclasses.is_dataclass(hint):
-            return self._record(data, hint, path)
-        if hint is type(None):
-            return self._expect(data, type(None), path)
-        if hint is bool:
-            return self._expect(data, bool, path)
-        if hint is int:
-            if isinstance(data, bool):
-                raise StateError(f"{path}: expected an integer, not {data!r}")
-            return self._expect(data, int, path)
-        if hint is str:
-            return self._expect(data, str, path)
-        if hint is bytes:
-            return self._bytes(data, path)
-        if origin in (tuple, list):
-            return self._sequence(data, origin, args, path)
-        if origin is dict:
-            return self._dict(data, args, path)
-        raise StateError(f"{path}: a {hint!r} cannot be read from a state file")
 
-    def _expect(self, data: Any, kind: type, path: str) -> Any:
-        if not isinstance(data, kind) or (kind is int and isinstance(data, bool)):
-            raise StateError(f"{path}: expected {kind.__name__}, not {type(data).__name__}")
+class _Invalid(Exception):
+    """A value that does not fit its hint; ``parts`` is the path to it from where it is caught,
+    innermost first, and ``alternatives`` what each member of a union said."""
+
+    def __init__(self, message: str, alternatives: tuple[_Invalid, ...] = ()) -> None:
+        self.message, self.alternatives = message, alternatives
+        self.parts: list[str] = []
+
+    def within(self, part: str) -> _Invalid:
+        self.parts.append(part)
+        return self
+
+    def render(self, prefix: str) -> str:
+        path = prefix + "".join(reversed(self.parts))
+        if self.alternatives:
+            return f"{path}: matches none of its types ({'; '.join(alt.render(path) for alt in self.alternatives)})"
+        return f"{path}: {self.message}"
+
+
+def _mismatch(data: Any, kind: type) -> _Invalid:
+    return _Invalid(f"expected {kind.__name__}, not {type(data).__name__}")
+
+
+@functools.cache
+def _decoder(hint: Any) -> Decoder:
+    """The decoder of values of type ``hint``, made once."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return _union_decoder(args)
+    if _is_any(hint):
+        return _any
+    if dataclasses.is_dataclass(hint):
+        return _record_decoder(hint)  # type: ignore[arg-type]
+    if hint in _SCALARS:
+        return _SCALARS[hint]
+    if origin in (tuple, list):
+        return _sequence_decoder(origin, args)
+    if origin is dict:
+        return _dict_decoder(*args)
+
+    def unreadable(data: Any, records: Records) -> Any:
+        raise _Invalid(f"a {hint!r} cannot be read from a state file")
+
+    return unreadable
+
+
+def _int(data: Any, records: Records) -> int:
+    if type(data) is int:
         return data
+    if isinstance(data, bool):
+        raise _Invalid(f"expected an integer, not {data!r}")
+    if not isinstance(data, int):
+        raise _mismatch(data, int)
+    return data
 
-    def _bytes(self, data: Any, path: str) -> bytes:
-        text = self._expect(data, str, path)
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise StateError(f"{path}: not base64 data ({err})") from err
 
-    def _union(self, data: Any, args: tuple, path: str) -> Any:
-        if data is None and type(None) in args:
+def _str(data: Any, records: Records) -> str:
+    if not isinstance(data, str):
+        raise _mismatch(data, str)
+    return data
+
+
+def _bool(data: Any, records: Records) -> bool:
+    if not isinstance(data, bool):
+        raise _mismatch(data, bool)
+    return data
+
+
+def _none(data: Any, records: Records) -> None:
+    if data is not None:
+        raise _mismatch(data, type(None))
+
+
+def _bytes(data: Any, records: Records) -> bytes:
+    try:
+        return base64.b64decode(_str(data, records), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise _Invalid(f"not base64 data ({err})") from None
+
+
+_SCALARS: dict[Any, Decoder] = {int: _int, str: _str, bool: _bool, type(None): _none, bytes: _bytes}
+
+
+def _union_decoder(args: tuple[Any, ...]) -> Decoder:
+    members = [_decoder(arg) for arg in args if arg is not type(None)]
+    optional = type(None) in args
+
+    def union(data: Any, records: Records) -> Any:
+        if data is None and optional:
             return None
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for member in members:
             try:
-                return self.value(data, arg, path)
-            except StateError as err:
-                errors.append(str(err))
-        raise StateError(errors[0] if len(errors) == 1 else f"{path}: matches none of its types ({'; '.join(errors)})")
+                return member(data, records)
+            except _Invalid as err:
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise _Invalid("", tuple(errors))
 
-    def _record(self, data: Any, cls: type, path: str) -> Any:
-        fields = self._expect(data, dict, path)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = set(fields) - set(names)
-        if unknown:
-            raise StateError(f"{path}: unknown field {sorted(unknown)[0]!r} in a {cls.__name__}")
-        missing = [name for name in names if name not in fields]
-        if missing:
-            raise StateError(f"{path}: field {missing[0]!r} of {cls.__name__} is missing")
-        types_ = hints(cls)
-        return cls(**{name: self.value(fields[name], types_[name], f"{path}.{name}") for name in names})
+    return union
 
-    def _any(self, data: Any, path: str) -> Any:
-        if data is None or isinstance(data, _PLAIN):
-            return data
-        tagged = self._expect(data, dict, path)
-        name = tagged.get("record")
-        if set(tagged) != {"record", "fields"} or name not in self._records:
-            raise StateError(f"{path}: expected one of the records {sorted(self._records)}, not {str(name)[:40]!r}")
-        return self._record(tagged["fields"], self._records[name], f"{path}<{name}>")
 
-    def _sequence(self, data: Any, origin: type, args: tuple, path: str) -> Any:
-        items = self._expect(data, list, path)
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis) and len(items) != len(args):
-            raise StateError(f"{path}: expected {len(args)} items, not {len(items)}")
-        item_hints = _item_hints(origin[args] if args else origin, len(items))  # type: ignore[index]
-        decoded = [self.value(item, item_hint, f"{path}[{i}]") for i, (item, item_hint) in enumerate(zip(items, item_hints))]
+def _record_decoder(cls: type) -> Decoder:
+    types_ = hints(cls)
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    fields = tuple((name, _decoder(types_[name]), f".{name}") for name in names)
+    known = frozenset(names)
+
+    def record(data: Any, records: Records) -> Any:
+        if not isinstance(data, dict):
+            raise _mismatch(data, dict)
+        if data.keys() != known:
+            unknown = sorted(set(data) - known)
+            if unknown:
+                raise _Invalid(f"unknown field {unknown[0]!r} in a {cls.__name__}")
+            missing = next(name for name in names if name not in data)
+            raise _Invalid(f"field {missing!r} of {cls.__name__} is missing")
+        values = {}
+        for name, decode_field, part in fields:
+            try:
+                values[name] = decode_field(data[name], records)
+            except _Invalid as err:
+                raise err.within(part) from None
+        return cls(**values)
+
+    return record
+
+
+def _any(data: Any, records: Records) -> Any:
+    if data is None or isinstance(data, _PLAIN):
+        return data
+    if not isinstance(data, dict):
+        raise _mismatch(data, dict)
+    name = data.get("record")
+    if data.keys() != {"record", "fields"} or not isinstance(name, str) or name not in records:
+        raise _Invalid(f"expected one of the records {sorted(records)}, not {str(name)[:40]!r}")
+    try:
+        return _decoder(records[name])(data["fields"], records)
+    except _Invalid as err:
+        raise err.within(f"<{name}>") from None
+
+
+def _sequence_decoder(origin: type, args: tuple[Any, ...]) -> Decoder:
+    homogeneous = origin is list or not args or (len(args) == 2 and args[1] is Ellipsis)
+    item = _decoder(args[0] if args else Any)
+    positions = None if homogeneous else tuple(_decoder(arg) for arg in args)
+
+    def sequence(data: Any, records: Records) -> Any:
+        if not isinstance(data, list):
+            raise _mismatch(data, list)
+        if positions is not None and len(data) != len(positions):
+            raise _Invalid(f"expected {len(positions)} items, not {len(data)}")
+        decoders = positions or (item,) * len(data)
+        decoded = []
+        for i, (value, decode_item) in enumerate(zip(data, decoders)):
+            try:
+                decoded.append(decode_item(value, records))
+            except _Invalid as err:
+                raise err.within(f"[{i}]") from None
         return tuple(decoded) if origin is tuple else decoded
 
-    def _dict(self, data: Any, args: tuple, path: str) -> dict[Any, Any]:
-        pairs = self._expect(data, list, path)
-        key_hint, value_hint = args
+    return sequence
+
+
+def _dict_decoder(key_hint: Any, value_hint: Any) -> Decoder:
+    key, value = _decoder(key_hint), _decoder(value_hint)
+
+    def mapping(data: Any, records: Records) -> dict[Any, Any]:
+        if not isinstance(data, list):
+            raise _mismatch(data, list)
         result = {}
-        for i, pair in enumerate(pairs):
+        for i, pair in enumerate(data):
             if not isinstance(pair, list) or len(pair) != 2:
-                raise StateError(f"{path}[{i}]: expected a [key, value] pair")
-            result[self.value(pair[0], key_hint, f"{path}[{i}].key")] = self.value(pair[1], value_hint, f"{path}[{i}].value")
+                raise _Invalid("expected a [key, value] pair").within(f"[{i}]")
+            try:
+                k = key(pair[0], records)
+            except _Invalid as err:
+                raise err.within(f"[{i}].key") from None
+            try:
+                result[k] = value(pair[1], records)
+            except _Invalid as err:
+                raise err.within(f"[{i}].value") from None
         return result
+
+    return mapping

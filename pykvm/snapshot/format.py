@@ -25,8 +25,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,6 +88,9 @@ class Manifest:
 def write(path: Path, manifest: Manifest, state: bytes, write_memory: Callable[[int], int]) -> Manifest:
     """Write a snapshot directory at ``path`` atomically; ``write_memory(fd)`` fills the memory
     file and returns the bytes it wrote.  Returns the manifest as written."""
+    import shutil  # with tempfile, a few milliseconds to import: only writing needs them
+    import tempfile
+
     path = Path(path)
     parent = path.resolve().parent
     if path.exists() and not (path / MANIFEST).is_file():
@@ -139,6 +140,9 @@ def _sync_directory(path: Path) -> None:
 
 def _move_into_place(staging: Path, path: Path) -> None:
     """Rename ``staging`` to ``path``; an older snapshot there is renamed aside first, then removed."""
+    import shutil
+    import tempfile
+
     old = None
     if path.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.resolve().parent))
