@@ -6,16 +6,18 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import click
 
 from .boot import FORMATS
 from .boot.flat import FORMAT as FLAT_FORMAT
 from .boot.plan import BootPlan
-from .config import DiskConfig, MachineConfig, NetConfig, SerialConfig, device_options
+from .config import DiskConfig, MachineConfig, NetConfig, SerialConfig, device_options, parse_size
 from .console import StdinForwarder
 from .errors import PykvmError
 from .kvm.system import DEFAULT_PATH
@@ -23,6 +25,7 @@ from .machine import Machine
 from .result import ERROR_STATUS, INTERRUPTED_STATUS, ExitReason, RunResult
 from .signals import STOPPER
 
+TOKEN_ENV = "PYKVM_MIGRATION_TOKEN"  # the secret both sides of a migration share, if set
 _QUIET_ENDINGS = (ExitReason.DEBUG_EXIT, ExitReason.HALTED, ExitReason.POWEROFF, ExitReason.RESET, ExitReason.SNAPSHOTTED)
 
 
@@ -156,6 +159,9 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 @click.option("--restore", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
               help="Run the machine saved in the snapshot DIR (instead of booting GUEST).")  # fmt: skip
 @click.option("--allow-changed-disks", is_flag=True, help="With --restore: use disk images changed since the snapshot.")
+@click.option("--incoming", metavar="tcp:HOST:PORT|unix:PATH|fd:N",
+              help="Wait there for a guest to arrive by live migration (`pykvm ctl PATH migrate`), then run it; "
+                   "--disk and --net name the host's disk images and network for it.")  # fmt: skip
 @click.option("--record", type=click.Path(path_type=Path, dir_okay=False), metavar="LOG",
               help="With --restore: log every host input the guest takes, to replay the run.")  # fmt: skip
 @click.option("--replay", type=click.Path(path_type=Path, dir_okay=False), metavar="LOG",
@@ -166,8 +172,8 @@ def run(device: str, guest: Path | None, memory: str, cpus: int, no_irqchip: boo
         load_addr: int | None, entry: int | None, user_mode: bool, serial: str, console: str, disks: tuple[str, ...],
         rng: bool, net: str | None, virtio_notify: str, timeout: float | None, stats: bool,
         balloon: bool, share_pages: bool, control: str | None, devices: tuple[str, ...], gdb: str | None,
-        gdb_wait: bool, restore: Path | None, allow_changed_disks: bool, record: Path | None, replay: Path | None,
-        events: str | None) -> None:  # fmt: skip
+        gdb_wait: bool, restore: Path | None, allow_changed_disks: bool, incoming: str | None, record: Path | None,
+        replay: Path | None, events: str | None) -> None:  # fmt: skip
     """Boot GUEST (flat binary, ELF, multiboot, Linux bzImage or PVH kernel), or run a saved machine
     (--restore DIR); exit with the guest's status.
 
@@ -177,8 +183,21 @@ def run(device: str, guest: Path | None, memory: str, cpus: int, no_irqchip: boo
     118 entry failure; 120 a replay diverged; 124 timeout;
     128 + n stopped by signal n (130 Ctrl-C, 143 SIGTERM).
     """
+    if incoming is not None:
+        _check_saved_machine_options(guest, "--incoming runs the machine that arrives", allowed=("disks", "net"))
+        if restore is not None or record is not None or replay is not None or allow_changed_disks:
+            raise click.UsageError("--incoming runs the machine that arrives: --restore, --record, --replay and "
+                                   "--allow-changed-disks do not go with it")  # fmt: skip
+        try:
+            host = {"kvm_path": device, "serial": serial, "disks": [DiskConfig.parse(disk) for disk in disks],
+                    "net": NetConfig.parse(net) if net else None, "token": os.environ.get(TOKEN_ENV)}  # fmt: skip
+        except PykvmError as err:
+            _fail(err)
+        session = _Session(functools.partial(_arrival, incoming, host), None, {}, timeout, control, events,
+                           guard_first=False)  # fmt: skip
+        _finish(session.run(), stats, serial, None)
     if restore is not None:
-        _check_restore_options(guest)
+        _check_saved_machine_options(guest, "--restore runs the machine the snapshot saved")
         restored = functools.partial(Machine.restore, restore, kvm_path=device, serial=serial, allow_changed_disks=allow_changed_disks,
                                      record=record, replay=replay, gdb=gdb, gdb_wait=gdb_wait)  # fmt: skip
         session = _Session(restored, None, {}, timeout, control, events, replaying=replay is not None)
@@ -221,12 +240,24 @@ MACHINE_OPTIONS = ("memory", "cpus", "no_irqchip", "cmdline", "modules", "initrd
                    "entry", "user_mode", "console", "disks", "rng", "net", "balloon", "share_pages", "devices")  # fmt: skip
 
 
-def _check_restore_options(guest: Path | None) -> None:
+def _check_saved_machine_options(guest: Path | None, why: str, allowed: tuple[str, ...] = ()) -> None:
+    """A machine restored or migrated comes whole: refuse what would build another one."""
     ctx = click.get_current_context()
-    given = [name for name in MACHINE_OPTIONS if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    given = [name for name in MACHINE_OPTIONS
+             if name not in allowed and ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]  # fmt: skip
     if guest is not None or given:
         what = "a GUEST image" if guest is not None else "--" + given[0].replace("_", "-")
-        raise click.UsageError(f"--restore runs the machine the snapshot saved: {what} does not go with it")
+        raise click.UsageError(f"{why}: {what} does not go with it")
+
+
+def _arrival(uri: str, host: dict[str, Any]) -> Machine:
+    """The machine that arrives by live migration at ``uri`` (a signal meanwhile ends pykvm)."""
+    from .migration import Incoming  # only --incoming needs it
+
+    with Incoming(uri) as endpoint:
+        STOPPER.before_exit(endpoint.close)  # a UNIX socket file goes with the process
+        click.echo(f"pykvm: waiting for a migration on {endpoint.uri}", err=True)
+        return endpoint.receive(**host)
 
 
 class _Session:
@@ -235,18 +266,22 @@ class _Session:
 
     def __init__(
         self, make: Callable[[], Machine], guest: Path | None, load: dict[str, Any], timeout: float | None,
-        control: str | None, events: str | None, replaying: bool = False,
+        control: str | None, events: str | None, replaying: bool = False, guard_first: bool = True,
     ) -> None:  # fmt: skip
         self._make, self._guest, self._load, self._timeout = make, guest, load, timeout
         self._control, self._events, self._replaying = control, events, replaying
+        self._guard_first = guard_first  # False: a signal while the machine is made ends pykvm at once
         self.plan: BootPlan | None = None
 
     def run(self) -> tuple[RunResult, int]:
         """The run's result and how many bytes the guest sent to its serial port."""
         forwarder = None
-        STOPPER.guard()  # from here on a signal stops the machine, which then cleans up
+        if self._guard_first:
+            STOPPER.guard()  # from here on a signal stops the machine, which then cleans up
         try:
-            with self._make() as vm, _control_server(self._control, vm), _event_writer(self._events, vm):
+            machine = self._make()
+            STOPPER.guard()
+            with machine as vm, _control_server(self._control, vm), _event_writer(self._events, vm):
                 STOPPER.attach(vm.stop)
                 if self._guest is not None:
                     self.plan = vm.load(self._guest, **self._load)
@@ -406,6 +441,67 @@ def ctl_info(path: str, as_json: bool, timeout: float) -> None:
 def ctl_snapshot(path: str, directory: str, stop: bool, as_json: bool, timeout: float) -> None:
     """Save the running machine as a snapshot in DIRECTORY (`pykvm run --restore DIRECTORY` runs it)."""
     _control(path, {"cmd": "snapshot", "path": str(Path(directory).resolve()), "stop": stop}, as_json, timeout)
+
+
+@ctl.command("migrate")
+@click.argument("uri")
+@click.option("--downtime", type=click.FloatRange(1, 60_000), default=300, show_default=True, metavar="MS",
+              help="Pause the guest only once the rest can be sent within this many milliseconds.")  # fmt: skip
+@click.option("--migrate-timeout", type=_Seconds(maximum=600), default=600, show_default=True,
+              help="Give up (the guest runs on here) after this many seconds.")  # fmt: skip
+@click.option("--bandwidth", metavar="SIZE", help="Send at most this much per second (100M, 1G).")
+@click.option("--no-auto-converge", is_flag=True, help="Never slow the guest down to make it converge.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
+@click.pass_obj
+def ctl_migrate(path: str, uri: str, downtime: float, migrate_timeout: float, bandwidth: str | None,
+                no_auto_converge: bool, as_json: bool) -> None:  # fmt: skip
+    """Move the guest to the pykvm waiting at URI (`pykvm run --incoming URI`): tcp:HOST:PORT,
+    unix:PATH.  PYKVM_MIGRATION_TOKEN, if set, is the secret both sides must share."""
+    try:
+        speed = parse_size(bandwidth) if bandwidth is not None else None
+    except PykvmError as err:
+        raise click.BadParameter(str(err), param_hint="--bandwidth") from None
+    message = {"cmd": "migrate", "uri": uri, "downtime_ms": downtime, "timeout": migrate_timeout, "bandwidth": speed,
+               "auto_converge": not no_auto_converge, "token": os.environ.get(TOKEN_ENV)}  # fmt: skip
+    with _progress_shown(path, enabled=not as_json and sys.stderr.isatty()):
+        _control(path, message, as_json, migrate_timeout + 30)
+
+
+@contextlib.contextmanager
+def _progress_shown(path: str, enabled: bool) -> Iterator[None]:
+    """On a terminal, a line on stderr that tells how the migration goes, until the block ends."""
+    if not enabled:
+        yield
+        return
+    from .control_socket import format_progress, request as control_request
+
+    done = threading.Event()
+
+    def show() -> None:
+        while not done.wait(0.5):
+            try:
+                progress = control_request(path, {"cmd": "info"}, timeout=5).get("migration")
+            except PykvmError:
+                return
+            if progress:
+                click.echo("\r\033[K" + format_progress(progress), nl=False, err=True)
+
+    thread = threading.Thread(target=show, name="pykvm-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        click.echo("\r\033[K", nl=False, err=True)
+
+
+@ctl.command("wake")
+@_ctl_options
+@click.pass_obj
+def ctl_wake(path: str, as_json: bool, timeout: float) -> None:
+    """Wake a machine its guest suspended to RAM (ACPI S3), as QEMU's system_wakeup."""
+    _control(path, {"cmd": "wake"}, as_json, timeout)
 
 
 @main.group()

@@ -21,11 +21,22 @@ malformed request (not JSON, not an object, no or unknown ``cmd``, bad arguments
     ``share_pages`` (and ``ksm``, :func:`~pykvm.memory_policy.ksm_status`, when it is on),
     ``balloon``: null or ``{"target", "actual", "features"}``; ``state`` (``created``,
     ``running``, ``paused``, ``stopped``), ``uptime`` (seconds since the first run began),
-    ``exits`` (by reason), ``vcpus``: ``[{"id", "rip", "mode", "cpl"}]`` (:meth:`Machine.status`).
+    ``exits`` (by reason), ``vcpus``: ``[{"id", "rip", "mode", "cpl"}]`` (:meth:`Machine.status`);
+    ``migration``: null, or where the latest migration stands
+    (:class:`~pykvm.migration.MigrationProgress`: ``phase``, ``round``, ``bytes_sent``,
+    ``dirty_rate``, ``bandwidth``, ``expected_downtime_ms``, ``throttle``...).
 ``{"cmd": "snapshot", "path": DIR}``
     Save the machine as a snapshot directory at ``DIR`` (it runs on; with ``"stop": true`` the
     run then ends, status 0).  Answer: ``path``, ``memory_bytes`` (RAM the memory file holds),
     ``seconds``.
+``{"cmd": "migrate", "uri": "tcp:HOST:PORT"}``
+    Move the guest by live migration to the machine waiting at the URI (``pykvm run
+    --incoming``); optional ``downtime_ms`` (300), ``timeout`` (seconds, 600), ``bandwidth``
+    (bytes/s), ``auto_converge`` (true), ``token``.  Answered when it ends: the
+    :class:`~pykvm.migration.MigrationResult`'s fields (``total_ms``, ``downtime_ms``,
+    ``rounds``, ``bytes_sent``...), after which the run ends; or an error, the guest running on.
+``{"cmd": "wake"}``
+    Wake a machine the guest suspended (ACPI S3); an error if it is not suspended.
 ``{"cmd": "balloon", "target": "32M"}``
     Set the balloon's size (a size string as for ``-m``, or bytes); with ``"wait": seconds``
     wait until the driver's ``actual`` reaches it.  Answer: ``target``, ``actual``, and
@@ -62,7 +73,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import psutil
 
 from .config import parse_size
-from .errors import PykvmError
+from .errors import MigrationError, PykvmError
 from .memory_policy import ksm_status
 from .x86.layout import MIB
 
@@ -108,6 +119,8 @@ class ControlServer:
             "balloon": self._balloon,
             "stats": self._stats,
             "snapshot": self._snapshot,
+            "migrate": self._migrate,
+            "wake": self._wake_machine,
         }
         _remove_stale(path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -310,6 +323,8 @@ class ControlServer:
         status = self.machine.status()
         answer.update(state=status.state, uptime=round(status.uptime, 3), exits=status.exits_by_reason,
                       vcpus=[dataclasses.asdict(vcpu) for vcpu in status.vcpus])  # fmt: skip
+        migration = self.machine.migration
+        answer["migration"] = None if migration is None else dataclasses.asdict(migration.progress())
         return answer
 
     def _snapshot(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -321,6 +336,31 @@ class ControlServer:
         if request.get("stop") is True:
             self.machine.stop_after_snapshot(path)
         return {"path": path, "memory_bytes": manifest.memory_data_bytes, "seconds": round(time.monotonic() - started, 3)}
+
+    def _migrate(self, request: dict[str, Any]) -> dict[str, Any]:
+        uri = request.get("uri")
+        if not isinstance(uri, str) or not uri:
+            raise RequestError("migrate needs a 'uri': where the destination waits (tcp:HOST:PORT, unix:PATH)")
+        downtime = _number(request, "downtime_ms", 300.0, 1.0, 60_000.0)
+        bandwidth = request.get("bandwidth")
+        if bandwidth is not None and (isinstance(bandwidth, bool) or not isinstance(bandwidth, int) or bandwidth <= 0):
+            raise RequestError(f"bandwidth must be a number of bytes per second above 0, not {bandwidth!r}")
+        token = request.get("token")
+        if token is not None and not isinstance(token, str):
+            raise RequestError("token must be a string")
+        try:
+            result = self.machine.migrate(uri, downtime_ms=downtime, timeout=_seconds(request, "timeout", MAX_WAIT),
+                                          bandwidth=bandwidth, token=token,
+                                          auto_converge=request.get("auto_converge", True) is not False)  # fmt: skip
+        except MigrationError as err:
+            log.warning("%s", err)  # the one-line report on the source's side
+            raise
+        return dataclasses.asdict(result)
+
+    def _wake_machine(self, request: dict[str, Any]) -> dict[str, Any]:
+        if not self.machine.wake():
+            raise RequestError("the machine is not suspended")
+        return {}
 
     def _balloon(self, request: dict[str, Any]) -> dict[str, Any]:
         balloon = self._balloon_device()
@@ -352,6 +392,13 @@ class ControlServer:
             "counters": balloon.counters(),
             **self._host_memory(),
         }
+
+
+def _number(request: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = request.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise RequestError(f"{name} must be a number from {low:g} to {high:g}, not {value!r}")
+    return float(value)
 
 
 def _seconds(request: dict[str, Any], name: str, default: float) -> float:
@@ -442,6 +489,18 @@ def _mib(value: object) -> str:
     return f"{value / MIB:.1f} MiB" if isinstance(value, (int, float)) else "?"
 
 
+def format_progress(progress: dict[str, Any]) -> str:
+    """One line on a migration under way (or its end), from ``info``'s ``migration``."""
+    line = f"migration to {progress.get('uri')}: {progress.get('phase')}"
+    if progress.get("phase") in ("pre-copy", "stop-and-copy"):
+        line += (f", round {progress.get('round')}, {_mib(progress.get('bytes_sent'))} sent, "
+                 f"dirty {_mib(progress.get('dirty_rate'))}/s, bandwidth {_mib(progress.get('bandwidth'))}/s, "
+                 f"expected downtime {progress.get('expected_downtime_ms', 0):.0f} ms")  # fmt: skip
+        if progress.get("throttle"):
+            line += f", throttled {progress['throttle']:.0%}"
+    return line
+
+
 def format_answer(cmd: str, answer: dict[str, Any]) -> str:
     """Human output for a successful answer to ``cmd`` (one line; ``info`` adds the run and each vCPU)."""
     if cmd == "balloon":
@@ -476,7 +535,16 @@ def format_answer(cmd: str, answer: dict[str, Any]) -> str:
             lines.append(f"state: {answer['state']}, up {answer.get('uptime', 0):.1f} s; exits: {exits or 'none'}")
             lines += [f"vCPU {v.get('id')}: {v.get('mode')} mode, CPL {v.get('cpl')}, rip {v.get('rip', 0):#x}"
                       for v in answer.get("vcpus") or []]  # fmt: skip
+        migration = answer.get("migration")
+        if migration:
+            lines.append(format_progress(migration))
         return "\n".join(lines)
+    if cmd == "migrate":
+        return (f"migrated to {answer.get('uri')}: {answer.get('total_ms', 0):.0f} ms in all, downtime "
+                f"{answer.get('downtime_ms', 0):.1f} ms, {answer.get('rounds')} rounds, {_mib(answer.get('bytes_sent'))} sent "
+                f"({answer.get('data_pages')} pages of data, {answer.get('zero_pages')} of zeros)")  # fmt: skip
+    if cmd == "wake":
+        return "woken"
     if cmd == "snapshot":
         return f"snapshot: {answer.get('path')}: {_mib(answer.get('memory_bytes'))} of RAM in {answer.get('seconds')} s"
     return json.dumps(answer)

@@ -4,8 +4,9 @@ A :class:`~pykvm.machine.Machine` announces what happens to it on ``machine.even
 ``started`` and ``ended`` (a run, with its reason and status), ``paused`` and ``resumed``,
 ``suspended`` and ``woken`` (ACPI S3: the guest suspended the machine; a wake, with its ``reason``,
 ``rtc`` or ``host``, and the FACS waking ``vector``),
-``snapshot`` (written: path, bytes, seconds) and ``restored``, ``balloon`` (the target or
-the guest's ``actual`` changed), ``migration`` (progress and end).  :meth:`Events.listen`
+``snapshot`` (written: path, bytes, seconds) and ``restored`` (path), ``balloon`` (the target or
+the guest's ``actual`` changed), ``migration-started``, then ``migrated`` (the
+:class:`~pykvm.migration.MigrationResult`'s figures) or ``migration-failed`` (the ``error``); on the destination, ``migration-received``.  :meth:`Events.listen`
 adds a callback; :class:`JsonLinesWriter` is the listener behind ``pykvm run --events``,
 one JSON object per line::
 
@@ -27,6 +28,8 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+BACKLOG = 16  # events kept for the first listener
+
 
 @dataclass(frozen=True)
 class Event:
@@ -46,30 +49,43 @@ Listener = Callable[[Event], None]
 
 
 class Events:
-    """The events of one machine: listeners are called on the thread the event happens on."""
+    """The events of one machine: listeners are called on the thread the event happens on.
+
+    The events that happen before anyone listens (the machine was restored, or arrived by
+    migration) are kept, up to :data:`BACKLOG`, and given to the first listener.
+    """
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
+        self._backlog: list[Event] | None = []  # None once someone listened
         self._lock = threading.Lock()
 
     def listen(self, listener: Listener) -> None:
         with self._lock:
             self._listeners.append(listener)
+            backlog, self._backlog = self._backlog or [], None
+        for event in backlog:
+            self._deliver(listener, event)
 
     def emit(self, name: str, **properties: Any) -> None:
-        if not self._listeners:
+        if not self._listeners and self._backlog is None:
             return
         event = Event(name, properties)
         with self._lock:
+            if self._backlog is not None and len(self._backlog) < BACKLOG:
+                self._backlog.append(event)
             listeners = list(self._listeners)
         for listener in listeners:
-            try:
-                listener(event)
-            except Exception as err:  # a listener's failure must not stop the machine
-                log.warning("event listener %r failed (%s); it gets no more events", listener, err)
-                with self._lock:
-                    if listener in self._listeners:
-                        self._listeners.remove(listener)
+            self._deliver(listener, event)
+
+    def _deliver(self, listener: Listener, event: Event) -> None:
+        try:
+            listener(event)
+        except Exception as err:  # a listener's failure must not stop the machine
+            log.warning("event listener %r failed (%s); it gets no more events", listener, err)
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
 
 
 class JsonLinesWriter:

@@ -26,7 +26,7 @@ from .config import DiskConfig, MachineConfig, NetConfig
 from .control import Stop
 from .devices.fw_cfg import set_cmdline
 from .dispatch import EXIT_NAMES, ExitDispatcher, address_label
-from .errors import ConfigError, GuestMemoryError, ImageError, PykvmError
+from .errors import ConfigError, GuestMemoryError, ImageError, MigrationError, PykvmError
 from .events import Events
 from .kvm import Kvm, Vcpu
 from .kvm.fastpath import Space
@@ -148,6 +148,7 @@ class Machine:
             machine = restore(path, capture_serial=capture_serial, resettable=resettable, gdb=gdb, gdb_wait=gdb_wait,
                               **options)  # fmt: skip
         machine.snapshot_path = Path(path)
+        machine.events.emit("restored", path=str(path))
         return machine
 
     def clone(self, *, serial: str = "none", capture_serial: bool = False, resettable: bool = False) -> Machine:
@@ -161,14 +162,14 @@ class Machine:
 
     @classmethod
     def incoming(
-        cls, uri: str, *, kvm: Kvm | None = None, serial: str = "none", capture_serial: bool = False,
-        disks: Sequence[str | Path | DiskConfig] = (), net: NetConfig | None = None,
+        cls, uri: str, *, kvm: Kvm | None = None, kvm_path: str | None = None, serial: str = "none",
+        capture_serial: bool = False, disks: Sequence[str | Path | DiskConfig] = (), net: NetConfig | None = None,
         token: str | bytes | None = None, timeout: float | None = None,
     ) -> Machine:  # fmt: skip
         """A machine whose guest arrives by live migration on ``uri`` (``tcp:HOST:PORT``,
         ``unix:PATH`` or ``fd:N``; see :meth:`migrate`), ready to run once all of it arrived.
 
-        ``serial`` and ``capture_serial`` are as for :meth:`restore`.  The guest's disk images
+        ``kvm_path``, ``serial`` and ``capture_serial`` are as for :meth:`restore`.  The guest's disk images
         must be among ``disks`` (the same images the source uses) and its network device needs
         ``net``: the stream never chooses host resources by itself.  With ``token`` only a source
         that knows it is accepted.  ``timeout`` bounds the wait and the transfer (seconds).  A
@@ -178,8 +179,8 @@ class Machine:
         from .migration import Incoming
 
         with Incoming(uri) as endpoint:
-            return endpoint.receive(kvm=kvm, serial=serial, capture_serial=capture_serial, disks=disks,
-                                    net=net, token=token, timeout=timeout)  # fmt: skip
+            return endpoint.receive(kvm=kvm, kvm_path=kvm_path, serial=serial, capture_serial=capture_serial,
+                                    disks=disks, net=net, token=token, timeout=timeout)  # fmt: skip
 
     def _construct(
         self, config: MachineConfig, kvm: Kvm | None, memory_file: int | None = None, log_dirty: bool = False,
@@ -418,13 +419,19 @@ class Machine:
             auto_converge=auto_converge, hand_over=self._hand_over,
             note_written=point.written.extend if point is not None else None,
         )  # fmt: skip
-        return self.migration.run()
+        self.events.emit("migration-started", uri=uri)
+        try:
+            return self.migration.run()
+        except MigrationError as err:
+            self.events.emit("migration-failed", uri=uri, error=str(err))
+            raise
 
-    def _hand_over(self, uri: str) -> None:
+    def _hand_over(self, result: MigrationResult) -> None:
         """The destination took the guest (this machine's run is paused): the run ends here."""
-        self._migrated_to = uri
+        self._migrated_to = result.uri
+        self.events.emit("migrated", **dataclasses.asdict(result))
         if self.running:
-            self._runner.request_stop(Stop(ExitReason.MIGRATED, f"the guest migrated to {uri}"))
+            self._runner.request_stop(Stop(ExitReason.MIGRATED, f"the guest migrated to {result.uri}"))
 
     # --- ACPI S3 --------------------------------------------------------------------------
     @property

@@ -63,12 +63,12 @@ def test_ctl_snapshot_stop_ends_the_run_once_it_is_saved(tmp_path) -> None:
 
 
 def test_ctl_info_shows_the_run_and_each_vcpu(tmp_path) -> None:
-    running = RunningPykvm(tmp_path / "vm.sock", str(guest("counter.bin")), "--mode", "long", "--timeout", "120")
+    running = RunningPykvm(tmp_path / "vm.sock", str(guest("dirty_rate.bin")), "--timeout", "120")  # runs until stopped
     try:
         answer = running.ctl("info")
         lines = answer.stdout.decode().splitlines()
         assert answer.returncode == 0 and lines[1].startswith("state: running, up ") and "io " in lines[1]
-        assert lines[2].startswith("vCPU 0: long mode, CPL 0, rip 0x")
+        assert lines[2].startswith("vCPU 0: long mode, CPL 0, rip 0x")  # waiting for a tick in its kernel
         raw = json.loads(running.ctl("info", "--json").stdout)
         assert raw["state"] == "running" and raw["vcpus"][0]["mode"] == "long" and raw["exits"]["io"] > 0
     finally:

@@ -62,13 +62,13 @@ class Incoming:
         self.uri = self._listener.uri
 
     def receive(
-        self, *, kvm: Kvm | None = None, serial: str = "none", capture_serial: bool = False,
-        disks: Sequence[str | Path | DiskConfig] = (), net: NetConfig | None = None,
+        self, *, kvm: Kvm | None = None, kvm_path: str | None = None, serial: str = "none",
+        capture_serial: bool = False, disks: Sequence[str | Path | DiskConfig] = (), net: NetConfig | None = None,
         token: str | bytes | None = None, timeout: float | None = None,
     ) -> Machine:  # fmt: skip
         """The migrated machine, ready to run (see :meth:`pykvm.Machine.incoming`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        host = _HostChoices(kvm, serial, capture_serial, tuple(disks), net)
+        host = _HostChoices(kvm, kvm_path, serial, capture_serial, tuple(disks), net)
         channel = Channel(self._listener.accept(deadline), deadline, "the source")
         try:
             return _receive(channel, host, token.encode() if isinstance(token, str) else token)
@@ -90,6 +90,7 @@ class _HostChoices:
     """What the destination decides, not the stream."""
 
     kvm: Kvm | None
+    kvm_path: str | None  # the KVM device when no ``kvm`` is shared (the source's is not used)
     serial: str
     capture_serial: bool
     disks: tuple[str | Path | DiskConfig, ...]
@@ -128,6 +129,7 @@ def _receive(channel: Channel, host: _HostChoices, token: bytes | None) -> Machi
             _refuse(channel, err)
             raise _as_migration_error(err) from err
         raise
+    machine.events.emit("migration-received")
     return machine
 
 
@@ -166,7 +168,7 @@ def build_machine(manifest: Manifest, host: _HostChoices) -> Machine:
         net=_net(manifest.config.net, host.net),
     )
     if host.kvm is None:
-        config = dataclasses.replace(config, kvm_path=MachineConfig().kvm_path)
+        config = dataclasses.replace(config, kvm_path=host.kvm_path or MachineConfig().kvm_path)
     machine = Machine.restoring(config, host.kvm, None, lock_disks=False)
     try:
         check_cpu(machine, dict(manifest.cpu_features))

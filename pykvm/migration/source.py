@@ -103,7 +103,7 @@ class MigrationResult:
 class Migration:
     """Moves ``machine``'s guest to the destination at ``uri`` (see the module doc).
 
-    ``hand_over(uri)`` is called, with the guest paused, once the destination accepted it;
+    ``hand_over(result)`` is called, with the guest paused, once the destination accepted it;
     ``note_written`` hears every run of pages taken from the dirty logs.
     """
 
@@ -117,7 +117,7 @@ class Migration:
         bandwidth: int | None = None,
         token: str | bytes | None = None,
         auto_converge: bool = True,
-        hand_over: Callable[[str], None],
+        hand_over: Callable[[MigrationResult], None],
         note_written: Callable[[Runs], None] | None = None,
     ) -> None:
         uris.parse(uri)
@@ -283,14 +283,14 @@ class Migration:
                 status, _, reason = _answer(channel)
                 if status != ACCEPTED:
                     raise MigrationError(f"the destination refused the guest: {reason}")
-            self._hand_over(self._uri)
-            downtime = time.monotonic() - paused
+            accepted = time.monotonic()
+            result = MigrationResult(
+                self._uri, (accepted - self._started) * 1000, (accepted - paused) * 1000, (all_sent - paused) * 1000,
+                self._rounds + 1, writer.count, sender.data_pages, sender.zero_pages, self._throttle.share,
+            )  # fmt: skip
+            self._hand_over(result)
         for disk in self._disks:
             disk.close()  # the destination has the images now, and their locks
-        result = MigrationResult(
-            self._uri, (time.monotonic() - self._started) * 1000, downtime * 1000, (all_sent - paused) * 1000,
-            self._rounds + 1, writer.count, sender.data_pages, sender.zero_pages, self._throttle.share,
-        )  # fmt: skip
         self._update(phase="completed")
         return result
 
