@@ -17,10 +17,9 @@ import click
 from .boot import FORMATS
 from .boot.flat import FORMAT as FLAT_FORMAT
 from .boot.plan import BootPlan
-from .config import DiskConfig, MachineConfig, NetConfig, SerialConfig, device_options, parse_size
+from .config import DEFAULT_KVM_PATH, DiskConfig, MachineConfig, NetConfig, SerialConfig, device_options, parse_size
 from .console import StdinForwarder
 from .errors import PykvmError
-from .kvm.system import DEFAULT_PATH
 from .machine import Machine
 from .result import ERROR_STATUS, INTERRUPTED_STATUS, ExitReason, RunResult
 from .signals import STOPPER
@@ -115,7 +114,7 @@ def _fail(message: object) -> NoReturn:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pykvm-hypervisor")
 @click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug, e.g. unclaimed ports).")
-@click.option("--device", default=DEFAULT_PATH, show_default=True, envvar="PYKVM_DEVICE", help="The KVM device to use.")
+@click.option("--device", default=DEFAULT_KVM_PATH, show_default=True, envvar="PYKVM_DEVICE", help="The KVM device to use.")
 @click.pass_context
 def main(ctx: click.Context, verbose: int, device: str) -> None:
     """pykvm: run tiny x86 guest kernels on /dev/kvm."""

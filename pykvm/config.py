@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from .errors import ConfigError
-from .kvm.system import DEFAULT_PATH
 from .x86.layout import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, MIB, PAGE_SIZE
+
+DEFAULT_KVM_PATH = "/dev/kvm"
 
 MIN_MEMORY = 2 * MIB
 _UNITS = {"b": 1, "k": 1 << 10, "m": MIB, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
@@ -157,7 +158,7 @@ class MachineConfig:
     rng: bool = False
     net: NetConfig | None = None
     virtio_notify: str = "ioeventfd"
-    kvm_path: str = DEFAULT_PATH
+    kvm_path: str = DEFAULT_KVM_PATH
     # Memory (pykvm/devices/virtio/balloon.py): a virtio-balloon, its optional features, and
     # KSM page sharing of guest RAM.
     balloon: bool = False

@@ -50,10 +50,9 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from .config import MachineConfig
+from .config import DEFAULT_KVM_PATH, MachineConfig
 from .errors import KvmUnavailableError
 from .info import host_info
-from .kvm.system import DEFAULT_PATH
 from .machine import Machine
 from .result import ExitReason, RunResult
 
@@ -71,7 +70,7 @@ POLL_SECONDS = 0.002  # how often a booting guest's output is looked at for its 
 
 
 def _device() -> str:
-    return os.environ.get(DEVICE_ENV, DEFAULT_PATH)
+    return os.environ.get(DEVICE_ENV, DEFAULT_KVM_PATH)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -88,10 +87,10 @@ def _kvm_problem() -> str | None:
     try:
         host_info(device)
     except KvmUnavailableError as err:
-        if device == DEFAULT_PATH:
+        if device == DEFAULT_KVM_PATH:
             return str(err)
         if not os.path.lexists(device):
-            return f"{DEVICE_ENV}={device}: no such device (unset {DEVICE_ENV} to use {DEFAULT_PATH})"
+            return f"{DEVICE_ENV}={device}: no such device (unset {DEVICE_ENV} to use {DEFAULT_KVM_PATH})"
         return f"{DEVICE_ENV}={device}: {err.reason}"
     return None
 

@@ -43,6 +43,7 @@ def machine():  # type: ignore[no-untyped-def]
         balloon=balloon,
         devices=SimpleNamespace(virtio=[SimpleNamespace(device=balloon)]),
         status=lambda: MachineStatus("created", 0.0, {}, (VcpuStatus(0, 0x7C00, "real", 0),)),
+        migration=None,
         driver=driver,
     )
     yield stand_in

@@ -64,3 +64,16 @@ def test_the_console_script_starts_as_python_m_pykvm_does() -> None:
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "pykvm"]
     assert script.load() is pykvm.__main__.main
+
+
+PURE_MODULES = ["pykvm.config", "pykvm.x86.interrupts", "pykvm.x86.acpi", "pykvm.x86.mptable", "pykvm.devices.fw_cfg",
+                "pykvm.kvm.state"]
+
+
+def test_the_pure_layers_load_without_the_c_extension() -> None:
+    code = ("import importlib, sys\n"
+            "sys.modules['pykvm._native'] = sys.modules['_cffi_backend'] = None  # importing either fails\n"
+            f"for name in {PURE_MODULES!r}:\n"
+            "    importlib.import_module(name)\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

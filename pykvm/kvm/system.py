@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
+from ..config import DEFAULT_KVM_PATH
 from ..errors import KvmIoctlError, KvmUnavailableError
 from ..native import check, lib
 from . import ioctls
@@ -13,7 +14,6 @@ from .fam import CPUID2, MSR_LIST
 from .state import CpuidEntry
 from .vm import Vm
 
-DEFAULT_PATH = "/dev/kvm"
 # KVM_GET_SUPPORTED_CPUID fails with E2BIG when the array is too small; it is retried larger.
 _CPUID_ENTRIES_START = 128
 _CPUID_ENTRIES_MAX = 4096
@@ -27,7 +27,7 @@ class Kvm:
     12
     """
 
-    def __init__(self, path: str = DEFAULT_PATH) -> None:
+    def __init__(self, path: str = DEFAULT_KVM_PATH) -> None:
         self.path = path
         self._supported_cpuid: tuple[CpuidEntry, ...] | None = None
         self.fd = _open(path)
