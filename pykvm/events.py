@@ -5,7 +5,8 @@ A :class:`~pykvm.machine.Machine` announces what happens to it on ``machine.even
 ``suspended`` and ``woken`` (ACPI S3: the guest suspended the machine; a wake, with its ``reason``,
 ``rtc`` or ``host``, and the FACS waking ``vector``),
 ``snapshot`` (written: path, bytes, seconds) and ``restored`` (path), ``balloon`` (the target or
-the guest's ``actual`` changed), ``migration-started``, then ``migrated`` (the
+the guest's ``actual`` changed), ``migration-started``, ``migration-progress`` (at each round
+and at the stop-and-copy: the :class:`~pykvm.migration.MigrationProgress`), then ``migrated`` (the
 :class:`~pykvm.migration.MigrationResult`'s figures) or ``migration-failed`` (the ``error``); on the destination, ``migration-received``.  :meth:`Events.listen`
 adds a callback; :class:`JsonLinesWriter` is the listener behind ``pykvm run --events``,
 one JSON object per line::

@@ -162,7 +162,11 @@ class Migration:
 
     def _update(self, **fields: object) -> None:
         with self._lock:
-            self._progress = dataclasses.replace(self._progress, **fields)  # type: ignore[arg-type]
+            before = self._progress
+            self._progress = dataclasses.replace(before, **fields)  # type: ignore[arg-type]
+        now = self._progress
+        if now.phase in ("pre-copy", "stop-and-copy") and (now.round, now.phase) != (before.round, before.phase):
+            self._machine.events.emit("migration-progress", **dataclasses.asdict(self.progress()))
 
     # --- the whole migration ------------------------------------------------------------------------
     def run(self) -> MigrationResult:
