@@ -50,7 +50,7 @@ import qemu_run  # noqa: E402
 
 MIB = 1 << 20
 KERNEL = ROOT / "guests" / "build" / "multiboot_kludge.bin"
-ROWS = tuple(range(1, 16))
+ROWS = tuple(range(1, 17))
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -721,6 +721,18 @@ def bench_snapshots(s: Settings, tmp: str, results: dict, install_qemu: bool) ->
     return [Row(**row) for row in bs.rows(data)]
 
 
+# --- row 16: live migration (bench/bench_migration.py) ----------------------------------------------------
+def bench_migration(s: Settings, tmp: str, results: dict, install_qemu: bool) -> list[Row]:
+    """Row 16: guests moved between two processes over loopback TCP, idle and writing; QEMU microvm beside."""
+    import bench_migration as bm
+
+    data = bm.measure(bm.QUICK if s is QUICK else bm.FULL, tmp, qemu_if_any(install_qemu, "row 16"), progress)
+    results["migration"] = data
+    if data["wrong"]:
+        raise WrongResult("; ".join(data["wrong"]))
+    return [Row(**row) for row in bm.rows(data)]
+
+
 # --- main ----------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="pykvm benchmarks against a raw-C KVM floor and QEMU microvm.")
@@ -791,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.row_set & {13, 14, 15}:  # rows 12-15 come from one measurement
             args.row_set.add(12)
         attempt(12, "snapshots: take, restore, reset, clones, pytest", lambda: bench_snapshots(s, tmp, results, args.install_qemu))
+        attempt(16, "live migration", lambda: bench_migration(s, tmp, results, args.install_qemu))
 
     elapsed = time.monotonic() - started
     print()
