@@ -7,7 +7,7 @@ import os
 import sys
 import termios
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from .config import SerialConfig
 from .errors import ConfigError
@@ -135,7 +135,7 @@ class StdinForwarder:
     def __init__(self, receive: Callable[[bytes], None], fd: int | None = None) -> None:
         self._receive = receive
         self._fd = sys.stdin.fileno() if fd is None else fd
-        self._saved: list | None = None
+        self._saved: list[Any] | None = None
         self._lock = threading.Lock()
 
     def start(self) -> None:

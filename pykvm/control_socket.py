@@ -78,6 +78,7 @@ from .memory_policy import ksm_status
 from .x86.layout import MIB
 
 if TYPE_CHECKING:
+    from .devices.virtio.balloon import VirtioBalloon
     from .machine import Machine
 
 log = logging.getLogger(__name__)
@@ -294,8 +295,8 @@ class ControlServer:
             log.exception("control socket %s: request %r failed", self.path, request)
             return {"ok": False, "error": f"internal error: {type(err).__name__}: {err}"}
 
-    def _balloon_device(self):  # type: ignore[no-untyped-def]
-        balloon = getattr(self.machine, "balloon", None)
+    def _balloon_device(self) -> VirtioBalloon:
+        balloon = self.machine.balloon
         if balloon is None:
             raise RequestError("this machine has no balloon (start it with --balloon)")
         return balloon

@@ -46,7 +46,7 @@ class Event:
         return json.dumps({"timestamp": round(self.timestamp, 6), "event": self.name, **self.properties})
 
 
-Listener = Callable[[Event], None]
+Listener = Callable[[Event], object]  # what it returns is ignored
 
 
 class Events:

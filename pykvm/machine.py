@@ -17,7 +17,7 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
 
 from .boot import load_image
 from .boot.plan import BootPlan, LoadRequest, Module
@@ -39,7 +39,7 @@ from .x86.entry import CpuMode
 from .x86.layout import MIB
 
 if TYPE_CHECKING:
-    from typing_extensions import Unpack
+    from typing_extensions import Self, Unpack
 
     from .config import MachineOptions
     from .debugger import MachineDebugger
@@ -112,7 +112,7 @@ class Machine:
         capture_serial: bool = False, allow_changed_disks: bool = False, resettable: bool = False,
         record: str | Path | None = None, replay: str | Path | None = None, gdb: str | None = None,
         gdb_wait: bool = False,
-    ) -> Machine:  # fmt: skip
+    ) -> Self:  # fmt: skip
         """A machine restored from the snapshot at ``path`` (see :meth:`snapshot`), ready to run.
 
         Guest RAM is mapped from the snapshot copy-on-write, so restoring costs the same for any
@@ -149,9 +149,9 @@ class Machine:
                               **options)  # fmt: skip
         machine.snapshot_path = Path(path)
         machine.events.emit("restored", path=str(path))
-        return machine
+        return cast("Self", machine)  # made as ``cls``: ``machine_type`` above
 
-    def clone(self, *, serial: str = "none", capture_serial: bool = False, resettable: bool = False) -> Machine:
+    def clone(self, *, serial: str = "none", capture_serial: bool = False, resettable: bool = False) -> Self:
         """Another machine restored from this one's last snapshot (taken or restored), sharing the
         KVM device; machines restored from one snapshot share every page none of them changed.
         Options as for :meth:`restore`."""

@@ -97,7 +97,7 @@ class RunResult:
     status: int
     diagnosis: str
     exit_value: int | None = None
-    serial: bytes | None = None
+    serial: bytes = b""  # what the guest sent to its serial port during the run (with capture_serial)
     regs: Regs | None = None
     sregs: SRegs | None = None
     stats: RunStats = field(default_factory=RunStats)

@@ -285,7 +285,7 @@ class Runner:
             status=status_of(stop.reason, stop.value),
             diagnosis=diagnosis,
             exit_value=stop.value,
-            serial=serial,
+            serial=serial or b"",
             regs=regs,
             sregs=sregs,
             stats=self._stats(),

@@ -142,7 +142,8 @@ def _header_offsets(image: bytes) -> list[int]:
 
 
 def _checksum_sum(image: bytes, offset: int) -> int:
-    return sum(HEADER.unpack_from(image, offset)) & U32_MASK
+    fields: tuple[int, ...] = HEADER.unpack_from(image, offset)
+    return sum(fields) & U32_MASK
 
 
 def find_header(image: bytes) -> int | None:

@@ -45,7 +45,7 @@ def check_record(state: object, kind: type[S]) -> S:
     """``state`` if it is a ``kind`` record, else :class:`StateError`."""
     if type(state) is not kind:
         raise StateError(f"a {kind.__name__} was expected, not {type(state).__name__}")
-    return state  # type: ignore[return-value]
+    return state
 
 
 def check_int(record: Any, name: str, low: int, high: int) -> int:
@@ -90,7 +90,7 @@ def check_indices(record: Any, name: str, length: int) -> tuple[int, ...]:
         if isinstance(index, bool) or not isinstance(index, int) or not previous < index < length:
             raise StateError(f"{_field(record, name)} is {_shown(value)}, not ascending indices below {length}")
         previous = index
-    return value
+    return tuple(value)
 
 
 def check_choice(record: Any, name: str, choices: tuple[object, ...]) -> Any:

@@ -17,7 +17,7 @@ def to_record(cls: type, cstruct: Any) -> Any:
     for f in fields(cls):
         member = getattr(cstruct, f.name)
         nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        values[f.name] = to_record(nested, member) if nested is not None else int(member)
+        values[f.name] = to_record(nested, member) if isinstance(nested, type) else int(member)
     return cls(**values)
 
 

@@ -99,30 +99,22 @@ def entry_sregs(entry: EntryState, initial: SRegs) -> SRegs:
     """The special registers that enter ``entry`` (``initial``: the vCPU's current state, from which
     only what no mode sets is kept; real and protected mode start with paging and long mode off,
     whatever the vCPU ran before)."""
-    no_paging = dict(cr3=0, cr4=0, efer=0)
     if entry.mode is CpuMode.REAL:
         code = _real_segment(_real_mode_code_segment(entry), code=True)
         data = _real_segment(entry.data_segment)
-        return dataclasses.replace(_with_segments(initial, code, data), cr0=CR0_ET, **no_paging)
+        return dataclasses.replace(_with_segments(initial, code, data), cr0=CR0_ET, cr3=0, cr4=0, efer=0)
     ldt = Segment(type=_LDT_TYPE, s=0, present=0, unusable=1, limit=0)
-    tables = dict(
-        gdt=DTable(entry.tables.gdt, gdt.BOOT_GDT_SIZE - 1),
-        idt=DTable(0, 0),
-        tr=gdt.tss_segment(entry.tables.tss),
-        ldt=ldt,
-    )
+    tables = dataclasses.replace(initial, gdt=DTable(entry.tables.gdt, gdt.BOOT_GDT_SIZE - 1), idt=DTable(0, 0),
+                                 tr=gdt.tss_segment(entry.tables.tss), ldt=ldt)  # fmt: skip
     if entry.mode is CpuMode.PROTECTED:
-        return dataclasses.replace(
-            _with_segments(initial, gdt.CODE32, gdt.DATA), cr0=CR0_PE | CR0_ET, **no_paging, **tables
-        )
+        return dataclasses.replace(_with_segments(tables, gdt.CODE32, gdt.DATA), cr0=CR0_PE | CR0_ET, cr3=0, cr4=0, efer=0)
     code, data = (gdt.USER_CODE64, gdt.USER_DATA) if entry.user else (gdt.CODE64, gdt.DATA)
     return dataclasses.replace(
-        _with_segments(initial, code, data),
+        _with_segments(tables, code, data),
         cr0=CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG,
         cr3=entry.tables.page_tables,
         cr4=CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT,
         efer=EFER_LME | EFER_LMA,
-        **tables,
     )
 
 

@@ -37,7 +37,7 @@ PIC_IRQ_BASE_OFFSET = 5
 VIRTIO_IRQS = (5, 6, 7, 10, 11, 12, 14, 15)
 
 
-def gsi_routes() -> list[tuple[int, int, int]]:
+def gsi_routes() -> list[tuple[int, Irqchip, int]]:
     """``(gsi, irqchip, pin)`` for every GSI: ISA IRQs to both 8259s and the IOAPIC, the rest to the IOAPIC."""
     routes = []
     for irq in range(ISA_IRQS):

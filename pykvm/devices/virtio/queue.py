@@ -13,6 +13,7 @@ a reset (DEVICE_NEEDS_RESET) or answers with its error status.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ...errors import GuestMemoryError, PykvmError, StateError
 from ..state import check_int
@@ -112,7 +113,7 @@ class SplitQueue:
     next_avail: int = 0
     next_used: int = 0
     _signalled_used: int | None = field(default=None, repr=False)
-    _buffers: object = field(default=None, repr=False)  # C array the chain walk fills
+    _buffers: Any = field(default=None, repr=False)  # C array the chain walk fills
 
     def __post_init__(self) -> None:
         self.size = self.size or self.max_size
