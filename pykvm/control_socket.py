@@ -65,7 +65,6 @@ import logging
 import os
 import selectors
 import socket
-import stat
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -75,6 +74,7 @@ import psutil
 from .config import parse_size
 from .errors import MigrationError, PykvmError
 from .memory_policy import ksm_status
+from .unix_socket import clear_socket_path
 from .x86.layout import MIB
 
 if TYPE_CHECKING:
@@ -123,7 +123,9 @@ class ControlServer:
             "migrate": self._migrate,
             "wake": self._wake_machine,
         }
-        _remove_stale(path)
+        problem = clear_socket_path(path)
+        if problem is not None:
+            raise ControlError(f"cannot serve the control socket {path}: {problem}")
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             os.fchmod(self._listener.fileno(), 0o600)  # Linux creates the file with the socket's mode
@@ -415,29 +417,6 @@ def _encode(answer: dict[str, Any]) -> bytes:
 
 def _inode(info: os.stat_result) -> tuple[int, int]:
     return info.st_dev, info.st_ino
-
-
-def _remove_stale(path: str) -> None:
-    """Remove a socket file nobody listens on; refuse to replace a live socket or another file."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ControlError(f"cannot serve the control socket {path}: it exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-    try:
-        probe.connect(path)  # never waits: a full backlog (EAGAIN) also means someone listens
-    except OSError as err:
-        if err.errno == errno.EAGAIN:
-            raise ControlError(f"cannot serve the control socket {path}: another pykvm is listening there") from err
-        if err.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ControlError(f"cannot serve the control socket {path}: {err.strerror}") from err
-        os.unlink(path)  # stale: its server is gone
-        return
-    finally:
-        probe.close()
-    raise ControlError(f"cannot serve the control socket {path}: another pykvm is listening there")
 
 
 # --- the client ------------------------------------------------------------------------------------

@@ -315,7 +315,7 @@ def test_a_stale_socket_is_replaced_and_a_live_one_refused(machine, tmp_path: Pa
     stale.close()  # the file stays, nobody listens
     server = ControlServer(str(path), machine)
     try:
-        with pytest.raises(ControlError, match="another pykvm is listening"):
+        with pytest.raises(ControlError, match="another process listens there"):
             ControlServer(str(path), machine)
         assert request(str(path), {"cmd": "info"})["ok"]
     finally:

@@ -32,11 +32,11 @@ import logging
 import os
 import selectors
 import socket
-import stat
 import threading
 from typing import Any
 
 from ..errors import ConfigError, PykvmError
+from ..unix_socket import clear_socket_path
 from .packets import Control, Packet, PacketReader, frame
 from .session import E_MALFORMED, PACKET_SIZE, Session
 from .target import Action, DebugTarget, StopEvent
@@ -290,7 +290,9 @@ class _Connection:
 
 def _listen(where: ListenAddress, spec: str) -> socket.socket:
     if where.family == socket.AF_UNIX:
-        _replace_socket_file(where.sockaddr, spec)
+        problem = clear_socket_path(where.sockaddr)
+        if problem is not None:
+            raise GdbServerError(f"gdb server: cannot listen on {spec}: {problem}")
     sock = socket.socket(where.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         if where.family != socket.AF_UNIX:
@@ -311,16 +313,6 @@ def _describe(listener: socket.socket) -> str:
         return f"unix:{listener.getsockname()}"
     host, port = listener.getsockname()[:2]
     return f"tcp:[{host}]:{port}" if listener.family == socket.AF_INET6 else f"tcp:{host}:{port}"
-
-
-def _replace_socket_file(path: str, spec: str) -> None:
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise GdbServerError(f"gdb server: cannot listen on {spec}: {path} exists and is not a socket")
-    os.unlink(path)
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import stat
 import time
 
 from ..errors import ConfigError, MigrationError
+from ..unix_socket import clear_socket_path
 
 FORMS = "tcp:HOST:PORT, unix:PATH or fd:N"
 
@@ -89,7 +89,9 @@ class Listener:
             self._listening = bool(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
             return
         if self._path is not None:
-            _remove_stale_socket(self._path, uri)
+            problem = clear_socket_path(self._path)
+            if problem is not None:
+                raise MigrationError(f"cannot listen on {uri}: {problem}")
         self._sock, self._listening = _listen(where), True
         if where.kind == "tcp":
             host, port = self._sock.getsockname()[:2]
@@ -167,20 +169,3 @@ def _tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _remove_stale_socket(path: str, uri: str) -> None:
-    """A socket file nobody listens on is removed; anything else at ``path`` is refused."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise MigrationError(f"cannot listen on {uri}: {path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise MigrationError(f"cannot listen on {uri}: another process listens there")
