@@ -47,7 +47,6 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from typing import Callable
 
 from ...errors import ConfigError
 from .device import VirtioDevice
