@@ -132,6 +132,7 @@ pykvm runs the kernel given with -kernel on /dev/kvm; these qemu-system-x86_64 o
         (pci-testdev: accepted, absent)
 -drive file=PATH[,if=virtio|none][,id=ID][,format=raw][,readonly=on]
 -global kvm-pit.lost_tick_policy=discard|delay
+-gdb tcp::PORT|tcp:HOST:PORT|unix:PATH, -s (-gdb tcp::1234), -S (hold the guest until gdb continues it)
 -device help, -machine help, -cpu help, -version, -h
 """
 
@@ -180,10 +181,12 @@ class _Parser:
             self.inv.config["serial"] = "stdio"
 
     def s(self) -> None:
-        self._no_gdb("-s")
+        """QEMU's shorthand for ``-gdb tcp::1234``."""
+        self.gdb("tcp::1234")
 
     def S(self) -> None:  # noqa: N802 - QEMU's option name
-        self._no_gdb("-S")
+        """Hold the guest before its first instruction: until gdb continues it (pykvm has no monitor)."""
+        self.inv.config["gdb_wait"] = True
 
     # options with a value
     def kernel(self, value: str) -> None:
@@ -242,7 +245,10 @@ class _Parser:
         """Accepted; pykvm does not name its process."""
 
     def gdb(self, value: str) -> None:
-        self._no_gdb(f"-gdb {value}")
+        spec = value.split(",")[0]  # unix:PATH,server=on,wait=off: pykvm's socket is always a server
+        if not spec.startswith(("tcp:", "unix:")):
+            raise QemuOptionError(f"-gdb {value}", "pykvm serves gdb on tcp::PORT, tcp:HOST:PORT or unix:PATH")
+        self.inv.config["gdb"] = spec
 
     def serial(self, value: str) -> None:
         if value.startswith("chardev:"):
@@ -352,9 +358,6 @@ class _Parser:
     def _add_disk(self, values: dict[str, str]) -> None:
         self.inv.disks.append(DiskConfig(values["file"], read_only=values.get("readonly", "off") in ("on", "true")))
 
-    def _no_gdb(self, option: str) -> NoReturn:
-        raise QemuOptionError(option, "gdb serving is not available in pykvm")
-
 
 FLAGS = {"enable-kvm", "nodefaults", "no-reboot", "nographic", "s", "S"}
 WITH_VALUE = {
@@ -387,6 +390,8 @@ def parse(argv: list[str]) -> Invocation:
             raise QemuOptionError(argument, "pykvm-qemu does not understand this option (see -h)")
     if invocation.disks:
         invocation.config["disks"] = tuple(invocation.disks)
+    if invocation.config.get("gdb_wait") and "gdb" not in invocation.config:
+        raise QemuOptionError("-S", "pykvm has no monitor to continue the guest: give -s or -gdb too, and continue from gdb")
     return invocation
 
 

@@ -291,3 +291,19 @@ def test_gdb_interrupts_a_running_guest_with_ctrl_c_and_kills_it(served) -> None
     assert "received signal SIGINT, Interrupt." in output
     assert "[Inferior 1 (Remote target) killed]" in output
     assert guest_.result().reason is ExitReason.STOPPED
+
+
+def test_pykvm_qemu_serves_gdb_as_qemu_does_with_gdb_and_s(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    socket_path = tmp_path / "qemu.gdb"
+    argv = [sys.executable, "-m", "pykvm.qemu_cli", "-nodefaults", "-serial", "stdio", "-gdb", f"unix:{socket_path},server=on,wait=off", "-S",
+            "-kernel", str(guest("debug_multiboot.elf"))]  # fmt: skip
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as qemu:
+        deadline = time.monotonic() + GUARD
+        while not socket_path.exists():
+            assert qemu.poll() is None and time.monotonic() < deadline, qemu.communicate()
+            time.sleep(0.02)
+        output = gdb(str(socket_path), "hbreak counted", "continue", "print *(int *)&counter", "continue",
+                     symbols=guest("debug_multiboot.elf"))  # fmt: skip
+        stdout, _ = qemu.communicate(timeout=GUARD)
+    assert "in counted ()" in output and "$1 = 5" in output
+    assert qemu.returncode == 53 and stdout == "answer 26\n"  # the guest's own end: 26 << 1 | 1

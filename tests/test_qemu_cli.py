@@ -154,9 +154,13 @@ def test_pit_global() -> None:
     assert "-global isa-fdc.driveA=x" in refused("-global", "isa-fdc.driveA=x")
 
 
-@pytest.mark.parametrize("argv", [["-s"], ["-S"], ["-gdb", "tcp::1234"]])
-def test_gdb_options_say_gdb_serving_is_not_available(argv: list[str]) -> None:
-    assert "gdb serving is not available" in refused(*argv)
+def test_gdb_options_serve_the_guest_to_gdb() -> None:
+    assert parse(["-s"]).config == {"gdb": "tcp::1234"}
+    assert parse(["-s", "-S"]).config == {"gdb": "tcp::1234", "gdb_wait": True}
+    assert parse(["-gdb", "unix:/tmp/g.sock,server=on,wait=off"]).config == {"gdb": "unix:/tmp/g.sock"}
+    assert parse(["-gdb", "tcp:127.0.0.1:5000", "-S"]).config == {"gdb": "tcp:127.0.0.1:5000", "gdb_wait": True}
+    assert "no monitor to continue the guest" in refused("-S")
+    assert "tcp::PORT, tcp:HOST:PORT or unix:PATH" in refused("-gdb", "stdio")
 
 
 @pytest.mark.parametrize(
