@@ -3,7 +3,8 @@
  * pykvm_loop_run() calls KVM_RUN (cffi releases the GIL around it) and answers,
  * without returning to Python, the port-I/O and MMIO exits that a registered fast
  * handler covers: constant ports, debug-exit ports and serial transmit.  Any other
- * exit returns PYKVM_STOP_EXIT with kvm_run left as KVM filled it.
+ * exit returns PYKVM_STOP_EXIT, decoded into the loop's exit record (kvm_run is left as
+ * KVM filled it).
  *
  * Every function returns 0 (or a non-negative result) on success and -errno on
  * failure (the chain walk has codes of its own, below -4095 so that they are never
@@ -18,6 +19,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -32,6 +34,8 @@
 
 #define PYKVM_FAST_MAX 16
 #define PYKVM_EXIT_REASONS 64
+#define PYKVM_ADDRESSES_KEPT 256  /* addresses counted one by one, per vCPU; the rest together */
+#define PYKVM_ADDRESS_SLOTS 512   /* the hash table holding them, never more than half full */
 
 enum pykvm_fast_kind { PYKVM_FAST_CONSTANT, PYKVM_FAST_DEBUG_EXIT, PYKVM_FAST_SERIAL_TX };
 enum pykvm_space { PYKVM_SPACE_PIO, PYKVM_SPACE_MMIO };
@@ -56,9 +60,35 @@ struct pykvm_fast_table {
     int serial_errno;
 };
 
+/* The exit pykvm_loop_run() returned for Python, decoded from kvm_run into plain fields.
+ * Port I/O and MMIO: `count` accesses of `size` bytes at `address` (the port, or the
+ * guest-physical address), packed in kvm_run at `data_offset` from its start, where a
+ * read's answer goes before the vCPU runs again; `value` is a write's first access as a
+ * little-endian integer.  Other exits carry only `reason`: Python reads the rest of kvm_run. */
+struct pykvm_exit {
+    uint32_t reason; /* KVM_EXIT_* */
+    uint32_t is_write;
+    uint64_t address;
+    uint32_t size;
+    uint32_t count;
+    uint64_t value;
+    uint64_t data_offset;
+};
+_Static_assert(offsetof(struct pykvm_exit, address) == 8 && offsetof(struct pykvm_exit, value) == 24
+               && offsetof(struct pykvm_exit, data_offset) == 32 && sizeof(struct pykvm_exit) == 40,
+               "Python unpacks the exit record as \"=IIQIIQQ\" (kvm/vcpu.py)");
+
+/* Port-I/O and MMIO exits returned to Python, by address: `key` is
+ * address << 2 | is_mmio << 1 | is_write; a slot with count 0 is empty. */
+struct pykvm_address_count {
+    uint64_t key;
+    uint64_t count;
+};
+
 struct pykvm_loop {
     int vcpu_fd;
     struct kvm_run *run;
+    struct pykvm_exit exit; /* filled when pykvm_loop_run() returns PYKVM_STOP_EXIT */
     uint32_t stop; /* set by another thread (then immediate_exit, then a kick signal) */
     struct pykvm_fast_table *table;
     uint64_t exits[PYKVM_EXIT_REASONS];
@@ -67,7 +97,12 @@ struct pykvm_loop {
     uint64_t fast_exits;
     uint64_t guest_ns;
     uint64_t fast_ns;
+    uint64_t python_ns;   /* from each exit returned to Python to the next call of the loop */
+    uint64_t python_since; /* when the last exit was returned to Python (0: none pending) */
     uint64_t debug_exit_value;
+    struct pykvm_address_count by_address[PYKVM_ADDRESS_SLOTS];
+    uint32_t addresses_kept;
+    uint64_t other_addresses; /* accesses to addresses beyond the first PYKVM_ADDRESSES_KEPT */
 };
 
 struct pykvm_guest_memory;
@@ -237,8 +272,71 @@ static int handle_fast(struct pykvm_loop *loop)
     return -1;
 }
 
+/* Count an access returned to Python under its address: the first PYKVM_ADDRESSES_KEPT
+ * addresses each in a slot of their own (open addressing, linear probing), the others
+ * together, so that a guest scanning the address space cannot grow the table. */
+static void count_address(struct pykvm_loop *loop, uint64_t address, int is_mmio, int is_write)
+{
+    uint64_t key = address << 2 | (uint64_t)is_mmio << 1 | (uint64_t)is_write;
+    uint32_t slot = (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 55); /* Fibonacci hashing, 9 bits */
+
+    _Static_assert(PYKVM_ADDRESS_SLOTS == 1 << 9, "the hash gives 9 bits");
+    _Static_assert(PYKVM_ADDRESSES_KEPT < PYKVM_ADDRESS_SLOTS, "a probe must always find an empty slot");
+    for (;; slot = (slot + 1) % PYKVM_ADDRESS_SLOTS) {
+        struct pykvm_address_count *entry = &loop->by_address[slot];
+
+        if (entry->count && entry->key == key) {
+            entry->count++;
+            return;
+        }
+        if (!entry->count) {
+            if (loop->addresses_kept >= PYKVM_ADDRESSES_KEPT) {
+                loop->other_addresses++;
+                return;
+            }
+            loop->addresses_kept++;
+            entry->key = key;
+            entry->count = 1;
+            return;
+        }
+    }
+}
+
+/* Fill loop->exit from kvm_run for Python. */
+static void decode_exit(struct pykvm_loop *loop)
+{
+    struct kvm_run *run = loop->run;
+    struct pykvm_exit *exit = &loop->exit;
+    uint8_t *data;
+
+    *exit = (struct pykvm_exit){ .reason = run->exit_reason };
+    if (run->exit_reason == KVM_EXIT_IO) {
+        exit->is_write = run->io.direction == KVM_EXIT_IO_OUT;
+        exit->address = run->io.port;
+        exit->size = run->io.size;
+        exit->count = run->io.count;
+        data = pykvm_io_data(run);
+    } else if (run->exit_reason == KVM_EXIT_MMIO) {
+        exit->is_write = run->mmio.is_write;
+        exit->address = run->mmio.phys_addr;
+        exit->size = run->mmio.len <= sizeof(run->mmio.data) ? run->mmio.len : sizeof(run->mmio.data);
+        exit->count = 1;
+        data = run->mmio.data;
+    } else {
+        return;
+    }
+    exit->data_offset = (uint64_t)(data - (uint8_t *)run);
+    if (exit->is_write)
+        exit->value = little_endian(data, exit->size);
+    count_address(loop, exit->address, run->exit_reason == KVM_EXIT_MMIO, exit->is_write);
+}
+
 int pykvm_loop_run(struct pykvm_loop *loop)
 {
+    if (loop->python_since) {
+        loop->python_ns += now_ns() - loop->python_since;
+        loop->python_since = 0;
+    }
     for (;;) {
         uint64_t start, entered;
 
@@ -265,11 +363,11 @@ int pykvm_loop_run(struct pykvm_loop *loop)
         /* the last slot counts reasons newer than this table */
         loop->exits[loop->run->exit_reason < PYKVM_EXIT_REASONS ? loop->run->exit_reason : PYKVM_EXIT_REASONS - 1]++;
         loop->exit_count++;
-        if (loop->python_from && loop->exit_count >= loop->python_from)
+        if ((loop->python_from && loop->exit_count >= loop->python_from) || (handled = handle_fast(loop)) < 0) {
+            decode_exit(loop);
+            loop->python_since = entered;
             return PYKVM_STOP_EXIT;
-        handled = handle_fast(loop);
-        if (handled < 0)
-            return PYKVM_STOP_EXIT;
+        }
         loop->fast_exits++;
         loop->fast_ns += now_ns() - entered;
         if (handled == 0)

@@ -396,6 +396,8 @@ struct kvm_run {
 /* ---- _native.c ---- */
 #define PYKVM_FAST_MAX ...
 #define PYKVM_EXIT_REASONS ...
+#define PYKVM_ADDRESSES_KEPT ...
+#define PYKVM_ADDRESS_SLOTS ...
 
 enum pykvm_fast_kind {
     PYKVM_FAST_CONSTANT,    /* reads return `value`, writes are ignored */
@@ -434,9 +436,26 @@ struct pykvm_fast_table {
     ...;
 };
 
+struct pykvm_exit {
+    uint32_t reason;
+    uint32_t is_write;
+    uint64_t address;
+    uint32_t size;
+    uint32_t count;
+    uint64_t value;
+    uint64_t data_offset;
+    ...;
+};
+
+struct pykvm_address_count {
+    uint64_t key;
+    uint64_t count;
+};
+
 struct pykvm_loop {
     int vcpu_fd;
     struct kvm_run *run;
+    struct pykvm_exit exit;
     uint32_t stop;
     struct pykvm_fast_table *table;
     uint64_t exits[...];
@@ -445,7 +464,10 @@ struct pykvm_loop {
     uint64_t fast_exits;
     uint64_t guest_ns;
     uint64_t fast_ns;
+    uint64_t python_ns;
     uint64_t debug_exit_value;
+    struct pykvm_address_count by_address[...];
+    uint64_t other_addresses;
     ...;
 };
 

@@ -1,8 +1,10 @@
 """Decoded vCPU exits: one small record per kind of ``KVM_EXIT_*`` pykvm handles.
 
-The records of port-I/O and MMIO reads carry a writable buffer over ``kvm_run``:
-the answer is written there before the vCPU runs again.  They are plain slotted
-classes because one is made per exit (a frozen dataclass costs twice as much).
+The records of port I/O and MMIO carry a writable view of ``kvm_run``'s data area, whose
+first ``size * count`` bytes are the accesses' (valid until the vCPU runs again): a read's
+answer is written there before the vCPU runs again.  A write's first access also comes as
+an integer, ``value``, which the C run loop decoded.  They are plain slotted classes because one is made per exit (a
+frozen dataclass costs twice as much).
 """
 
 from __future__ import annotations
@@ -13,23 +15,27 @@ from typing import Any
 
 @dataclass(slots=True)
 class IoExit:
-    """``KVM_EXIT_IO``: ``count`` accesses of ``size`` bytes to ``port``, packed in ``data``."""
+    """``KVM_EXIT_IO``: ``count`` accesses of ``size`` bytes to ``port``, packed in ``data``
+    (string I/O makes several); ``value`` is a write's first access (0 for a read)."""
 
     port: int
     size: int
     count: int
     is_write: bool
-    data: Any  # a cffi buffer: slicing gives bytes, slice assignment writes kvm_run
+    data: Any  # writable bytes from the first access on (a memoryview over kvm_run)
+    value: int
 
 
 @dataclass(slots=True)
 class MmioExit:
-    """``KVM_EXIT_MMIO``: one access of ``size`` bytes at guest-physical ``addr``."""
+    """``KVM_EXIT_MMIO``: one access of ``size`` bytes at guest-physical ``addr``, in ``data``;
+    ``value`` is a write's bytes as an integer (0 for a read)."""
 
     addr: int
     size: int
     is_write: bool
-    data: Any  # a cffi buffer: slicing gives bytes, slice assignment writes kvm_run
+    data: Any  # writable bytes from the first access on (a memoryview over kvm_run)
+    value: int
 
 
 @dataclass(slots=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from typing import Mapping, Sequence
+import struct
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import StateError
 from ..native import check, ffi, lib
@@ -33,7 +34,12 @@ from .state import CpuidEntry, Regs, SRegs, Translation, VcpuState
 
 
 
-_EXIT_IO, _EXIT_MMIO, _IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_IO_OUT
+_EXIT_IO, _EXIT_MMIO = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO
+_loop_run = lib.pykvm_loop_run
+# answer(is_mmio, address, size, count, is_write, data, value): see Vcpu.run.
+AccessHandler = Callable[[bool, int, int, int, bool, Any, int], None]
+# struct pykvm_exit: reason, is_write, address, size, count, value, data_offset (_native.c checks the layout).
+_EXIT_RECORD = struct.Struct("=IIQIIQQ")
 _STOP_EXIT, _STOP_INTERRUPTED = lib.PYKVM_STOP_EXIT, lib.PYKVM_STOP_INTERRUPTED
 _STOP_REQUESTED, _STOP_DEBUG_EXIT = lib.PYKVM_STOP_REQUESTED, lib.PYKVM_STOP_DEBUG_EXIT
 # KVM_GET_MSRS and KVM_SET_MSRS take fewer than 256 MSRs per call (MAX_IO_MSRS), else E2BIG.
@@ -72,6 +78,11 @@ class Vcpu:
         self._loop = ffi.new("struct pykvm_loop *")
         self._loop.vcpu_fd = fd
         self._loop.run = self.kvm_run
+        # The exit record the C loop fills, and views of kvm_run from where an exit's data lies
+        # (KVM uses one offset for port I/O and one for MMIO; cached, as every exit needs one).
+        self._exit_record = ffi.buffer(ffi.addressof(self._loop, "exit"))
+        self._run_bytes = memoryview(ffi.buffer(self.kvm_run, mmap_size))
+        self._data_views: dict[int, memoryview] = {}
         self._table: FastTable | None = None
 
     def close(self) -> None:
@@ -381,11 +392,34 @@ class Vcpu:
     def clear_stop(self) -> None:
         self._loop.stop = 0
 
-    def run(self) -> Exit:
-        """Run until an exit Python must see; returns it decoded."""
-        stop = lib.pykvm_loop_run(self._loop)
-        if stop == _STOP_EXIT:
-            return self._decode()
+    def run(self, answer: AccessHandler | None = None) -> Exit:
+        """Run until an exit Python must see; returns it decoded.
+
+        With ``answer``, port-I/O and MMIO exits are not returned: each is passed to
+        ``answer(is_mmio, address, size, count, is_write, data, value)`` (the fields of
+        :class:`IoExit`), which answers a read in ``data``, and the vCPU runs on; the first
+        other exit is returned.  Those two kinds are read from the C loop's record in one
+        unpack, the rarer ones from ``kvm_run`` (:meth:`_decode`).
+        """
+        loop, record, views = self._loop, self._exit_record, self._data_views
+        while True:
+            stop = _loop_run(loop)
+            if stop != _STOP_EXIT:
+                return self._stopped(stop)
+            reason, is_write, address, size, count, value, offset = _EXIT_RECORD.unpack_from(record)
+            if reason != _EXIT_IO and reason != _EXIT_MMIO:
+                return self._decode(reason)
+            data = views.get(offset)
+            if data is None:
+                data = views[offset] = self._run_bytes[offset:]
+            if answer is not None:
+                answer(reason == _EXIT_MMIO, address, size, count, is_write != 0, data, value)
+            elif reason == _EXIT_IO:
+                return IoExit(address, size, count, is_write != 0, data, value)
+            else:
+                return MmioExit(address, size, is_write != 0, data, value)
+
+    def _stopped(self, stop: int) -> Exit:
         if stop == _STOP_INTERRUPTED:
             return Interrupted()
         if stop == _STOP_REQUESTED:
@@ -395,18 +429,9 @@ class Vcpu:
         check(stop, ioctls.KVM_RUN.name)
         raise AssertionError(f"pykvm_loop_run returned {stop}")
 
-    def _decode(self) -> Exit:
+    def _decode(self, reason: int) -> Exit:
+        """An exit other than port I/O or MMIO, from ``kvm_run``."""
         run = self.kvm_run
-        reason = run.exit_reason
-        if reason == _EXIT_IO:
-            io = run.io
-            size, count = io.size, io.count
-            data = ffi.buffer(lib.pykvm_io_data(run), size * count)
-            return IoExit(io.port, size, count, io.direction == _IO_OUT, data)
-        if reason == _EXIT_MMIO:
-            mmio = run.mmio
-            size = mmio.len
-            return MmioExit(mmio.phys_addr, size, bool(mmio.is_write), ffi.buffer(mmio.data, min(size, 8)))
         if reason == lib.KVM_EXIT_HLT:
             return HltExit(bool(run.if_flag))
         if reason == lib.KVM_EXIT_SHUTDOWN:
@@ -440,6 +465,22 @@ class Vcpu:
     def fast_ns(self) -> int:
         """Nanoseconds spent answering exits in the C fast path."""
         return int(self._loop.fast_ns)
+
+    def accesses_by_address(self) -> tuple[dict[tuple[bool, int, bool], int], int]:
+        """The port-I/O and MMIO exits this vCPU returned to Python, by ``(is_mmio, address,
+        is_write)`` for the first ``PYKVM_ADDRESSES_KEPT`` addresses, and how many went to others."""
+        counts = {}
+        for entry in self._loop.by_address:
+            if entry.count:
+                key = int(entry.key)
+                counts[(bool(key & 2), key >> 2, bool(key & 1))] = int(entry.count)
+        return counts, int(self._loop.other_addresses)
+
+    @property
+    def python_ns(self) -> int:
+        """Nanoseconds from each exit returned to Python until the next :meth:`run`: decoding and
+        answering it (the time a stopped or paused vCPU waits is not counted)."""
+        return int(self._loop.python_ns)
 
     @property
     def fast_exits(self) -> int:
