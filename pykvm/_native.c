@@ -2,9 +2,9 @@
  *
  * pykvm_loop_run() calls KVM_RUN (cffi releases the GIL around it) and answers,
  * without returning to Python, the port-I/O and MMIO exits that a registered fast
- * handler covers: constant ports, debug-exit ports and serial transmit.  Any other
- * exit returns PYKVM_STOP_EXIT, decoded into the loop's exit record (kvm_run is left as
- * KVM filled it).
+ * handler covers: constant ports, byte registers a device model keeps current, debug-exit
+ * ports and serial transmit.  Any other exit returns PYKVM_STOP_EXIT, decoded into the
+ * loop's exit record (kvm_run is left as KVM filled it).
  *
  * Every function returns 0 (or a non-negative result) on success and -errno on
  * failure (the chain walk has codes of its own, below -4095 so that they are never
@@ -37,7 +37,7 @@
 #define PYKVM_ADDRESSES_KEPT 256  /* addresses counted one by one, per vCPU; the rest together */
 #define PYKVM_ADDRESS_SLOTS 512   /* the hash table holding them, never more than half full */
 
-enum pykvm_fast_kind { PYKVM_FAST_CONSTANT, PYKVM_FAST_DEBUG_EXIT, PYKVM_FAST_SERIAL_TX };
+enum pykvm_fast_kind { PYKVM_FAST_CONSTANT, PYKVM_FAST_DEBUG_EXIT, PYKVM_FAST_SERIAL_TX, PYKVM_FAST_BYTE_REGISTER };
 enum pykvm_space { PYKVM_SPACE_PIO, PYKVM_SPACE_MMIO };
 enum pykvm_stop { PYKVM_STOP_EXIT, PYKVM_STOP_DEBUG_EXIT, PYKVM_STOP_INTERRUPTED, PYKVM_STOP_REQUESTED };
 
@@ -226,9 +226,9 @@ static int fast_access(struct pykvm_loop *loop, struct pykvm_fast_handler *h, in
                        uint8_t *data, uint32_t size, uint32_t count)
 {
     if (!is_write) {
-        if (h->kind == PYKVM_FAST_SERIAL_TX)
-            return -1;
-        fill_constant(data, h->kind == PYKVM_FAST_CONSTANT ? h->value : 0, size, count);
+        if (h->kind == PYKVM_FAST_SERIAL_TX || (h->kind == PYKVM_FAST_BYTE_REGISTER && size != 1))
+            return -1; /* a wider read also reaches the next registers: Python */
+        fill_constant(data, h->kind == PYKVM_FAST_DEBUG_EXIT ? 0 : __atomic_load_n(&h->value, __ATOMIC_RELAXED), size, count);
         __atomic_add_fetch(&h->reads, 1, __ATOMIC_RELAXED);
         return 1;
     }

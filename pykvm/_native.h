@@ -403,6 +403,7 @@ enum pykvm_fast_kind {
     PYKVM_FAST_CONSTANT,    /* reads return `value`, writes are ignored */
     PYKVM_FAST_DEBUG_EXIT,  /* a write ends the run with PYKVM_STOP_DEBUG_EXIT */
     PYKVM_FAST_SERIAL_TX,   /* a 1-byte write is copied to `fds` */
+    PYKVM_FAST_BYTE_REGISTER, /* a 1-byte read gives `value`, kept current by the device model */
     ...
 };
 
