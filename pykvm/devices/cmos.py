@@ -59,7 +59,6 @@ forward by the wall time anyway (PLATFORM.md).
 
 from __future__ import annotations
 
-import calendar
 import datetime
 import logging
 import time
@@ -127,6 +126,7 @@ BCD_DIGIT_MASK = 0x0F
 DECIMAL_BASE = 10
 
 NS_PER_SECOND = 1_000_000_000
+_EPOCH = datetime.datetime(1970, 1, 1)
 # How far a restored RTC may be from the host's clock: more than years 1-9999 can put between them.
 RTC_OFFSET_LIMIT_NS = 10_000 * 366 * 24 * 3600 * NS_PER_SECOND
 
@@ -315,7 +315,7 @@ class Cmos(ByteRegisterDevice):
             moment = datetime.datetime(century * YEARS_PER_CENTURY + year, month, day, hour, minute, second)
         except ValueError:
             return None
-        return calendar.timegm(moment.timetuple())
+        return (moment - _EPOCH) // datetime.timedelta(seconds=1)  # as UTC (calendar.timegm, without its import)
 
     def _encode_hours(self, hour: int) -> int:
         if self._ram[REG_B] & REG_B_24H:

@@ -6,13 +6,12 @@ import errno
 import mmap
 import os
 import struct
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..errors import StateError
 from ..native import check, ffi, lib
 from . import ioctls
 from .convert import check_present, check_size, fill_struct, new_struct, to_record
-from .debug import BP_VECTOR, DB_VECTOR, GuestDebug
 from .exits import (
     DebugPortExit,
     Exit,
@@ -32,7 +31,8 @@ from .fam import CPUID2, MSRS
 from .fastpath import FastTable
 from .state import CpuidEntry, Regs, SRegs, Translation, VcpuState
 
-
+if TYPE_CHECKING:
+    from .debug import GuestDebug  # imported where it is used: running a guest needs no debugging records
 
 _EXIT_IO, _EXIT_MMIO = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO
 _loop_run = lib.pykvm_loop_run
@@ -49,7 +49,6 @@ MSRS_PER_IOCTL = 255
 MSR_IA32_TSC_DEADLINE = 0x6E0
 # KVM_GET_CPUID2 fails with E2BIG when the array is too small; KVM allows 256 entries.
 _CPUID_ENTRIES_START, _CPUID_ENTRIES_MAX = 64, 256
-_GUESTDBG_INJECT = {DB_VECTOR: lib.KVM_GUESTDBG_INJECT_DB, BP_VECTOR: lib.KVM_GUESTDBG_INJECT_BP}
 
 
 class Vcpu:
@@ -249,6 +248,9 @@ class Vcpu:
         Each event then ends :meth:`run` with a :class:`GuestDebugExit`;
         ``GuestDebug(enable=False)`` turns debugging off again.
         """
+        from .debug import BP_VECTOR, DB_VECTOR
+
+        inject = {DB_VECTOR: lib.KVM_GUESTDBG_INJECT_DB, BP_VECTOR: lib.KVM_GUESTDBG_INJECT_BP}
         request = ffi.new("struct kvm_guest_debug *")
         if debug.enable:
             request.control = (
@@ -257,7 +259,7 @@ class Vcpu:
                 | (lib.KVM_GUESTDBG_USE_SW_BP if debug.software_breakpoints else 0)
                 | (lib.KVM_GUESTDBG_USE_HW_BP if debug.hardware_breakpoints else 0)
                 | (lib.KVM_GUESTDBG_BLOCKIRQ if debug.block_irq else 0)
-                | (_GUESTDBG_INJECT[debug.inject] if debug.inject is not None else 0)
+                | (inject[debug.inject] if debug.inject is not None else 0)
             )
             request.arch.debugreg = list(debug.debugreg())
         self._ioctl(ioctls.KVM_SET_GUEST_DEBUG, request)
