@@ -573,6 +573,23 @@ def test_a_transfer_that_fails_in_c_is_answered_by_python(
     assert device.stats["reads"] == device.stats["writes"] == 1  # Python's tries: C did not count its own
 
 
+def test_a_closed_disk_answers_ioerr_and_never_uses_its_old_descriptor(memory: GuestMemory, image: Path, tmp_path: Path) -> None:
+    """A notification served after close (the I/O thread stops after the disks close) must not reach
+    whatever file reuses the descriptor's number."""
+    driver, device = disk(memory, image)
+    number = device.fd
+    device.close()
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(4096))
+    reused = os.open(other, os.O_RDWR)
+    try:
+        assert reused == number
+        assert request(driver, VIRTIO_BLK_T_OUT, 0, out=b"\x77" * 512)[0] == VIRTIO_BLK_S_IOERR
+        assert other.read_bytes() == bytes(4096)
+    finally:
+        os.close(reused)
+
+
 def test_a_recorded_disk_reads_in_python_so_that_the_recorder_sees_the_data(memory: GuestMemory, image: Path) -> None:
     seen: list[tuple[int, bytes]] = []
     driver, device = disk(memory, image, on_read=lambda offset, views: seen.append((offset, b"".join(views))))

@@ -252,9 +252,11 @@ class VirtioBlock(VirtioDevice):
             raise ConfigError(f"{self.path}: cannot open the disk image: {err.strerror}{hint}") from err
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self.lock:  # not while a notification is served; C must never see the number once it is closed
+            self._plain = None
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
     # --- configuration space -------------------------------------------------------------
     def config_bytes(self) -> bytes:
