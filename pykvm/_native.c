@@ -79,8 +79,8 @@ _Static_assert(offsetof(struct pykvm_exit, address) == 8 && offsetof(struct pykv
                && offsetof(struct pykvm_exit, data_offset) == 32 && sizeof(struct pykvm_exit) == 40,
                "Python unpacks the exit record as \"=IIQIIQQ\" (kvm/vcpu.py)");
 
-/* Port-I/O and MMIO exits returned to Python, by address: `key` is
- * address << 2 | is_mmio << 1 | is_write; a slot with count 0 is empty. */
+/* Port-I/O and MMIO exits returned to Python to one address: `key` is
+ * address << 2 | is_mmio << 1 | is_write. */
 struct pykvm_address_count {
     uint64_t key;
     uint64_t count;
@@ -101,9 +101,10 @@ struct pykvm_loop {
     uint64_t python_ns;   /* from each exit returned to Python to the next call of the loop */
     uint64_t python_since; /* when the last exit was returned to Python (0: none pending) */
     uint64_t debug_exit_value;
-    struct pykvm_address_count by_address[PYKVM_ADDRESS_SLOTS];
+    struct pykvm_address_count addresses[PYKVM_ADDRESSES_KEPT]; /* in the order they were first seen */
     uint32_t addresses_kept;
-    uint64_t other_addresses; /* accesses to addresses beyond the first PYKVM_ADDRESSES_KEPT */
+    uint64_t other_addresses;                 /* accesses to addresses beyond the first PYKVM_ADDRESSES_KEPT */
+    uint16_t address_slots[PYKVM_ADDRESS_SLOTS]; /* a hash table of 1 + indices into addresses (0: empty) */
 };
 
 struct pykvm_guest_memory;
@@ -278,8 +279,9 @@ static int handle_fast(struct pykvm_loop *loop)
 }
 
 /* Count an access returned to Python under its address: the first PYKVM_ADDRESSES_KEPT
- * addresses each in a slot of their own (open addressing, linear probing), the others
- * together, so that a guest scanning the address space cannot grow the table. */
+ * addresses each in an entry of their own (found through a hash table: open addressing,
+ * linear probing), the others together, so that a guest scanning the address space cannot
+ * grow the table. */
 static void count_address(struct pykvm_loop *loop, uint64_t address, int is_mmio, int is_write)
 {
     uint64_t key = address << 2 | (uint64_t)is_mmio << 1 | (uint64_t)is_write;
@@ -288,20 +290,19 @@ static void count_address(struct pykvm_loop *loop, uint64_t address, int is_mmio
     _Static_assert(PYKVM_ADDRESS_SLOTS == 1 << 9, "the hash gives 9 bits");
     _Static_assert(PYKVM_ADDRESSES_KEPT < PYKVM_ADDRESS_SLOTS, "a probe must always find an empty slot");
     for (;; slot = (slot + 1) % PYKVM_ADDRESS_SLOTS) {
-        struct pykvm_address_count *entry = &loop->by_address[slot];
+        uint16_t index = loop->address_slots[slot];
 
-        if (entry->count && entry->key == key) {
-            entry->count++;
+        if (index && loop->addresses[index - 1].key == key) {
+            loop->addresses[index - 1].count++;
             return;
         }
-        if (!entry->count) {
+        if (!index) {
             if (loop->addresses_kept >= PYKVM_ADDRESSES_KEPT) {
                 loop->other_addresses++;
                 return;
             }
-            loop->addresses_kept++;
-            entry->key = key;
-            entry->count = 1;
+            loop->addresses[loop->addresses_kept] = (struct pykvm_address_count){ .key = key, .count = 1 };
+            loop->address_slots[slot] = (uint16_t)++loop->addresses_kept;
             return;
         }
     }

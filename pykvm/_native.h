@@ -467,7 +467,8 @@ struct pykvm_loop {
     uint64_t fast_ns;
     uint64_t python_ns;
     uint64_t debug_exit_value;
-    struct pykvm_address_count by_address[...];
+    struct pykvm_address_count addresses[...];
+    uint32_t addresses_kept;
     uint64_t other_addresses;
     ...;
 };

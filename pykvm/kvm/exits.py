@@ -1,9 +1,9 @@
 """Decoded vCPU exits: one small record per kind of ``KVM_EXIT_*`` pykvm handles.
 
-The records of port I/O and MMIO carry a writable view of ``kvm_run``'s data area, whose
-first ``size * count`` bytes are the accesses' (valid until the vCPU runs again): a read's
-answer is written there before the vCPU runs again.  A write's first access also comes as
-an integer, ``value``, which the C run loop decoded.
+The records of port I/O and MMIO carry a writable view of their bytes in ``kvm_run``
+(valid until the vCPU runs again): a read's answer is written there before the vCPU runs
+again.  A write's first access also comes as an integer, ``value``, which the C run loop
+decoded.
 
 They are plain slotted classes, each with its own ``__init__``, equal when their fields
 are: one is made per exit, and a dataclass would cost every ``pykvm run`` about 0.3 ms

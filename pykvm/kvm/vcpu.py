@@ -399,9 +399,10 @@ class Vcpu:
 
         With ``answer``, port-I/O and MMIO exits are not returned: each is passed to
         ``answer(is_mmio, address, size, count, is_write, data, value)`` (the fields of
-        :class:`IoExit`), which answers a read in ``data``, and the vCPU runs on; the first
-        other exit is returned.  Those two kinds are read from the C loop's record in one
-        unpack, the rarer ones from ``kvm_run`` (:meth:`_decode`).
+        :class:`IoExit`, but ``data`` is ``kvm_run``'s data area from the first access on:
+        the accesses are its first ``size * count`` bytes), which answers a read in ``data``,
+        and the vCPU runs on; the first other exit is returned.  Those two kinds are read from
+        the C loop's record in one unpack, the rarer ones from ``kvm_run`` (:meth:`_decode`).
         """
         loop, record, views = self._loop, self._exit_record, self._data_views
         while True:
@@ -417,9 +418,9 @@ class Vcpu:
             if answer is not None:
                 answer(reason == _EXIT_MMIO, address, size, count, is_write != 0, data, value)
             elif reason == _EXIT_IO:
-                return IoExit(address, size, count, is_write != 0, data, value)
+                return IoExit(address, size, count, is_write != 0, data[: size * count], value)
             else:
-                return MmioExit(address, size, is_write != 0, data, value)
+                return MmioExit(address, size, is_write != 0, data[:size], value)
 
     def _stopped(self, stop: int) -> Exit:
         if stop == _STOP_INTERRUPTED:
@@ -471,12 +472,11 @@ class Vcpu:
     def accesses_by_address(self) -> tuple[dict[tuple[bool, int, bool], int], int]:
         """The port-I/O and MMIO exits this vCPU returned to Python, by ``(is_mmio, address,
         is_write)`` for the first ``PYKVM_ADDRESSES_KEPT`` addresses, and how many went to others."""
-        counts = {}
-        for entry in self._loop.by_address:
-            if entry.count:
-                key = int(entry.key)
-                counts[(bool(key & 2), key >> 2, bool(key & 1))] = int(entry.count)
-        return counts, int(self._loop.other_addresses)
+        loop, counts = self._loop, {}
+        for entry in loop.addresses[0 : loop.addresses_kept]:
+            key = int(entry.key)
+            counts[(bool(key & 2), key >> 2, bool(key & 1))] = int(entry.count)
+        return counts, int(loop.other_addresses)
 
     @property
     def python_ns(self) -> int:
