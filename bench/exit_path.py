@@ -84,8 +84,9 @@ def measure(exits: int, rounds: int) -> dict:
                     c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
                     fn(machine, images[mode], exits)
                     c1, w1 = time.thread_time_ns(), time.perf_counter_ns()
-                    if mode == "device" and device.writes - writes != exits:
-                        raise pb.WrongResult(f"exit_path device: the device saw {device.writes - writes} writes, not {exits}")
+                    seen = device.writes - writes
+                    if mode == "device" and seen != exits:
+                        raise pb.WrongResult(f"exit_path device: the device saw {seen} writes, not {exits}")
                     cpu[mode].append((c1 - c0) / exits)
                     wall[mode].append((w1 - w0) / exits)
         finally:

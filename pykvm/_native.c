@@ -234,7 +234,9 @@ static int fast_access(struct pykvm_loop *loop, struct pykvm_fast_handler *h, in
     if (!is_write) {
         if (h->kind == PYKVM_FAST_SERIAL_TX || (h->kind == PYKVM_FAST_BYTE_REGISTER && size != 1))
             return -1; /* a wider read also reaches the next registers: Python */
-        fill_constant(data, h->kind == PYKVM_FAST_DEBUG_EXIT ? 0 : __atomic_load_n(&h->value, __ATOMIC_RELAXED), size, count);
+        uint64_t value = h->kind == PYKVM_FAST_DEBUG_EXIT ? 0 : __atomic_load_n(&h->value, __ATOMIC_RELAXED);
+
+        fill_constant(data, value, size, count);
         __atomic_add_fetch(&h->reads, 1, __ATOMIC_RELAXED);
         return 1;
     }
@@ -761,7 +763,8 @@ static int blk_execute(struct pykvm_blk *blk, const struct blk_request *req, uin
 static int blk_serve_chain(struct pykvm_blk *blk, uint16_t head, uint32_t *used_len)
 {
     struct blk_request req = { .buffers = blk->buffers };
-    int count = pykvm_chain_walk(blk->mem, blk->desc_table, blk->size, head, (int)blk->indirect, blk->buffers, blk->size);
+    int count = pykvm_chain_walk(blk->mem, blk->desc_table, blk->size, head, (int)blk->indirect, blk->buffers,
+                                 blk->size);
     uint64_t data_in;
     int status;
 

@@ -20,7 +20,6 @@ from typing import Any, Callable, Sequence
 from .control import RunControl, Stop
 from .devices.bus import Bus
 from .kvm import Vcpu
-from .kvm.vcpu import AccessHandler
 from .kvm.exits import (
     DebugPortExit,
     Exit,
@@ -35,6 +34,7 @@ from .kvm.exits import (
     ShutdownExit,
     SystemEventExit,
 )
+from .kvm.vcpu import AccessHandler
 from .native import lib
 from .result import ExitReason
 from .x86.layout import PORT_NAMES
@@ -56,7 +56,10 @@ DebugExitHandler = Callable[[Vcpu, GuestDebugExit | InternalErrorExit, RunContro
 
 
 class ExitDispatcher:
-    """Routes exits to the buses and turns the others into stop requests of the run's ``control``."""
+    """Routes exits to the buses and turns the others into stop requests of the run's ``control``.
+
+    ``vcpus`` is how many vCPUs the machine runs: with more than one, device accesses take turns.
+    """
 
     def __init__(self, pio: Bus, mmio: Bus, vcpus: int = 1) -> None:
         self.pio = pio

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 
 import pytest
 
@@ -179,3 +181,34 @@ def test_the_statistics_label_each_vcpus_time_when_there_are_several() -> None:
     stats = RunStats({"io": 3}, {}, wall_ns=10**8, guest_ns=2 * 10**8, guest_ns_by_vcpu={0: 10**8, 1: 10**8})
     assert "in guest 0.200 s of vCPU time (vCPU 0 0.100 s, vCPU 1 0.100 s)" in stats.format()
     assert "of vCPU time" not in RunStats({"io": 1}, {}, guest_ns=5, guest_ns_by_vcpu={0: 5}).format()
+
+
+def test_with_several_vcpus_device_accesses_take_turns() -> None:
+    """Device models need not be thread-safe: two vCPU threads never run one at the same time."""
+
+    class Unsafe:
+        def __init__(self) -> None:
+            self.inside = False
+            self.overlaps = self.writes = 0
+
+        def read(self, offset: int, size: int) -> int:
+            return 0
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            self.overlaps += self.inside
+            self.inside = True
+            time.sleep(0.0001)  # widen the window another thread would have to step into
+            self.writes += 1
+            self.inside = False
+
+    pio, mmio = Bus("port I/O"), Bus("MMIO")
+    device = Unsafe()
+    pio.register(0x3E0, 1, device)
+    dispatch = ExitDispatcher(pio, mmio, vcpus=2)
+    threads = [threading.Thread(target=lambda: [dispatch.access(False, 0x3E0, 1, 1, True, b"\x01", 1) for _ in range(200)])
+               for _ in range(2)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (device.writes, device.overlaps) == (400, 0)

@@ -321,7 +321,7 @@ BLK_PATHS = pytest.mark.parametrize("fast_path", [True, False], ids=["C", "Pytho
 @BLK_PATHS
 @SETTINGS
 @given(ring=random_ring(headers=True), read_only=st.booleans())
-def test_blk_random_rings_never_hurt_the_host(ring, read_only: bool, fast_path: bool) -> None:  # type: ignore[no-untyped-def]
+def test_blk_random_rings_never_hurt_the_host(ring, read_only, fast_path) -> None:  # type: ignore[no-untyped-def]
     path = fresh_image()
     device = VirtioBlock(path, read_only=read_only, fast_path=fast_path)
     try:
@@ -431,7 +431,7 @@ def post_blk(driver, req) -> int:  # type: ignore[no-untyped-def]
 @BLK_PATHS
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests=st.lists(blk_request(), min_size=1, max_size=12), read_only=st.booleans())
-def test_blk_request_sequences_match_a_model_of_the_disk(requests, read_only: bool, fast_path: bool) -> None:  # type: ignore[no-untyped-def]
+def test_blk_request_sequences_match_a_model_of_the_disk(requests, read_only, fast_path) -> None:  # type: ignore[no-untyped-def]
     path = fresh_image("model.img")
     disk = bytearray(_read(path))
     unknown = bytearray(len(disk))  # 1 where a discard left the contents undefined
@@ -470,7 +470,7 @@ def test_blk_request_sequences_match_a_model_of_the_disk(requests, read_only: bo
 @SETTINGS
 @given(requests=st.lists(blk_request(), min_size=1, max_size=5), breakage=st.one_of(st.none(), st.tuples(
     st.integers(0, 15), descriptor(16, header=True))), accept=FEATURE_CHOICES)  # fmt: skip
-def test_blk_driver_built_requests_with_one_broken_descriptor(requests, breakage, accept, fast_path: bool) -> None:  # type: ignore[no-untyped-def]
+def test_blk_driver_built_requests_with_one_broken_descriptor(requests, breakage, accept, fast_path) -> None:  # type: ignore[no-untyped-def]
     """Requests as a driver builds them, each layout of 2.6.4, then one descriptor overwritten."""
     path = fresh_image()
     device = VirtioBlock(path, fast_path=fast_path)
