@@ -329,7 +329,7 @@ def bench_exits(kind: str, s: Settings, tmp: str, results: dict) -> list[Row]:
     where_py = f"port {pb.PYTHON_PORT:#x}" if kind == "pio" else f"{pb.MMIO_TARGET:#x}"
     rows = []
     for who, letter, what, limit in (("fast", "b", f"{name} exit, C fast path ({where_fast}), CPL0", 1.05),
-                                     ("python", "c", f"{name} exit, Python device ({where_py}), CPL0", 1.5)):
+                                     ("python", "c", f"{name} exit, Python device ({where_py}), CPL0", 1.3)):
         fig = stats[who]["median"]
         rows.append(Row(f"{row}{letter}", what, fig, raw, "raw C", "ns", fig / raw, "pykvm/raw",
                         f"<= {limit:g}x", fig / raw <= limit,

@@ -396,11 +396,14 @@ struct kvm_run {
 /* ---- _native.c ---- */
 #define PYKVM_FAST_MAX ...
 #define PYKVM_EXIT_REASONS ...
+#define PYKVM_ADDRESSES_KEPT ...
+#define PYKVM_ADDRESS_SLOTS ...
 
 enum pykvm_fast_kind {
     PYKVM_FAST_CONSTANT,    /* reads return `value`, writes are ignored */
     PYKVM_FAST_DEBUG_EXIT,  /* a write ends the run with PYKVM_STOP_DEBUG_EXIT */
     PYKVM_FAST_SERIAL_TX,   /* 1-byte writes go to `serial` (pykvm_serial_write) */
+    PYKVM_FAST_BYTE_REGISTER, /* a 1-byte read gives `value`, kept current by the device model */
     ...
 };
 
@@ -446,9 +449,26 @@ struct pykvm_fast_table {
     ...;
 };
 
+struct pykvm_exit {
+    uint32_t reason;
+    uint32_t is_write;
+    uint64_t address;
+    uint32_t size;
+    uint32_t count;
+    uint64_t value;
+    uint64_t data_offset;
+    ...;
+};
+
+struct pykvm_address_count {
+    uint64_t key;
+    uint64_t count;
+};
+
 struct pykvm_loop {
     int vcpu_fd;
     struct kvm_run *run;
+    struct pykvm_exit exit;
     uint32_t stop;
     struct pykvm_fast_table *table;
     uint64_t exits[...];
@@ -457,7 +477,11 @@ struct pykvm_loop {
     uint64_t fast_exits;
     uint64_t guest_ns;
     uint64_t fast_ns;
+    uint64_t python_ns;
     uint64_t debug_exit_value;
+    struct pykvm_address_count addresses[...];
+    uint32_t addresses_kept;
+    uint64_t other_addresses;
     ...;
 };
 
@@ -484,6 +508,7 @@ struct pykvm_mem_region {
     uint64_t gpa;
     uint64_t size;
     uint64_t host;
+    uint64_t *written;
 };
 
 struct pykvm_guest_memory {
@@ -502,3 +527,37 @@ int64_t pykvm_save_pages(int fd, const uint8_t *mem, uint64_t length, uint64_t f
 
 int pykvm_chain_walk(const struct pykvm_guest_memory *mem, uint64_t desc_table, uint32_t queue_size,
                      uint32_t head, int indirect_ok, struct pykvm_buffer *out, uint32_t max_out);
+
+/* ---- guest pages written by the host ---- */
+void pykvm_note_written(const struct pykvm_guest_memory *mem, uint64_t gpa, uint64_t length);
+void pykvm_take_written(uint64_t *bitmap, uint64_t *copy, uint64_t words);
+
+/* ---- virtio-blk: the plain requests ---- */
+#define PYKVM_BLK_BUFFERS_MAX ...
+
+enum pykvm_blk_counter {
+    PYKVM_BLK_READS, PYKVM_BLK_WRITES, PYKVM_BLK_BYTES_READ, PYKVM_BLK_BYTES_WRITTEN, PYKVM_BLK_FLUSHES,
+    PYKVM_BLK_WRITE_THROUGH_SYNCS, PYKVM_BLK_ERRORS, PYKVM_BLK_IO_ERRORS, PYKVM_BLK_COUNTERS, ...
+};
+
+struct pykvm_blk {
+    const struct pykvm_guest_memory *mem;
+    int fd;
+    uint32_t read_only;
+    uint32_t write_through;
+    uint32_t seg_max;
+    uint64_t max_bytes;
+    uint64_t capacity;
+    uint64_t desc_table, avail_ring, used_ring;
+    uint32_t size;
+    uint32_t indirect;
+    uint32_t event_idx;
+    uint16_t next_avail, next_used;
+    struct pykvm_buffer *buffers;
+    uint64_t counts[...];
+    int sync_errno;
+    uint32_t python_next;
+    ...;
+};
+
+int pykvm_blk_serve(struct pykvm_blk *blk, uint32_t limit);

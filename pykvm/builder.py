@@ -25,7 +25,7 @@ from .devices.fw_cfg import FwCfg, standard_items
 from .devices.i8042 import I8042
 from .devices.manager import DeviceManager
 from .devices.ports import ConstantPort
-from .devices.uart import Uart16550
+from .devices.uart import LSR, Uart16550
 from .errors import ConfigError, PykvmError
 from .events import Events
 from .host_inputs import HostInputs
@@ -177,22 +177,31 @@ def create_interrupt_controllers(vm: Vm, pit: bool = True) -> None:
 
 
 def attach_serial(devices: DeviceManager, output: SerialOutput) -> Uart16550:
-    """COM1; its transmit register is answered in C while a THR write only means "send this byte"."""
+    """COM1; C answers its transmit register while a THR write only means "send this byte", and
+    its line status register while reading it changes nothing (the UART says when)."""
     transmit = devices.fast.add(FastKind.SERIAL_TX, Space.PIO, layout.COM1_PORT, 1, serial=output.sink)
+    line_status = devices.fast.add(FastKind.BYTE_REGISTER, Space.PIO, layout.COM1_PORT + LSR, 1)
 
-    def follow_fast_path(ok: bool) -> None:
+    def follow_transmit(ok: bool) -> None:
         transmit.enabled = ok
 
-    uart = Uart16550(output.write, irq=devices.irq_line(COM1_IRQ), on_fast_transmit_change=follow_fast_path)
-    devices.attach("serial", layout.COM1_PORT, layout.COM1_PORTS, uart, fast=transmit)
-    return uart
+    def follow_line_status(value: int | None) -> None:
+        if value is not None:
+            line_status.value = value  # before enabling: the C loop never reads a stale value
+        line_status.enabled = value is not None
+
+    device = Uart16550(output.write, irq=devices.irq_line(COM1_IRQ), on_fast_transmit_change=follow_transmit,
+                       on_fast_line_status_change=follow_line_status)  # fmt: skip
+    follow_line_status(device.fast_line_status)
+    devices.attach("serial", layout.COM1_PORT, layout.COM1_PORTS, device, fast=(transmit, line_status))
+    return device
 
 
 def attach_debug_exit(devices: DeviceManager, request_stop: RequestStop, base: int, size: int) -> None:
     """QEMU's isa-debug-exit over ``size`` ports from ``base`` (0xf4, 4 by default)."""
     fast = devices.fast.add(FastKind.DEBUG_EXIT, Space.PIO, base, size)
     device = DebugExit(lambda value: request_stop(Stop(ExitReason.DEBUG_EXIT, f"debug exit {value:#x}", value)))
-    devices.attach("debug-exit", base, size, device, fast=fast)
+    devices.attach("debug-exit", base, size, device, fast=(fast,))
 
 
 def attach_pc_testdev(devices: DeviceManager, vm: Vm | None) -> None:
@@ -220,7 +229,7 @@ def attach_cmos(devices: DeviceManager, ram_size: int, inputs: HostInputs) -> Cm
 
 def attach_post_port(devices: DeviceManager) -> None:
     fast = devices.fast.add(FastKind.CONSTANT, Space.PIO, layout.POST_PORT, 1, value=0xFF)
-    devices.attach("post", layout.POST_PORT, 1, ConstantPort(0xFF), fast=fast)
+    devices.attach("post", layout.POST_PORT, 1, ConstantPort(0xFF), fast=(fast,))
 
 
 def write_firmware_tables(memory: GuestMemory, acpi: AcpiTables, cpus: int) -> None:
@@ -268,10 +277,11 @@ def attach_virtio_devices(
 
         console = VirtioConsole(serial_output.write)
         devices.attach_virtio(console)
+    watched = type(inputs).disk_read is not HostInputs.disk_read  # else the host's data need not be seen: C reads
     for index, disk in enumerate(config.disks):
         from .devices.virtio.blk import VirtioBlock
 
-        on_read = functools.partial(inputs.disk_read, index)
+        on_read = functools.partial(inputs.disk_read, index) if watched else None
         devices.attach_virtio(closing(VirtioBlock(disk.path, read_only=disk.read_only, on_read=on_read, lock=lock_disks)))
     if config.rng:
         from .devices.virtio.rng import VirtioRng

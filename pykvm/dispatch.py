@@ -7,17 +7,15 @@ A debugger attached as :attr:`ExitDispatcher.debug_handler` sees guest debug exi
 and emulation failures first, and keeps those that are its own events (a breakpoint
 it planted, a step it asked for).
 
-Accesses are counted by address for ``--stats``: the first :data:`ADDRESSES_KEPT`
-addresses one by one, the rest together (a guest scanning the address space cannot
-grow the table).
+The C run loop counts the accesses it returns to Python by address, for ``--stats``
+(:func:`address_counts`): the first :data:`ADDRESSES_KEPT` addresses of each vCPU one
+by one, the rest together (a guest scanning the address space cannot grow the table).
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .control import RunControl, Stop
 from .devices.bus import Bus
@@ -36,6 +34,7 @@ from .kvm.exits import (
     ShutdownExit,
     SystemEventExit,
 )
+from .kvm.vcpu import AccessHandler
 from .native import lib
 from .result import ExitReason
 from .x86.layout import PORT_NAMES
@@ -45,7 +44,7 @@ EXIT_NAMES = {
     for name in dir(lib)
     if name.startswith("KVM_EXIT_") and not name.startswith("KVM_EXIT_IO_")
 }
-ADDRESSES_KEPT = 256
+ADDRESSES_KEPT = lib.PYKVM_ADDRESSES_KEPT
 OTHER_ADDRESSES = "other addresses"
 _SYSTEM_EVENT_SHUTDOWN = 1
 _SYSTEM_EVENT_RESET = 2
@@ -57,24 +56,26 @@ DebugExitHandler = Callable[[Vcpu, GuestDebugExit | InternalErrorExit, RunContro
 
 
 class ExitDispatcher:
-    """Routes exits to the buses and turns the others into stop requests of the run's ``control``."""
+    """Routes exits to the buses and turns the others into stop requests of the run's ``control``.
 
-    def __init__(self, pio: Bus, mmio: Bus) -> None:
+    ``vcpus`` is how many vCPUs the machine runs: with more than one, device accesses take turns.
+    """
+
+    def __init__(self, pio: Bus, mmio: Bus, vcpus: int = 1) -> None:
         self.pio = pio
         self.mmio = mmio
+        # Device models need not be thread-safe: the accesses of several vCPUs take turns.
         self._device_lock = threading.Lock()
-        self.by_address: Counter[tuple[str, int, bool]] = Counter()  # (space, address, is_write)
-        self.other_addresses = 0  # accesses beyond the first ADDRESSES_KEPT addresses
-        self.handler_ns = 0
+        self.access: AccessHandler = self._access if vcpus == 1 else self._serialized_access
         self.debug_handler: DebugExitHandler | None = None
 
     def handle(self, vcpu: Vcpu, exit: Exit, control: RunControl) -> None:
         stop = control.request_stop
         match exit:
             case IoExit():
-                self._dispatch(self.pio, "pio", exit.port, exit.size, exit.count, exit.is_write, exit.data)
+                self.access(False, exit.port, exit.size, exit.count, exit.is_write, exit.data, exit.value)
             case MmioExit():
-                self._dispatch(self.mmio, "mmio", exit.addr, exit.size, 1, exit.is_write, exit.data)
+                self.access(True, exit.addr, exit.size, 1, exit.is_write, exit.data, exit.value)
             case DebugPortExit(value=value):
                 stop(Stop(ExitReason.DEBUG_EXIT, f"debug exit {value:#x}", value, vcpu_id=vcpu.id))
             case Interrupted():
@@ -102,33 +103,51 @@ class ExitDispatcher:
                 why = f"unhandled exit {EXIT_NAMES.get(reason, str(reason))}{detail}"
                 stop(Stop(ExitReason.UNHANDLED, why, with_registers=True, vcpu_id=vcpu.id))
 
-    def _dispatch(self, bus: Bus, space: str, addr: int, size: int, count: int, is_write: bool, data: Any) -> None:
-        started = time.monotonic_ns()
+    def _access(self, is_mmio: bool, addr: int, size: int, count: int, is_write: bool, data: Any, value: int) -> None:
+        """A port-I/O or MMIO exit, to the device on its bus; a read's answer goes into ``data``.
+
+        :attr:`access` (what :meth:`Vcpu.run` calls for each such exit) on a machine with one
+        vCPU: it runs for every exit a device model answers, so it is kept short.
+        """
+        bus = self.mmio if is_mmio else self.pio
+        if count > 1:  # string I/O: one access after the other
+            self._string_access(bus, addr, size, count, is_write, data)
+        elif is_write:
+            bus.write(addr, size, value)
+        else:
+            data[:size] = bus.read(addr, size).to_bytes(size, "little")
+
+    def _serialized_access(
+        self, is_mmio: bool, addr: int, size: int, count: int, is_write: bool, data: Any, value: int
+    ) -> None:
+        """:meth:`_access`, one vCPU at a time."""
         with self._device_lock:
-            key = (space, addr, is_write)
-            if key in self.by_address or len(self.by_address) < ADDRESSES_KEPT:
-                self.by_address[key] += 1
-            else:
-                self.other_addresses += 1
+            self._access(is_mmio, addr, size, count, is_write, data, value)
+
+    @staticmethod
+    def _string_access(bus: Bus, addr: int, size: int, count: int, is_write: bool, data: Any) -> None:
+        for i in range(0, size * count, size):
             if is_write:
-                for i in range(0, size * count, size):
-                    bus.write(addr, size, int.from_bytes(data[i : i + size], "little"))
+                bus.write(addr, size, int.from_bytes(data[i : i + size], "little"))
             else:
-                for i in range(0, size * count, size):
-                    data[i : i + size] = bus.read(addr, size).to_bytes(size, "little")
-            self.handler_ns += time.monotonic_ns() - started
+                data[i : i + size] = bus.read(addr, size).to_bytes(size, "little")
 
 
-    def address_counts(self) -> dict[str, int]:
-        """Accesses by ``"<space> <address> <read|write>"`` (with the port's name where it has a
-        well-known one), the others under :data:`OTHER_ADDRESSES`."""
-        counts = {
-            address_label(space, addr, "write" if is_write else "read"): count
-            for (space, addr, is_write), count in self.by_address.items()
-        }
-        if self.other_addresses:
-            counts[f"({OTHER_ADDRESSES}, beyond the first {ADDRESSES_KEPT})"] = self.other_addresses
-        return counts
+def address_counts(vcpus: Sequence[Vcpu]) -> dict[str, int]:
+    """The port-I/O and MMIO accesses Python answered, over ``vcpus``, by ``"<space> <address>
+    <read|write>"`` (with the port's name where it has a well-known one), those beyond each
+    vCPU's first :data:`ADDRESSES_KEPT` addresses under :data:`OTHER_ADDRESSES`."""
+    counts: dict[str, int] = {}
+    others = 0
+    for vcpu in vcpus:
+        by_address, other = vcpu.accesses_by_address()
+        others += other
+        for (is_mmio, addr, is_write), count in by_address.items():
+            label = address_label("mmio" if is_mmio else "pio", addr, "write" if is_write else "read")
+            counts[label] = counts.get(label, 0) + count
+    if others:
+        counts[f"({OTHER_ADDRESSES}, beyond the first {ADDRESSES_KEPT})"] = others
+    return counts
 
 
 def address_label(space: str, addr: int, kind: str) -> str:

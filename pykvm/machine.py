@@ -25,7 +25,7 @@ from .builder import build
 from .config import DiskConfig, MachineConfig, NetConfig
 from .control import Stop
 from .devices.fw_cfg import set_cmdline
-from .dispatch import EXIT_NAMES, ExitDispatcher, address_label
+from .dispatch import EXIT_NAMES, ExitDispatcher, address_counts, address_label
 from .errors import ConfigError, GuestMemoryError, ImageError, MigrationError, PykvmError
 from .events import Events
 from .kvm import Kvm, Vcpu
@@ -213,7 +213,7 @@ class Machine:
         self.fw_cfg, self.acpi = parts.fw_cfg, parts.acpi
         self.virtio_console, self.balloon = parts.virtio_console, parts.balloon
         self.host_inputs = parts.host_inputs
-        self.dispatch = ExitDispatcher(self.pio, self.mmio)
+        self.dispatch = ExitDispatcher(self.pio, self.mmio, len(self.vcpus))
         self._sleep = parts.sleep
         self._runner = Runner(self.vcpus, self.dispatch, self.serial_output, self.stats, self.events,
                               self.host_inputs.observer, self._sleep)  # fmt: skip
@@ -528,7 +528,7 @@ class Machine:
             for reason, count in vcpu.exit_counts().items():
                 name = EXIT_NAMES.get(reason, str(reason))
                 by_reason[name] = by_reason.get(name, 0) + count
-        by_address = self.dispatch.address_counts()
+        by_address = address_counts(self.vcpus)
         for handler in self.devices.fast.handlers:
             space = "pio" if handler.space is Space.PIO else "mmio"
             for kind, count in (("read", handler.reads), ("write", handler.writes)):
@@ -541,7 +541,7 @@ class Machine:
             guest_ns=sum(v.guest_ns for v in self.vcpus),
             guest_ns_by_vcpu={v.id: v.guest_ns for v in self.vcpus},
             fast_handler_ns=sum(v.fast_ns for v in self.vcpus),
-            python_handler_ns=self.dispatch.handler_ns,
+            python_handler_ns=sum(v.python_ns for v in self.vcpus),
         )
 
 

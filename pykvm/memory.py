@@ -12,7 +12,10 @@ boot information), read and written with the typed accessors ``read_u16`` ...
 same time (a virtqueue's index read by the driver while the device moves it) sees
 the old value or the new one, never half of each.  (``struct`` packs and unpacks
 little-endian integers byte by byte, so it is not used for them.)  C code that checks guest addresses itself (the virtqueue chain
-walk) gets the regions as one ``struct pykvm_guest_memory``: :attr:`GuestMemory.table`.
+walk, virtio-blk's plain requests) gets the regions as one ``struct pykvm_guest_memory``:
+:attr:`GuestMemory.table`.  The pages the host writes (KVM's dirty log sees only the guest's
+writes) are noted, while :meth:`GuestMemory.track_host_writes` asks for it, in a bitmap per
+region that C code and :meth:`GuestMemory.view` alike mark (``pykvm_note_written``).
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ class GuestMemory:
         self.regions: list[MemoryRegion] = []
         self.file_backed = backing is not None
         self.table = ffi.new("struct pykvm_guest_memory *")  # filled once the regions are mapped
-        self._host_writes: set[int] | None = None  # page numbers, while tracked
+        self._written: list[object] = []  # each region's written-page bitmap, while host writes are tracked
         try:
             for gpa, size in ranges:
                 self.regions.append(_map_region(gpa, size, backing))
@@ -140,13 +143,29 @@ class GuestMemory:
         return region.view[offset : offset + length]
 
     def _note_host_write(self, gpa: int, length: int) -> None:
-        if self._host_writes is not None:
-            self._host_writes.update(range(gpa // PAGE_SIZE, (gpa + length + PAGE_SIZE - 1) // PAGE_SIZE))
+        if self._written:
+            lib.pykvm_note_written(self.table, gpa, length)
 
     def track_host_writes(self) -> set[int]:
         """Start (or restart) noting which pages the host writes: KVM's dirty log sees only the
-        guest's own writes, not a device's.  Returns the pages noted until now (page numbers)."""
-        noted, self._host_writes = self._host_writes or set(), set()
+        guest's own writes, not a device's (Python's or C's).  Returns the pages noted until now
+        (page numbers); a page written while this runs is in this set or the next one."""
+        if not self._written:
+            self._written = [ffi.new("uint64_t[]", _bitmap_words(region.size)) for region in self.regions]
+            for entry, bitmap in zip(self.table.regions, self._written):
+                entry.written = bitmap
+            return set()
+        noted: set[int] = set()
+        for region, bitmap in zip(self.regions, self._written):
+            words = _bitmap_words(region.size)
+            taken = ffi.new("uint64_t[]", words)
+            lib.pykvm_take_written(bitmap, taken, words)
+            first_page = region.gpa // PAGE_SIZE
+            for index, word in enumerate(memoryview(ffi.buffer(taken)).cast("Q")):
+                while word:
+                    low = word & -word
+                    noted.add(first_page + 64 * index + low.bit_length() - 1)
+                    word ^= low
         return noted
 
     def read(self, gpa: int, length: int) -> bytes:
@@ -248,6 +267,7 @@ class GuestMemory:
     def close(self) -> None:
         """Unmap guest RAM (views still held elsewhere keep their mapping alive)."""
         self.table.count = 0  # C code sees no memory from now on
+        self._written = []
         for region in self.regions:
             region.view.release()
             try:
@@ -261,6 +281,11 @@ class GuestMemory:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _bitmap_words(size: int) -> int:
+    """64-bit words of a bitmap with one bit per page of ``size`` bytes."""
+    return -(-size // PAGE_SIZE) // 64 + 1
 
 
 def _validate(ranges: list[tuple[int, int]]) -> None:

@@ -15,6 +15,7 @@ the guest, learns how the run stopped, and may amend the result.
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -240,10 +241,11 @@ class Runner:
             control.leave(vcpu)
 
     def _entry(self, vcpu: Vcpu, control: RunControl) -> Callable[[], Exit]:
-        """How ``vcpu``'s thread enters the guest: :meth:`Vcpu.run`, after the observer's look for vCPU 0."""
+        """How ``vcpu``'s thread enters the guest: :meth:`Vcpu.run` answering port I/O and MMIO
+        on the way, or, for vCPU 0 under an observer's look, returning every exit to it."""
         observer = self.observer
         if observer is None or vcpu is not self._vcpus[0] or type(observer).before_entry is RunObserver.before_entry:
-            return vcpu.run
+            return functools.partial(vcpu.run, self._dispatch.access)
 
         def observed() -> Exit:
             observer.before_entry(vcpu, control)

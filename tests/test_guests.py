@@ -140,6 +140,24 @@ def test_fast_path_and_python_path_print_the_same_bytes(machine_factory) -> None
     assert outputs[0] == outputs[1] == (b"Hello from long mode\n", 1)
 
 
+def test_line_status_reads_answered_in_c_and_in_python_give_the_same_echo(machine_factory) -> None:
+    """uart_echo polls LSR for data, then for room to transmit: C answers those reads while the
+    UART model says reading LSR changes nothing; with every exit sent to Python the model does."""
+    runs = []
+    for fast in (True, False):
+        machine = machine_factory()
+        machine.load(guest("uart_echo.bin"))
+        if not fast:
+            machine.vcpus[0].send_exits_to_python_from(1)
+        machine.serial.receive(b"hello\x00\xff, pykvm\x04")
+        result = machine.run(timeout=60)
+        lsr_in_c = result.stats.exits_by_address.get("pio 0x03fd read (COM1 LSR) in C", 0)
+        lsr_in_python = result.stats.exits_by_address.get("pio 0x03fd read (COM1 LSR)", 0)
+        assert (lsr_in_c > 0, lsr_in_python > 0) == (fast, not fast)
+        runs.append((result.serial, result.exit_value))
+    assert runs[0] == runs[1] == (b"echo ready\nhello\x00\xff, pykvm\necho done 14\n", 14)
+
+
 def test_stats_count_exits_by_reason_and_port(run_guest) -> None:
     result = run_guest(guest("hello_real.bin"))
     stats = result.stats

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import psutil
 import pytest
 
@@ -98,3 +100,31 @@ def test_typed_integers_are_little_endian_and_bounds_checked() -> None:
         assert (memory.read_u32(0x1004), memory.read_u16(0x1002)) == (0xAABBCCDD, 0xEEFF)
         with pytest.raises(GuestMemoryError):
             memory.write_u16(2 * MIB - 1, 0)
+
+
+def test_host_writes_are_noted_by_page_while_tracked() -> None:
+    with GuestMemory([(0, 2 * MIB), (4 * MIB, 2 * MIB)]) as memory:
+        memory.write(0x3000, b"before tracking")
+        assert memory.track_host_writes() == set()  # starts tracking
+        memory.write(0x1FFF, b"ab")  # across a page boundary
+        memory.write_u32(4 * MIB + 0x10, 7)  # the second region
+        memory.discard(0x10000, 0x2000)
+        memory.read(0x5000, 100)  # reads are not writes
+        assert memory.track_host_writes() == {1, 2, 0x10, 0x11, (4 * MIB) // 0x1000}
+        assert memory.track_host_writes() == set()
+
+
+def test_pages_written_while_they_are_taken_are_in_one_set_or_the_next() -> None:
+    pages = 512
+    with GuestMemory([(0, 4 * MIB)]) as memory:
+        memory.track_host_writes()
+        noted: set[int] = set()
+        writer = threading.Thread(target=lambda: [memory.write(page * 0x1000, b"x") for page in range(pages)])
+        writer.start()
+        while writer.is_alive():
+            taken = memory.track_host_writes()
+            assert not taken & noted  # a page written once is noted once
+            noted |= taken
+        writer.join()
+        noted |= memory.track_host_writes()
+        assert noted == set(range(pages))

@@ -55,6 +55,8 @@ def test_the_run_command_does_not_import_what_only_other_commands_and_snapshots_
     image.write_bytes(aout_kernel())
     modules = imported_for(image)
     assert not modules & {"json", "hashlib", "psutil", "pykvm.info", "pykvm.control_socket", "pykvm.snapshot"}
+    # what only debugging, dirty logging and a guest setting the RTC need
+    assert not modules & {"pykvm.kvm.debug", "pykvm.kvm.dirty_bitmap", "calendar"}
 
 
 def test_the_console_script_starts_as_python_m_pykvm_does() -> None:

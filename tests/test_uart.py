@@ -8,6 +8,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pykvm.devices import uart
 from pykvm.devices.bus import Bus
@@ -72,7 +74,8 @@ class Guest:
         self.output: list[bytes] = []
         self.levels: list[bool] = []
         self.fast: list[bool] = []
-        self.uart = Uart16550(self.output.append, self.levels.append, self.fast.append)
+        self.line_status: list[int | None] = []
+        self.uart = Uart16550(self.output.append, self.levels.append, self.fast.append, self.line_status.append)
         self.bus = Bus("pio")
         self.bus.register(COM1, Uart16550.SIZE, self.uart)
 
@@ -464,6 +467,49 @@ def test_fast_transmit_change_reported_once_per_change(guest: Guest) -> None:
     assert guest.fast == [False]
     guest.outb(IER, 0)
     assert guest.fast == [False, True]
+
+
+# What a guest and the host do to a UART, for the fast line-status check below.
+GUEST_ACCESS = st.tuples(st.sampled_from(["in", "out"]), st.integers(0, Uart16550.SIZE - 1), st.integers(0, 0xFF))
+HOST_INPUT = st.one_of(st.binary(min_size=1, max_size=20), st.just("break"))
+OPERATIONS = st.lists(st.one_of(GUEST_ACCESS, HOST_INPUT), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPERATIONS)
+def test_fast_line_status_is_what_an_lsr_read_gives_and_such_a_read_changes_nothing(operations: list) -> None:
+    """The C fast path answers 1-byte LSR reads with ``fast_line_status`` while it is not None:
+    after anything the guest or the host does, that value (the last one reported to the callback)
+    must be exactly what the model's own LSR read gives, and that read must change no state."""
+    guest = Guest()
+    guest.outb(MCR, MCR_OUT2)
+    for operation in operations:
+        if operation == "break":
+            guest.uart.receive_break()
+        elif isinstance(operation, bytes):
+            guest.uart.receive(operation)
+        elif operation[0] == "in":
+            guest.inb(operation[1])
+        else:
+            guest.outb(operation[1], operation[2])
+        reported = guest.line_status[-1] if guest.line_status else LSR_THRE | LSR_TEMT
+        assert reported == guest.uart.fast_line_status
+        if reported is not None:
+            before, levels = guest.uart.save_state(), list(guest.levels)
+            assert guest.inb(LSR) == reported
+            assert guest.uart.save_state() == before and guest.levels == levels
+
+
+def test_fast_line_status_is_off_while_an_error_is_latched(guest: Guest) -> None:
+    guest.outb(FCR, FCR_FIFO_ENABLE)
+    guest.outb(MCR, MCR_LOOP)
+    for byte in range(RX_FIFO_DEPTH):
+        guest.outb(THR, byte)
+    assert guest.uart.fast_line_status == LSR_THRE | LSR_TEMT | LSR_DR
+    guest.outb(THR, 0xFF)  # overrun: OE latched until LSR is read
+    assert guest.uart.fast_line_status is None
+    assert guest.inb(LSR) & LSR_OE
+    assert guest.line_status == [LSR_THRE | LSR_TEMT | LSR_DR, None, LSR_THRE | LSR_TEMT | LSR_DR]
 
 
 # --- wrong widths and hostile input -----------------------------------------------------------

@@ -67,6 +67,12 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(params=[True, False], ids=["C", "Python"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """Both ways of serving IN, OUT and FLUSH: in C (pykvm_blk_serve), and in Python (the reference)."""
+    return request.param  # type: ignore[no-any-return]
+
+
 def disk(memory: GuestMemory, path: Path, read_only: bool = False, accept: int = ~0, **kwargs: object) -> tuple[Driver, VirtioBlock]:
     device = VirtioBlock(path, read_only=read_only, **kwargs)  # type: ignore[arg-type]
     driver = connect(device, memory)
@@ -97,8 +103,8 @@ def file_bytes(path: Path, offset: int, length: int) -> bytes:
 
 
 # --- identity and configuration (5.2.1-5.2.5) ------------------------------------------------------------
-def test_blk_identity_features_and_configuration_layout(memory: GuestMemory, image: Path) -> None:
-    driver, device = disk(memory, image)
+def test_blk_identity_features_and_configuration_layout(memory: GuestMemory, image: Path, fast_path: bool) -> None:
+    driver, device = disk(memory, image, fast_path=fast_path)
     assert driver.read_reg(mmio.DEVICE_ID) == 2
     features = driver.device_features()
     wanted = VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
@@ -120,8 +126,10 @@ def test_blk_identity_features_and_configuration_layout(memory: GuestMemory, ima
     assert len(driver.queues) == 1
 
 
-def test_read_only_disk_offers_ro_and_neither_discard_nor_write_zeroes(memory: GuestMemory, image: Path) -> None:
-    driver, _ = disk(memory, image, read_only=True)
+def test_read_only_disk_offers_ro_and_neither_discard_nor_write_zeroes(
+    memory: GuestMemory, image: Path, fast_path: bool
+) -> None:
+    driver, _ = disk(memory, image, fast_path=fast_path, read_only=True)
     assert driver.features & VIRTIO_BLK_F_RO
     assert not driver.features & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES)
     assert driver.read_config(36, 24) == 0
@@ -162,13 +170,13 @@ def test_image_without_permission_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_size_not_a_multiple_of_512_is_rounded_down_with_a_warning(
-    memory: GuestMemory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    memory: GuestMemory, tmp_path: Path, caplog: pytest.LogCaptureFixture, fast_path: bool
 ) -> None:
     """A short image file: the partial last sector is not visible (Firecracker's choice; see blk.py)."""
     path = tmp_path / "short.img"
     path.write_bytes(b"A" * 512 + b"B" * 488)
     with caplog.at_level(logging.WARNING, logger="pykvm.devices.virtio.blk"):
-        driver, device = disk(memory, path)
+        driver, device = disk(memory, path, fast_path=fast_path)
     assert device.capacity == 1 and driver.read_config(0, 8) == 1
     assert "not a multiple of 512" in caplog.text and "last 488 bytes" in caplog.text
     assert request(driver, VIRTIO_BLK_T_IN, 0, in_len=512) == (VIRTIO_BLK_S_OK, 513, b"A" * 512)
@@ -176,10 +184,10 @@ def test_size_not_a_multiple_of_512_is_rounded_down_with_a_warning(
     assert (status, length, data) == (VIRTIO_BLK_S_IOERR, 1, bytes([POISON]) * 512)
 
 
-def test_empty_image_has_capacity_zero_and_refuses_io(memory: GuestMemory, tmp_path: Path) -> None:
+def test_empty_image_has_capacity_zero_and_refuses_io(memory: GuestMemory, tmp_path: Path, fast_path: bool) -> None:
     path = tmp_path / "empty.img"
     path.write_bytes(b"")
-    driver, _ = disk(memory, path)
+    driver, _ = disk(memory, path, fast_path=fast_path)
     assert driver.read_config(0, 8) == 0
     assert request(driver, VIRTIO_BLK_T_IN, 0, in_len=512)[0] == VIRTIO_BLK_S_IOERR
     assert request(driver, VIRTIO_BLK_T_OUT, 0, out=bytes(512))[0] == VIRTIO_BLK_S_IOERR
@@ -191,7 +199,7 @@ def test_write_flush_and_read_back(memory: GuestMemory, image: Path, monkeypatch
     synced: list[int] = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
-    driver, device = disk(memory, image)
+    driver, device = disk(memory, image, fast_path=False)
     pattern = bytes((i * 7 + 3) % 256 for i in range(8 * 512))
     assert request(driver, VIRTIO_BLK_T_OUT, 10, out=pattern) == (VIRTIO_BLK_S_OK, 1, b"")
     assert file_bytes(image, 10 * 512, len(pattern)) == pattern  # in the file once completed
@@ -205,16 +213,16 @@ def test_write_flush_and_read_back(memory: GuestMemory, image: Path, monkeypatch
     assert device.stats["bytes_written"] == len(pattern) and device.stats["errors"] == 0
 
 
-def test_read_into_several_buffers_and_an_indirect_chain(memory: GuestMemory, image: Path) -> None:
-    driver, _ = disk(memory, image)
+def test_read_into_several_buffers_and_an_indirect_chain(memory: GuestMemory, image: Path, fast_path: bool) -> None:
+    driver, _ = disk(memory, image, fast_path=fast_path)
     expected = file_bytes(image, 3 * 512, 3 * 512)
     length, written = driver.request(0, [header(VIRTIO_BLK_T_IN, 3)], [512, 1024, 1], indirect=True)
     assert length == 3 * 512 + 1 and written == expected + bytes([VIRTIO_BLK_S_OK])
 
 
-def test_used_length_counts_the_data_read_and_the_status_byte(memory: GuestMemory, image: Path) -> None:
+def test_used_length_counts_the_data_read_and_the_status_byte(memory: GuestMemory, image: Path, fast_path: bool) -> None:
     """2.7.8.1: used length = bytes written by the device (IN data + status; just the status otherwise)."""
-    driver, _ = disk(memory, image)
+    driver, _ = disk(memory, image, fast_path=fast_path)
     assert request(driver, VIRTIO_BLK_T_IN, 0, in_len=4096)[1] == 4097
     assert request(driver, VIRTIO_BLK_T_OUT, 0, out=bytes(4096))[1] == 1
     assert request(driver, VIRTIO_BLK_T_IN, SECTORS, in_len=512)[1] == 1  # refused: nothing read
@@ -227,20 +235,20 @@ def test_without_negotiated_flush_a_write_is_stable_before_it_completes(
     synced: list[int] = []
     real = os.fdatasync
     monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
-    driver, device = disk(memory, image, accept=~VIRTIO_BLK_F_FLUSH)
+    driver, device = disk(memory, image, fast_path=False, accept=~VIRTIO_BLK_F_FLUSH)
     request(driver, VIRTIO_BLK_T_OUT, 0, out=bytes(512))
     assert synced == [device.fd]
     device.close()  # one writer at a time (the image is locked)
-    driver2, device2 = disk(memory, image)  # FLUSH negotiated: write-back, no sync per write
+    driver2, device2 = disk(memory, image, fast_path=False)  # FLUSH negotiated: write-back, no sync per write
     synced.clear()
     request(driver2, VIRTIO_BLK_T_OUT, 0, out=bytes(512))
     assert synced == []
 
 
-def test_read_only_disk_refuses_writes_with_ioerr_and_writes_nothing(memory: GuestMemory, image: Path) -> None:
+def test_read_only_disk_refuses_writes_with_ioerr_and_writes_nothing(memory: GuestMemory, image: Path, fast_path: bool) -> None:
     """5.2.6.2: IOERR for a write request when VIRTIO_BLK_F_RO is offered, and MUST NOT write any data."""
     before = image.read_bytes()
-    driver, device = disk(memory, image, read_only=True)
+    driver, device = disk(memory, image, fast_path=fast_path, read_only=True)
     assert request(driver, VIRTIO_BLK_T_OUT, 0, out=b"\xff" * 512) == (VIRTIO_BLK_S_IOERR, 1, b"")
     for kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
         assert request(driver, kind, out=segment(0, 8))[0] in (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP)
@@ -250,8 +258,8 @@ def test_read_only_disk_refuses_writes_with_ioerr_and_writes_nothing(memory: Gue
     assert device.stats["rejected_read_only"] == 1
 
 
-def test_flush_ignores_the_sector_and_accepts_no_data(memory: GuestMemory, image: Path) -> None:
-    driver, _ = disk(memory, image)
+def test_flush_ignores_the_sector_and_accepts_no_data(memory: GuestMemory, image: Path, fast_path: bool) -> None:
+    driver, _ = disk(memory, image, fast_path=fast_path)
     assert request(driver, VIRTIO_BLK_T_FLUSH, sector=12345)[0] == VIRTIO_BLK_S_OK
 
 
@@ -261,10 +269,12 @@ def test_flush_ignores_the_sector_and_accepts_no_data(memory: GuestMemory, image
     [(SECTORS, 1), (SECTORS - 1, 2), (SECTORS - 4, 8), (1 << 63, 1), ((1 << 64) - 1, 1), ((1 << 55), 8)],
     ids=["at-end", "straddles-end", "straddles-end-more", "huge", "max", "overflowing-offset"],
 )
-def test_io_past_the_capacity_is_ioerr_with_no_partial_io(memory: GuestMemory, image: Path, sector: int, sectors: int) -> None:
+def test_io_past_the_capacity_is_ioerr_with_no_partial_io(
+    memory: GuestMemory, image: Path, sector: int, sectors: int, fast_path: bool
+) -> None:
     """A request reaching past the capacity is refused whole (5.2.6.1: the driver MUST NOT send it)."""
     before = image.read_bytes()
-    driver, device = disk(memory, image)
+    driver, device = disk(memory, image, fast_path=fast_path)
     status, length, data = request(driver, VIRTIO_BLK_T_IN, sector, in_len=sectors * 512)
     assert (status, length, data) == (VIRTIO_BLK_S_IOERR, 1, bytes([POISON]) * sectors * 512)
     assert request(driver, VIRTIO_BLK_T_OUT, sector, out=b"\x55" * sectors * 512)[0] == VIRTIO_BLK_S_IOERR
@@ -272,27 +282,27 @@ def test_io_past_the_capacity_is_ioerr_with_no_partial_io(memory: GuestMemory, i
     assert device.stats["rejected_out_of_range"] == 2
 
 
-def test_io_ending_exactly_at_the_capacity_is_accepted(memory: GuestMemory, image: Path) -> None:
-    driver, _ = disk(memory, image)
+def test_io_ending_exactly_at_the_capacity_is_accepted(memory: GuestMemory, image: Path, fast_path: bool) -> None:
+    driver, _ = disk(memory, image, fast_path=fast_path)
     assert request(driver, VIRTIO_BLK_T_OUT, SECTORS - 2, out=b"\x11" * 1024)[0] == VIRTIO_BLK_S_OK
     assert file_bytes(image, (SECTORS - 2) * 512, 2048) == b"\x11" * 1024
 
 
 @pytest.mark.parametrize("length", [1, 511, 513, 1000])
-def test_data_length_not_a_multiple_of_512_is_ioerr(memory: GuestMemory, image: Path, length: int) -> None:
+def test_data_length_not_a_multiple_of_512_is_ioerr(memory: GuestMemory, image: Path, length: int, fast_path: bool) -> None:
     """5.2.6.1: the data of IN and OUT MUST be a multiple of 512 bytes."""
     before = image.read_bytes()
-    driver, _ = disk(memory, image)
+    driver, _ = disk(memory, image, fast_path=fast_path)
     assert request(driver, VIRTIO_BLK_T_IN, 0, in_len=length)[:2] == (VIRTIO_BLK_S_IOERR, 1)
     assert request(driver, VIRTIO_BLK_T_OUT, 0, out=b"\x01" * length)[0] == VIRTIO_BLK_S_IOERR
     assert image.read_bytes() == before
 
 
-def test_request_larger_than_4_mib_is_ioerr(memory: GuestMemory, tmp_path: Path) -> None:
+def test_request_larger_than_4_mib_is_ioerr(memory: GuestMemory, tmp_path: Path, fast_path: bool) -> None:
     path = tmp_path / "big.img"
     with open(path, "wb") as f:
         f.truncate(16 * MIB)
-    driver, device = disk(memory, path)
+    driver, device = disk(memory, path, fast_path=fast_path)
     chunk = 2 * MIB + 512  # two buffers (over the same guest memory) make 4 MiB + 1 KiB
     gpa = driver.alloc(chunk)
     status_gpa = driver.alloc(1)
@@ -304,8 +314,8 @@ def test_request_larger_than_4_mib_is_ioerr(memory: GuestMemory, tmp_path: Path)
     assert (status, length) == (VIRTIO_BLK_S_OK, MAX_REQUEST_BYTES + 1)
 
 
-def test_more_segments_than_seg_max_is_ioerr(memory: GuestMemory, image: Path) -> None:
-    driver, device = disk(memory, image)
+def test_more_segments_than_seg_max_is_ioerr(memory: GuestMemory, image: Path, fast_path: bool) -> None:
+    driver, device = disk(memory, image, fast_path=fast_path)
     length, written = driver.request(0, [header(VIRTIO_BLK_T_IN, 0)], [512] * (SEG_MAX + 1) + [1], indirect=True)
     assert (length, written[-1]) == (1, VIRTIO_BLK_S_IOERR)
     assert device.stats["rejected_too_many_segments"] == 1
@@ -314,8 +324,10 @@ def test_more_segments_than_seg_max_is_ioerr(memory: GuestMemory, image: Path) -
 
 
 # --- GET_ID and other types ------------------------------------------------------------------------------------
-def test_get_id_returns_a_20_byte_nul_padded_serial_derived_from_the_file(memory: GuestMemory, image: Path, tmp_path: Path) -> None:
-    driver, device = disk(memory, image)
+def test_get_id_returns_a_20_byte_nul_padded_serial_derived_from_the_file(
+    memory: GuestMemory, image: Path, tmp_path: Path, fast_path: bool
+) -> None:
+    driver, device = disk(memory, image, fast_path=fast_path)
     status, length, serial = request(driver, VIRTIO_BLK_T_GET_ID, in_len=20)
     assert (status, length) == (VIRTIO_BLK_S_OK, 21)
     assert serial == device.serial and len(serial) == 20
@@ -328,27 +340,27 @@ def test_get_id_returns_a_20_byte_nul_padded_serial_derived_from_the_file(memory
     assert VirtioBlock(other).serial != serial
 
 
-def test_get_id_of_exactly_20_characters_has_no_terminator(memory: GuestMemory, image: Path) -> None:
-    driver, _ = disk(memory, image, serial="ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+def test_get_id_of_exactly_20_characters_has_no_terminator(memory: GuestMemory, image: Path, fast_path: bool) -> None:
+    driver, _ = disk(memory, image, fast_path=fast_path, serial="ABCDEFGHIJKLMNOPQRSTUVWXYZ")
     assert request(driver, VIRTIO_BLK_T_GET_ID, in_len=20)[2] == b"ABCDEFGHIJKLMNOPQRST"
 
 
-def test_get_id_into_a_short_buffer_writes_what_fits(memory: GuestMemory, image: Path) -> None:
-    driver, _ = disk(memory, image, serial="serial-1")
+def test_get_id_into_a_short_buffer_writes_what_fits(memory: GuestMemory, image: Path, fast_path: bool) -> None:
+    driver, _ = disk(memory, image, fast_path=fast_path, serial="serial-1")
     assert request(driver, VIRTIO_BLK_T_GET_ID, in_len=4) == (VIRTIO_BLK_S_OK, 5, b"seri")
 
 
 @pytest.mark.parametrize("kind", [2, 3, VIRTIO_BLK_T_GET_LIFETIME, 14, 15, 0xFFFFFFFF])
-def test_unknown_request_types_are_unsupp(memory: GuestMemory, image: Path, kind: int) -> None:
-    driver, device = disk(memory, image)
+def test_unknown_request_types_are_unsupp(memory: GuestMemory, image: Path, kind: int, fast_path: bool) -> None:
+    driver, device = disk(memory, image, fast_path=fast_path)
     assert request(driver, kind, in_len=512) == (VIRTIO_BLK_S_UNSUPP, 1, bytes([POISON]) * 512)
     assert device.stats["unsupported"] == 1
 
 
 # --- layout (2.6.4) and malformed requests --------------------------------------------------------------------------
-def test_header_and_data_may_share_descriptors(memory: GuestMemory, image: Path) -> None:
+def test_header_and_data_may_share_descriptors(memory: GuestMemory, image: Path, fast_path: bool) -> None:
     """2.6.4: the device MUST NOT assume a particular arrangement of descriptors."""
-    driver, _ = disk(memory, image)
+    driver, _ = disk(memory, image, fast_path=fast_path)
     data = b"\x42" * 1024
     hdr = header(VIRTIO_BLK_T_OUT, 4)
     # header split over two descriptors, the second also holding the first data bytes
@@ -360,9 +372,11 @@ def test_header_and_data_may_share_descriptors(memory: GuestMemory, image: Path)
     assert (length, written) == (1025, data + bytes([VIRTIO_BLK_S_OK]))
 
 
-def test_chain_without_a_device_writable_status_byte_is_returned_with_length_zero(memory: GuestMemory, image: Path) -> None:
+def test_chain_without_a_device_writable_status_byte_is_returned_with_length_zero(
+    memory: GuestMemory, image: Path, fast_path: bool
+) -> None:
     before = image.read_bytes()
-    driver, device = disk(memory, image)
+    driver, device = disk(memory, image, fast_path=fast_path)
     assert driver.request(0, [header(VIRTIO_BLK_T_OUT, 0), b"\x99" * 512], []) == (0, b"")
     # device-writable data, but the last buffer is device-readable: no status to write
     head = driver.post(0, [header(VIRTIO_BLK_T_IN, 0)], [512])
@@ -382,17 +396,17 @@ def test_chain_without_a_device_writable_status_byte_is_returned_with_length_zer
 
 
 @pytest.mark.parametrize("size", [0, 1, 8, 15])
-def test_header_shorter_than_16_bytes_is_ioerr(memory: GuestMemory, image: Path, size: int) -> None:
-    driver, device = disk(memory, image)
+def test_header_shorter_than_16_bytes_is_ioerr(memory: GuestMemory, image: Path, size: int, fast_path: bool) -> None:
+    driver, device = disk(memory, image, fast_path=fast_path)
     readable = [header(VIRTIO_BLK_T_IN, 0)[:size]] if size else []
     assert driver.request(0, readable, [1]) == (1, bytes([VIRTIO_BLK_S_IOERR]))
     assert device.stats["malformed"] == 1
 
 
-def test_device_readable_buffer_after_a_device_writable_one_is_ioerr(memory: GuestMemory, image: Path) -> None:
+def test_device_readable_buffer_after_a_device_writable_one_is_ioerr(memory: GuestMemory, image: Path, fast_path: bool) -> None:
     """2.7.4.2: device-writable descriptors come after all device-readable ones."""
     before = image.read_bytes()
-    driver, device = disk(memory, image)
+    driver, device = disk(memory, image, fast_path=fast_path)
     buffers = [
         (driver.buffer(header(VIRTIO_BLK_T_OUT, 0)), 16, False),
         (driver.alloc(512), 512, True),
@@ -405,9 +419,9 @@ def test_device_readable_buffer_after_a_device_writable_one_is_ioerr(memory: Gue
     assert image.read_bytes() == before and device.stats["malformed"] == 1
 
 
-def test_data_in_the_wrong_direction_is_ioerr(memory: GuestMemory, image: Path) -> None:
+def test_data_in_the_wrong_direction_is_ioerr(memory: GuestMemory, image: Path, fast_path: bool) -> None:
     before = image.read_bytes()
-    driver, device = disk(memory, image)
+    driver, device = disk(memory, image, fast_path=fast_path)
     # IN with device-readable data, OUT with device-writable data
     assert driver.request(0, [header(VIRTIO_BLK_T_IN, 0), bytes(512)], [1]) == (1, bytes([VIRTIO_BLK_S_IOERR]))
     length, written = driver.request(0, [header(VIRTIO_BLK_T_OUT, 0)], [512, 1])
@@ -419,7 +433,7 @@ def test_data_in_the_wrong_direction_is_ioerr(memory: GuestMemory, image: Path) 
 def test_host_read_error_is_ioerr_and_logged(
     memory: GuestMemory, image: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    driver, device = disk(memory, image)
+    driver, device = disk(memory, image, fast_path=False)
 
     def failing(fd: int, buffers: list, offset: int) -> int:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
@@ -431,7 +445,7 @@ def test_host_read_error_is_ioerr_and_logged(
 
 
 def test_host_write_error_is_ioerr(memory: GuestMemory, image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    driver, device = disk(memory, image)
+    driver, device = disk(memory, image, fast_path=False)
 
     def full(fd: int, buffers: list, offset: int) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -443,7 +457,7 @@ def test_host_write_error_is_ioerr(memory: GuestMemory, image: Path, monkeypatch
 
 def test_short_reads_and_writes_are_continued(memory: GuestMemory, image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """preadv/pwritev may move fewer bytes than asked: the device loops until all moved."""
-    driver, _ = disk(memory, image)
+    driver, _ = disk(memory, image, fast_path=False)
     real_preadv, real_pwritev = os.preadv, os.pwritev
     calls = []
 
@@ -462,11 +476,135 @@ def test_short_reads_and_writes_are_continued(memory: GuestMemory, image: Path, 
     assert status == VIRTIO_BLK_S_OK and back == data and len(calls) == 14
 
 
+# --- IN, OUT and FLUSH in C, beside the Python reference ---------------------------------------------------------
+def test_the_c_path_serves_plain_requests_without_python_file_calls(
+    memory: GuestMemory, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def not_here(*args: object) -> None:
+        raise AssertionError("a plain request reached Python")
+
+    for name in ("preadv", "pwritev", "fsync", "fdatasync"):
+        monkeypatch.setattr(os, name, not_here)
+    driver, device = disk(memory, image)
+    pattern = bytes((i * 5 + 1) % 256 for i in range(2048))
+    assert request(driver, VIRTIO_BLK_T_OUT, 7, out=pattern) == (VIRTIO_BLK_S_OK, 1, b"")
+    assert request(driver, VIRTIO_BLK_T_FLUSH) == (VIRTIO_BLK_S_OK, 1, b"")
+    assert request(driver, VIRTIO_BLK_T_IN, 7, in_len=2048) == (VIRTIO_BLK_S_OK, 2049, pattern)
+    assert file_bytes(image, 7 * 512, 2048) == pattern
+    assert {k: device.stats[k] for k in ("reads", "writes", "bytes_read", "bytes_written", "flushes", "errors")} == {
+        "reads": 1, "writes": 1, "bytes_read": 2048, "bytes_written": 2048, "flushes": 1, "errors": 0}  # fmt: skip
+
+
+def test_requests_in_flight_are_served_in_order_in_one_batch_with_one_interrupt(
+    memory: GuestMemory, image: Path, fast_path: bool
+) -> None:
+    """The C path serves the plain ones and leaves each other one to Python, then carries on."""
+    driver, device = disk(memory, image, fast_path=fast_path, serial="batch")
+    posted = [
+        driver.post(0, [header(VIRTIO_BLK_T_IN, 1)], [512, 1]),
+        driver.post(0, [header(VIRTIO_BLK_T_GET_ID)], [20, 1]),
+        driver.post(0, [header(VIRTIO_BLK_T_OUT, 2), b"\x33" * 1024], [1]),
+        driver.post(0, [header(VIRTIO_BLK_T_IN, SECTORS)], [512, 1]),  # past the end: Python's IOERR
+        driver.post(0, [header(VIRTIO_BLK_T_FLUSH)], [1]),
+        driver.post(0, [header(VIRTIO_BLK_T_IN, 2)], [1024, 1]),
+    ]
+    driver.notify(0)
+    assert [head for head, _ in driver.used(0)] == posted and driver.interrupts == 1
+    written = [driver.written(0, head) for head in posted]
+    assert written[0] == file_bytes(image, 512, 512) + bytes([VIRTIO_BLK_S_OK])
+    assert written[1] == b"batch".ljust(20, b"\0") + bytes([VIRTIO_BLK_S_OK])
+    assert [w[-1] for w in written[2:5]] == [VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK]
+    assert written[5] == b"\x33" * 1024 + bytes([VIRTIO_BLK_S_OK])
+    assert device.stats["reads"] == 2 and device.stats["rejected_out_of_range"] == 1
+
+
+def test_event_idx_asks_for_the_next_notification_after_a_batch(memory: GuestMemory, image: Path, fast_path: bool) -> None:
+    """2.7.10: with VIRTIO_F_EVENT_IDX the device's avail_event says when it wants the next notification."""
+    driver, _ = disk(memory, image, fast_path=fast_path)
+    assert driver.features & mmio.VIRTIO_F_RING_EVENT_IDX
+    for sector in range(5):
+        driver.post(0, [header(VIRTIO_BLK_T_IN, sector)], [512, 1])
+    driver.notify(0)
+    assert len(driver.used(0)) == 5 and driver.avail_event(0) == 5
+    driver.post(0, [header(VIRTIO_BLK_T_IN, 0)], [512, 1])
+    assert driver.kick(0) and len(driver.used(0)) == 1
+
+
+def test_pages_a_request_wrote_are_noted_as_host_writes(memory: GuestMemory, image: Path, fast_path: bool) -> None:
+    """Snapshots, fast reset and migration rely on it: KVM's dirty log does not see the device's writes."""
+    driver, _ = disk(memory, image, fast_path=fast_path)
+    head = driver.post(0, [header(VIRTIO_BLK_T_IN, 0)], [3 * 4096, 1])
+    data, status = driver.queues[0].chains[head].buffers[1:]
+    memory.track_host_writes()
+    driver.notify(0)
+    written = memory.track_host_writes()
+    used = driver.queues[0].used
+    expected = {page for page in range(data[0] // 4096, (data[0] + data[1] - 1) // 4096 + 1)}
+    expected |= {status[0] // 4096, used // 4096, (used + 4 + 8 * driver.queues[0].size + 1) // 4096}
+    assert written >= expected and len(driver.used(0)) == 1
+    assert memory.track_host_writes() == set()
+
+
+def test_a_sync_that_fails_in_c_is_ioerr_and_logged(
+    memory: GuestMemory, image: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kernel reports a failed sync once: C answers it (IOERR) rather than let a second try succeed."""
+    driver, device = disk(memory, image, accept=~VIRTIO_BLK_F_FLUSH)  # write-through: each write is synced
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, device.fd)  # writes succeed, fsync and fdatasync fail (EINVAL)
+    os.close(null)
+    with caplog.at_level(logging.WARNING, logger="pykvm.devices.virtio.blk"):
+        assert request(driver, VIRTIO_BLK_T_OUT, 0, out=bytes(512)) == (VIRTIO_BLK_S_IOERR, 1, b"")
+        assert request(driver, VIRTIO_BLK_T_FLUSH) == (VIRTIO_BLK_S_IOERR, 1, b"")
+    assert caplog.text.count("a sync failed: Invalid argument") == 2
+    assert {k: device.stats[k] for k in ("writes", "write_through_syncs", "flushes", "io_errors", "errors")} == {
+        "writes": 1, "write_through_syncs": 0, "flushes": 0, "io_errors": 2, "errors": 2}  # fmt: skip
+
+
+def test_a_transfer_that_fails_in_c_is_answered_by_python(
+    memory: GuestMemory, image: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    driver, device = disk(memory, image)
+    directory = os.open(tmp_path, os.O_RDONLY)
+    os.dup2(directory, device.fd)  # preadv and pwritev fail (EISDIR, EBADF)
+    os.close(directory)
+    with caplog.at_level(logging.WARNING, logger="pykvm.devices.virtio.blk"):
+        assert request(driver, VIRTIO_BLK_T_IN, 0, in_len=512)[:2] == (VIRTIO_BLK_S_IOERR, 1)
+        assert request(driver, VIRTIO_BLK_T_OUT, 0, out=bytes(512))[:2] == (VIRTIO_BLK_S_IOERR, 1)
+    assert "Is a directory" in caplog.text and device.stats["io_errors"] == 2
+    assert device.stats["reads"] == device.stats["writes"] == 1  # Python's tries: C did not count its own
+
+
+def test_a_closed_disk_answers_ioerr_and_never_uses_its_old_descriptor(memory: GuestMemory, image: Path, tmp_path: Path) -> None:
+    """A notification served after close (the I/O thread stops after the disks close) must not reach
+    whatever file reuses the descriptor's number."""
+    driver, device = disk(memory, image)
+    number = device.fd
+    device.close()
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(4096))
+    reused = os.open(other, os.O_RDWR)
+    try:
+        assert reused == number
+        assert request(driver, VIRTIO_BLK_T_OUT, 0, out=b"\x77" * 512)[0] == VIRTIO_BLK_S_IOERR
+        assert other.read_bytes() == bytes(4096)
+    finally:
+        os.close(reused)
+
+
+def test_a_recorded_disk_reads_in_python_so_that_the_recorder_sees_the_data(memory: GuestMemory, image: Path) -> None:
+    seen: list[tuple[int, bytes]] = []
+    driver, device = disk(memory, image, on_read=lambda offset, views: seen.append((offset, b"".join(views))))
+    assert not device.fast_path
+    assert request(driver, VIRTIO_BLK_T_IN, 3, in_len=512)[0] == VIRTIO_BLK_S_OK
+    assert seen == [(3 * 512, file_bytes(image, 3 * 512, 512))]
+
+
 # --- discard and write zeroes (5.2.6) ----------------------------------------------------------------------------
-def test_discard_punches_a_hole(memory: GuestMemory, tmp_path: Path) -> None:
+def test_discard_punches_a_hole(memory: GuestMemory, tmp_path: Path, fast_path: bool) -> None:
     path = tmp_path / "sparse.img"
     path.write_bytes(b"\xaa" * (4 * MIB))
-    driver, device = disk(memory, path)
+    driver, device = disk(memory, path, fast_path=fast_path)
     blocks = path.stat().st_blocks
     assert request(driver, VIRTIO_BLK_T_DISCARD, out=segment(0, 2048) + segment(4096, 2048)) == (VIRTIO_BLK_S_OK, 1, b"")
     assert device.stats["discards"] == 1
@@ -476,10 +614,10 @@ def test_discard_punches_a_hole(memory: GuestMemory, tmp_path: Path) -> None:
     assert file_bytes(path, MIB, MIB) == b"\xaa" * MIB  # between the segments: untouched
 
 
-def test_discard_with_the_unmap_flag_or_unknown_flags_is_unsupp(memory: GuestMemory, image: Path) -> None:
+def test_discard_with_the_unmap_flag_or_unknown_flags_is_unsupp(memory: GuestMemory, image: Path, fast_path: bool) -> None:
     """5.2.6.2: UNSUPP for unknown flags, and for discard commands with unmap set."""
     before = image.read_bytes()
-    driver, _ = disk(memory, image)
+    driver, _ = disk(memory, image, fast_path=fast_path)
     assert request(driver, VIRTIO_BLK_T_DISCARD, out=segment(0, 8, 1))[0] == VIRTIO_BLK_S_UNSUPP
     assert request(driver, VIRTIO_BLK_T_DISCARD, out=segment(0, 8, 2))[0] == VIRTIO_BLK_S_UNSUPP
     assert request(driver, VIRTIO_BLK_T_WRITE_ZEROES, out=segment(0, 8, 1 << 31))[0] == VIRTIO_BLK_S_UNSUPP
@@ -488,9 +626,9 @@ def test_discard_with_the_unmap_flag_or_unknown_flags_is_unsupp(memory: GuestMem
     assert image.read_bytes() == before
 
 
-def test_discard_and_write_zeroes_bounds(memory: GuestMemory, image: Path) -> None:
+def test_discard_and_write_zeroes_bounds(memory: GuestMemory, image: Path, fast_path: bool) -> None:
     before = image.read_bytes()
-    driver, _ = disk(memory, image)
+    driver, _ = disk(memory, image, fast_path=fast_path)
     bad = [
         (VIRTIO_BLK_T_DISCARD, segment(SECTORS - 1, 2)),  # past the capacity
         (VIRTIO_BLK_T_DISCARD, segment(1 << 63, 1)),
@@ -506,9 +644,9 @@ def test_discard_and_write_zeroes_bounds(memory: GuestMemory, image: Path) -> No
 
 
 @pytest.mark.parametrize("unmap", [0, 1])
-def test_write_zeroes_makes_the_range_read_zeros(memory: GuestMemory, image: Path, unmap: int) -> None:
+def test_write_zeroes_makes_the_range_read_zeros(memory: GuestMemory, image: Path, unmap: int, fast_path: bool) -> None:
     """5.2.6.2: after write zeroes, reads of the range MUST return zeroes, whether unmap was set or not."""
-    driver, device = disk(memory, image)
+    driver, device = disk(memory, image, fast_path=fast_path)
     assert request(driver, VIRTIO_BLK_T_WRITE_ZEROES, out=segment(5, 9, unmap))[0] == VIRTIO_BLK_S_OK
     assert request(driver, VIRTIO_BLK_T_IN, 5, in_len=9 * 512)[2] == bytes(9 * 512)
     assert file_bytes(image, 4 * 512, 512) == bytes(i % 251 for i in range(4 * 512, 5 * 512))
@@ -516,12 +654,14 @@ def test_write_zeroes_makes_the_range_read_zeros(memory: GuestMemory, image: Pat
     assert image.stat().st_size == SECTORS * 512 and device.stats["write_zeroes"] == 1
 
 
-def test_write_zeroes_falls_back_to_writing_zeros(memory: GuestMemory, image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_write_zeroes_falls_back_to_writing_zeros(
+    memory: GuestMemory, image: Path, monkeypatch: pytest.MonkeyPatch, fast_path: bool
+) -> None:
     def unsupported(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
 
     monkeypatch.setattr(blk, "fallocate", unsupported)
-    driver, device = disk(memory, image)
+    driver, device = disk(memory, image, fast_path=fast_path)
     assert request(driver, VIRTIO_BLK_T_WRITE_ZEROES, out=segment(1, 3, 1))[0] == VIRTIO_BLK_S_OK
     assert file_bytes(image, 512, 3 * 512) == bytes(3 * 512)
     assert device.stats["write_zeroes_written"] == 1
@@ -530,9 +670,9 @@ def test_write_zeroes_falls_back_to_writing_zeros(memory: GuestMemory, image: Pa
     assert device.stats["discards_not_supported_by_host"] == 1
 
 
-def test_discard_and_write_zeroes_not_negotiated_are_unsupp(memory: GuestMemory, image: Path) -> None:
+def test_discard_and_write_zeroes_not_negotiated_are_unsupp(memory: GuestMemory, image: Path, fast_path: bool) -> None:
     before = image.read_bytes()
-    driver, _ = disk(memory, image, accept=~(VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES))
+    driver, _ = disk(memory, image, fast_path=fast_path, accept=~(VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES))
     assert request(driver, VIRTIO_BLK_T_DISCARD, out=segment(0, 8))[0] == VIRTIO_BLK_S_UNSUPP
     assert request(driver, VIRTIO_BLK_T_WRITE_ZEROES, out=segment(0, 8))[0] == VIRTIO_BLK_S_UNSUPP
     assert image.read_bytes() == before

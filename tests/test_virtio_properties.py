@@ -24,6 +24,7 @@ import struct
 import tempfile
 from typing import Iterable
 
+import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
@@ -56,6 +57,10 @@ BUFFERS = 0x12000
 FILL = 0xFF  # what the rng writes: not in the canary, so every write shows
 IMAGE_SECTORS = 64
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# virtio-blk request headers the random rings may point at (written by _headers).
+BLK_HEADER_REQUESTS = [(VIRTIO_BLK_T_IN, 0), (VIRTIO_BLK_T_OUT, 1), (VIRTIO_BLK_T_GET_ID, 0),
+                       (VIRTIO_BLK_T_IN, IMAGE_SECTORS - 1), (VIRTIO_BLK_T_FLUSH, 0)]  # fmt: skip
+BLK_HEADERS = [HEADERS + 16 * i for i in range(len(BLK_HEADER_REQUESTS))]
 
 _C_MESSAGES = {
     "bad head": "head index outside the queue",
@@ -185,22 +190,31 @@ def _index(size: int) -> st.SearchStrategy[int]:
     return st.one_of(inside, inside, inside, st.integers(0, size + 1))
 
 
-def descriptor(size: int) -> st.SearchStrategy[tuple[int, int, int, int]]:
-    """A descriptor: mostly plausible (so chains get through and the device writes), else hostile."""
+def descriptor(size: int, header: bool = False) -> st.SearchStrategy[tuple[int, int, int, int]]:
+    """A descriptor: mostly plausible (so chains get through and the device writes), else hostile;
+    with ``header``, also virtio-blk request headers (prepared by :func:`_headers`) that go on."""
     # NEXT on a third of them: in a small table, following random NEXT links soon loops
     flags = st.sampled_from([0, 2, 0, 2, 1, 3])
     plausible = st.tuples(INSIDE, st.integers(1, 4096), flags, st.integers(0, size - 1))
     to_indirect_table = st.tuples(st.just(INDIRECT_TABLE), st.sampled_from([16, 32, 64, 128]), st.just(4), st.just(0))
     hostile = st.tuples(ADDRESSES, LENGTHS, FLAGS, _index(size))
-    return st.one_of(plausible, plausible, plausible, plausible, to_indirect_table, hostile)
+    choices = [plausible, plausible, plausible, plausible, to_indirect_table, hostile]
+    if header:  # a request header that goes on, data in whole sectors (or with the status byte), a status byte
+        index = st.integers(0, size - 1)
+        choices += [
+            st.tuples(st.sampled_from(BLK_HEADERS), st.just(16), st.just(1), index),
+            st.tuples(INSIDE, st.sampled_from([512, 1024, 4096, 513, 4097]), st.sampled_from([1, 3, 2]), index),
+            st.tuples(INSIDE, st.just(1), st.just(2), index),
+        ] * 2
+    return st.one_of(*choices)
 
 
 @st.composite
-def random_ring(draw):  # type: ignore[no-untyped-def]
+def random_ring(draw, headers: bool = False):  # type: ignore[no-untyped-def]
     """A random descriptor table, a random indirect table and an available ring."""
     size = draw(QUEUE_SIZES)
-    table = draw(st.lists(descriptor(size), min_size=size, max_size=size))
-    indirect = draw(st.lists(descriptor(8), min_size=8, max_size=8))
+    table = draw(st.lists(descriptor(size, headers), min_size=size, max_size=size))
+    indirect = draw(st.lists(descriptor(8, headers), min_size=8, max_size=8))
     fits = st.lists(_index(size), min_size=1, max_size=size)
     heads = draw(st.one_of(fits, fits, fits, st.lists(_index(size), max_size=size + 1)))
     avail_idx = draw(st.one_of(st.just(len(heads)), st.just(len(heads)), st.just(len(heads)), st.integers(0, 0xFFFF)))
@@ -301,19 +315,24 @@ def test_console_random_rings_never_hurt_the_host(ring, host_input: bytes) -> No
 
 # --- blk: random rings ------------------------------------------------------------------------------------
 def _headers(memory: GuestMemory) -> None:
-    for i, (kind, sector) in enumerate(
-        [(VIRTIO_BLK_T_IN, 0), (VIRTIO_BLK_T_OUT, 1), (VIRTIO_BLK_T_GET_ID, 0), (VIRTIO_BLK_T_IN, IMAGE_SECTORS - 1)]
-    ):
-        memory.write(HEADERS + 16 * i, struct.pack("<IIQ", kind, 0, sector))
+    for gpa, (kind, sector) in zip(BLK_HEADERS, BLK_HEADER_REQUESTS):
+        memory.write(gpa, struct.pack("<IIQ", kind, 0, sector))
 
 
+# Both ways of serving IN, OUT and FLUSH: in C (pykvm_blk_serve), and in Python (the reference).
+BLK_PATHS = pytest.mark.parametrize("fast_path", [True, False], ids=["C", "Python"])
+
+
+@BLK_PATHS
 @SETTINGS
-@given(random_ring(), st.booleans())
-def test_blk_random_rings_never_hurt_the_host(ring, read_only: bool) -> None:  # type: ignore[no-untyped-def]
+@given(ring=random_ring(headers=True), read_only=st.booleans())
+def test_blk_random_rings_never_hurt_the_host(ring, read_only, fast_path) -> None:  # type: ignore[no-untyped-def]
     path = fresh_image()
-    device = VirtioBlock(path, read_only=read_only)
+    device = VirtioBlock(path, read_only=read_only, fast_path=fast_path)
     try:
         driver, records = run_random_ring(device, ring, prepare=_headers)
+        in_c = sum(record.in_c for record in records)
+        event(f"chains served in C: {min(in_c, 3)}{'+' if in_c > 3 else ''}")
         popped = {r.head: r.got for r in records if isinstance(r.got, list)}
         for head, length in driver.used(0):
             buffers = popped[head]
@@ -414,13 +433,14 @@ def post_blk(driver, req) -> int:  # type: ignore[no-untyped-def]
     return driver.post(0, readable, writable, indirect)
 
 
+@BLK_PATHS
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(blk_request(), min_size=1, max_size=12), st.booleans())
-def test_blk_request_sequences_match_a_model_of_the_disk(requests, read_only: bool) -> None:  # type: ignore[no-untyped-def]
+@given(requests=st.lists(blk_request(), min_size=1, max_size=12), read_only=st.booleans())
+def test_blk_request_sequences_match_a_model_of_the_disk(requests, read_only, fast_path) -> None:  # type: ignore[no-untyped-def]
     path = fresh_image("model.img")
     disk = bytearray(_read(path))
     unknown = bytearray(len(disk))  # 1 where a discard left the contents undefined
-    device = VirtioBlock(path, read_only=read_only)
+    device = VirtioBlock(path, read_only=read_only, fast_path=fast_path)
     try:
         memory = fresh_memory()
         driver = connect(device, memory, RING_AREA, buffer_area=(BUFFERS, MEM - BUFFERS))
@@ -447,6 +467,38 @@ def test_blk_request_sequences_match_a_model_of_the_disk(requests, read_only: bo
         assert not driver.status & mmio.DEVICE_NEEDS_RESET
         actual = _read(path)
         assert all(a == b or u for a, b, u in zip(actual, disk, unknown))
+    finally:
+        device.close()
+
+
+@BLK_PATHS
+@SETTINGS
+@given(requests=st.lists(blk_request(), min_size=1, max_size=5), breakage=st.one_of(st.none(), st.tuples(
+    st.integers(0, 15), descriptor(16, header=True))), accept=FEATURE_CHOICES)  # fmt: skip
+def test_blk_driver_built_requests_with_one_broken_descriptor(requests, breakage, accept, fast_path) -> None:  # type: ignore[no-untyped-def]
+    """Requests as a driver builds them, each layout of 2.6.4, then one descriptor overwritten."""
+    path = fresh_image()
+    device = VirtioBlock(path, fast_path=fast_path)
+    try:
+        memory = fresh_memory()
+        driver = connect(device, memory, RING_AREA, buffer_area=(BUFFERS, MEM - BUFFERS))
+        driver.negotiate(accept=accept, queue_sizes={0: 16})
+        heads = []
+        for req in requests:
+            indirect = req[6] and bool(accept & mmio.VIRTIO_F_INDIRECT_DESC)
+            assume(len(driver.queues[0].free) >= (1 if indirect else 8))
+            heads.append(post_blk(driver, req[:6] + (indirect,) + req[7:]))
+        if breakage is not None:
+            driver.write_desc(0, *breakage[:1], *breakage[1])
+        before = memory.read(0, MEM)
+        with record_pops(driver.transport) as records:
+            driver.notify(0)
+        check_run(driver, before, records)
+        in_c = sum(record.in_c for record in records)
+        event(f"requests served in C: {min(in_c, 3)}{'+' if in_c > 3 else ''}")
+        if breakage is None:
+            assert [head for head, _ in driver.used(0)] == heads
+        assert os.path.getsize(path) == IMAGE_SECTORS * 512
     finally:
         device.close()
 

@@ -102,17 +102,18 @@ def test_console_keeps_host_input_the_driver_has_not_taken(memories) -> None:
     assert data[:length] == b"typed before the snapshot"
 
 
-def test_blk_continues_on_a_copy_of_its_image(memories, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fast_path", [True, False], ids=["C", "Python"])  # who serves IN and OUT
+def test_blk_continues_on_a_copy_of_its_image(memories, tmp_path: Path, fast_path: bool) -> None:
     first_memory, second_memory = memories
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(range(256)) * 64)  # 32 sectors
-    disk = VirtioBlock(image)
+    disk = VirtioBlock(image, fast_path=fast_path)
     driver = connect(disk, first_memory)
     driver.negotiate()
     header = VIRTIO_BLK_T_OUT.to_bytes(4, "little") + bytes(4) + (3).to_bytes(8, "little")
     driver.request(0, [header, b"\x5a" * 512], [1])
     shutil.copy(image, tmp_path / "copy.img")
-    copy_disk = VirtioBlock(tmp_path / "copy.img")
+    copy_disk = VirtioBlock(tmp_path / "copy.img", fast_path=fast_path)
     try:
         twin = rebuild(driver, copy_disk, second_memory)
         read = VIRTIO_BLK_T_IN.to_bytes(4, "little") + bytes(4) + (3).to_bytes(8, "little")

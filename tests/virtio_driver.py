@@ -528,26 +528,36 @@ class PopRecord:
     head: int | None
     expected: list[tuple[int, int, bool]] | str | None
     got: list[tuple[int, int, bool]] | str | None
+    in_c: bool = False  # taken by virtio-blk's C path, not popped
+
+
+def _next_head(memory: GuestMemory, queue: SplitQueue) -> tuple[int | None, list[tuple[int, int, bool]] | str | None]:
+    """The head the device takes next, and what the reference walk says of its chain (None, None
+    when nothing is available or the available index is broken)."""
+    try:
+        if not queue.pending(memory):
+            return None, None
+    except QueueError:
+        return None, None
+    head = memory.read_u16(queue.avail_ring + 4 + 2 * (queue.next_avail % queue.size))
+    return head, reference_walk(memory, queue.desc_table, queue.size, head, queue.indirect, queue.size)
 
 
 @contextlib.contextmanager
 def record_pops(transport: VirtioMmioTransport) -> Iterator[list[PopRecord]]:
     """Record every chain popped from the transport's queues (walked in C), and what the
-    Python reference walk says about the same head at the same moment."""
+    Python reference walk says about the same head at the same moment.
+
+    A virtio-blk device serving plain requests in C (``pykvm_blk_serve``) takes chains without
+    popping them: it is made to take one at a time, and each one it took is recorded with the
+    reference walk's buffers (those it was given: what it wrote must lie inside them)."""
     records: list[PopRecord] = []
     originals = []
     for queue in transport.queues:
         original = queue.pop
 
         def pop(memory: GuestMemory, _queue: SplitQueue = queue, _original=original) -> DescriptorChain | None:
-            head = expected = None
-            try:
-                if _queue.pending(memory):
-                    slot = _queue.avail_ring + 4 + 2 * (_queue.next_avail % _queue.size)
-                    head = memory.read_u16(slot)
-                    expected = reference_walk(memory, _queue.desc_table, _queue.size, head, _queue.indirect, _queue.size)
-            except QueueError:
-                pass
+            head, expected = _next_head(memory, _queue)
             try:
                 chain = _original(memory)
             except QueueError as err:
@@ -557,10 +567,27 @@ def record_pops(transport: VirtioMmioTransport) -> Iterator[list[PopRecord]]:
                 records.append(PopRecord(chain.head, expected, [(b.gpa, b.len, b.writable) for b in chain.buffers]))
             return chain
 
-        originals.append((queue, original))
+        originals.append((queue, "pop", original))
         queue.pop = pop  # type: ignore[method-assign]
+    plain = getattr(transport.device, "_plain", None)  # virtio-blk's requests served in C
+    if plain is not None:
+        serve = plain.serve
+
+        def serve_one_at_a_time(queue: SplitQueue, limit: int, _serve=serve) -> int:
+            served = 0
+            while served < limit:
+                head, expected = _next_head(transport.memory, queue)
+                if not _serve(queue, 1):
+                    break
+                assert isinstance(expected, list), f"C served the chain at {head}, which the reference walk refuses"
+                records.append(PopRecord(head, expected, [b for b in expected if b[1]], in_c=True))
+                served += 1
+            return served
+
+        originals.append((plain, "serve", serve))
+        plain.serve = serve_one_at_a_time
     try:
         yield records
     finally:
-        for queue, original in originals:
-            queue.pop = original  # type: ignore[method-assign]
+        for owner, name, original in originals:
+            setattr(owner, name, original)

@@ -86,8 +86,10 @@ class Bus:
 
     def read(self, addr: int, size: int) -> int:
         """A ``size``-byte read (1 to 8 bytes) at ``addr``."""
-        mask = _mask(size)
-        found = self.find(addr)
+        mask = _MASKS.get(size) or _bad_size(size)
+        found = self._found.get(addr, _NOT_LOOKED_UP)  # find()'s cache, looked at here: every exit comes here
+        if found is _NOT_LOOKED_UP:
+            found = self.find(addr)
         if found is None:
             self._unclaimed(addr, size, "read")
             return mask
@@ -100,8 +102,10 @@ class Bus:
 
     def write(self, addr: int, size: int, value: int) -> None:
         """A ``size``-byte write (1 to 8 bytes) of ``value`` at ``addr``."""
-        mask = _mask(size)
-        found = self.find(addr)
+        mask = _MASKS.get(size) or _bad_size(size)
+        found = self._found.get(addr, _NOT_LOOKED_UP)
+        if found is _NOT_LOOKED_UP:
+            found = self.find(addr)
         if found is None:
             self._unclaimed(addr, size, "write")
             return
@@ -114,7 +118,9 @@ class Bus:
         log.debug("%s: unclaimed %d-byte %s at %#x", self.name, size, kind, addr)
 
 
-def _mask(size: int) -> int:
-    if not 1 <= size <= 8:
-        raise ValueError(f"bus access of {size} bytes; accesses are 1 to 8 bytes")
-    return (1 << (8 * size)) - 1
+_MASKS = {size: (1 << (8 * size)) - 1 for size in range(1, 9)}
+_NOT_LOOKED_UP = object()
+
+
+def _bad_size(size: int) -> int:
+    raise ValueError(f"bus access of {size} bytes; accesses are 1 to 8 bytes")

@@ -78,7 +78,6 @@ snapshot keeps; a restored device raises the line again if IRQF is set.
 
 from __future__ import annotations
 
-import calendar
 import datetime
 import logging
 import time
@@ -159,6 +158,7 @@ DECIMAL_BASE = 10
 NS_PER_SECOND = 1_000_000_000
 # UIP is set this long before each update: 8 cycles of the 32.768 kHz time base (244 us).
 UIP_NS = 8 * NS_PER_SECOND // 32_768
+_EPOCH = datetime.datetime(1970, 1, 1)
 # How far a restored RTC may be from the host's clock: more than years 1-9999 can put between them.
 RTC_OFFSET_LIMIT_NS = 10_000 * 366 * 24 * 3600 * NS_PER_SECOND
 
@@ -417,7 +417,7 @@ class Cmos(ByteRegisterDevice):
             moment = datetime.datetime(century * YEARS_PER_CENTURY + year, month, day, hour, minute, second)
         except ValueError:
             return None
-        return calendar.timegm(moment.timetuple())
+        return (moment - _EPOCH) // datetime.timedelta(seconds=1)  # as UTC (calendar.timegm, without its import)
 
     def _encode_hours(self, hour: int) -> int:
         if self._ram[REG_B] & REG_B_24H:

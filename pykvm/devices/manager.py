@@ -39,14 +39,14 @@ _Device = TypeVar("_Device", bound="VirtioDevice")
 
 @dataclasses.dataclass
 class AttachedDevice:
-    """A device on a bus, and what answers some of its accesses in C."""
+    """A device on a bus, and the fast handlers that answer some of its accesses in C."""
 
     name: str
     space: Space
     base: int
     size: int
     device: Device
-    fast: FastHandler | None = None
+    fast: tuple[FastHandler, ...] = ()
 
 
 @dataclasses.dataclass
@@ -104,7 +104,7 @@ class DeviceManager:
 
     # --- attaching ---------------------------------------------------------------------------
     def attach(self, name: str, base: int, size: int, device: Device, *, space: Space = Space.PIO,
-               fast: FastHandler | None = None) -> AttachedDevice:  # fmt: skip
+               fast: tuple[FastHandler, ...] = ()) -> AttachedDevice:  # fmt: skip
         """Put ``device`` on the port-I/O (or MMIO) bus over ``[base, base+size)``, under ``name``."""
         if name in self.devices:
             raise BusError(f"a device named {name!r} is already attached")

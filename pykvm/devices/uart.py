@@ -63,15 +63,20 @@ What this model does, and where it simplifies the chip:
   registers, the latched line errors and modem deltas, the pending THRE
   interrupt and the whole receive queue (FIFO and host input, breaks marked).
   :meth:`Uart16550.restore_state` takes one back into a UART built with the
-  same callbacks, then calls ``irq(level)`` and ``on_fast_transmit_change(ok)``
-  once each, so that the interrupt line and the C fast path match the restored
-  registers.
+  same callbacks, then calls ``irq(level)``, ``on_fast_transmit_change(ok)`` and
+  ``on_fast_line_status_change(value)`` once each, so that the interrupt line and
+  the C fast path match the restored registers.
+- **The C fast path.** Two of its entries answer for the model while its state
+  allows: THR writes (:attr:`Uart16550.fast_transmit_ok`) and LSR reads
+  (:attr:`Uart16550.fast_line_status`: the value a read gives while reading it
+  changes nothing, that is while no line error is latched).  The model reports each
+  change of either through its callback.
 
 ``stats`` counts ``tx_bytes`` (THR writes), ``rx_bytes`` (bytes entering the
 receive queue, from the host or by loopback), ``rx_discarded``, ``rx_overruns``
 and the width/miss counters of :class:`~pykvm.devices.ports.ByteRegisterDevice`.
 
-Callbacks (``output``, ``irq``, ``on_fast_transmit_change``) run with the
+Callbacks (``output``, ``irq``, ``on_fast_transmit_change``, ``on_fast_line_status_change``) run with the
 UART's lock held (a re-entrant lock, so a callback may call back into the
 UART); they may be called from the vCPU thread or from the thread calling
 :meth:`Uart16550.receive`.  Exceptions they raise propagate to the caller.
@@ -172,6 +177,7 @@ RX_STATE_LIMIT = 4 * MIB
 OutputCallback = Callable[[bytes], None]
 IrqCallback = Callable[[bool], None]
 FastTransmitCallback = Callable[[bool], None]
+FastLineStatusCallback = Callable[[int | None], None]
 
 
 @dataclass(frozen=True)
@@ -202,11 +208,13 @@ class Uart16550(ByteRegisterDevice):
         output: OutputCallback,
         irq: IrqCallback | None = None,
         on_fast_transmit_change: FastTransmitCallback | None = None,
+        on_fast_line_status_change: FastLineStatusCallback | None = None,
     ) -> None:
         super().__init__()
         self._output = output
         self._irq = irq
         self._on_fast_transmit_change = on_fast_transmit_change
+        self._on_fast_line_status_change = on_fast_line_status_change
         self._lock = threading.RLock()
         self._rx: deque[int] = deque()
         self._rx_breaks = 0
@@ -222,18 +230,22 @@ class Uart16550(ByteRegisterDevice):
         self._thre_pending = False
         self._irq_level = False
         self._fast_transmit_ok = self._compute_fast_transmit_ok()
+        self._fast_line_status = self._compute_fast_line_status()
 
     # --- the bus interface and host side ------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
         """A guest read (see :class:`~pykvm.devices.ports.ByteRegisterDevice`)."""
         with self._lock:
-            return super().read(offset, size)
+            value = super().read(offset, size)
+            self._update_fast_line_status()
+            return value
 
     def write(self, offset: int, size: int, value: int) -> None:
         """A guest write (see :class:`~pykvm.devices.ports.ByteRegisterDevice`)."""
         with self._lock:
             super().write(offset, size, value)
+            self._update_fast_line_status()
 
     def receive(self, data: bytes) -> None:
         """Queue host input for the guest; thread-safe, never drops a byte."""
@@ -242,6 +254,7 @@ class Uart16550(ByteRegisterDevice):
         with self._lock:
             self._enqueue(data)
             self._update_irq()
+            self._update_fast_line_status()
 
     def receive_break(self) -> None:
         """Deliver a break condition on the receive line; thread-safe."""
@@ -249,6 +262,7 @@ class Uart16550(ByteRegisterDevice):
             self._rx_breaks += 1
             self._enqueue((BREAK_ENTRY,))
             self._update_irq()
+            self._update_fast_line_status()
 
     @property
     def fast_transmit_ok(self) -> bool:
@@ -260,6 +274,16 @@ class Uart16550(ByteRegisterDevice):
         1-byte writes to offset 0 without calling :meth:`write`.
         """
         return self._fast_transmit_ok
+
+    @property
+    def fast_line_status(self) -> int | None:
+        """What an LSR read gives while reading it changes nothing, else None.
+
+        Reading LSR clears the latched line errors (OE, BI); while none is latched a read
+        only reports the line, so the C fast path may answer 1-byte LSR reads with this
+        value (the one :meth:`read` gives) without calling the model.
+        """
+        return self._fast_line_status
 
     @property
     def irq_level(self) -> bool:
@@ -315,6 +339,7 @@ class Uart16550(ByteRegisterDevice):
             self._rx_breaks = len(state.rx_breaks)
             self._set_irq(self._line_level())
             self._set_fast_transmit(self._compute_fast_transmit_ok())
+            self._set_fast_line_status(self._compute_fast_line_status())
 
     # --- register decoding --------------------------------------------------------
 
@@ -374,13 +399,17 @@ class Uart16550(ByteRegisterDevice):
 
     def _read_lsr(self) -> int:
         """Line status; reading it clears the latched error bits (OE, PE, FE, BI)."""
+        value = self._line_status()
+        self._line_errors = 0
+        self._update_irq()
+        return value
+
+    def _line_status(self) -> int:
         value = LSR_THRE | LSR_TEMT | self._line_errors
         if self._rx:
             value |= LSR_DR
         if self._fifos_enabled and self._rx_breaks:
             value |= LSR_RCVR_FIFO_ERROR
-        self._line_errors = 0
-        self._update_irq()
         return value
 
     def _read_msr(self) -> int:
@@ -569,6 +598,19 @@ class Uart16550(ByteRegisterDevice):
         self._fast_transmit_ok = ok
         if self._on_fast_transmit_change is not None:
             self._on_fast_transmit_change(ok)
+
+    def _compute_fast_line_status(self) -> int | None:
+        return None if self._line_errors else self._line_status()
+
+    def _update_fast_line_status(self) -> None:
+        value = self._compute_fast_line_status()
+        if value != self._fast_line_status:
+            self._set_fast_line_status(value)
+
+    def _set_fast_line_status(self, value: int | None) -> None:
+        self._fast_line_status = value
+        if self._on_fast_line_status_change is not None:
+            self._on_fast_line_status_change(value)
 
 
 def _rx_entries(state: UartState) -> list[int]:

@@ -1,75 +1,102 @@
 """Decoded vCPU exits: one small record per kind of ``KVM_EXIT_*`` pykvm handles.
 
-The records of port-I/O and MMIO reads carry a writable buffer over ``kvm_run``:
-the answer is written there before the vCPU runs again.  They are plain slotted
-classes because one is made per exit (a frozen dataclass costs twice as much).
+The records of port I/O and MMIO carry a writable view of their bytes in ``kvm_run``
+(valid until the vCPU runs again): a read's answer is written there before the vCPU runs
+again.  A write's first access also comes as an integer, ``value``, which the C run loop
+decoded.
+
+They are plain slotted classes, each with its own ``__init__``, equal when their fields
+are: one is made per exit, and a dataclass would cost every ``pykvm run`` about 0.3 ms
+per class at import (its methods are compiled from source when the class is made).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(slots=True)
-class IoExit:
-    """``KVM_EXIT_IO``: ``count`` accesses of ``size`` bytes to ``port``, packed in ``data``."""
+class _Record:
+    """Value equality, a repr and ``match`` positions from ``__slots__``."""
 
-    port: int
-    size: int
-    count: int
-    is_write: bool
-    data: Any  # a cffi buffer: slicing gives bytes, slice assignment writes kvm_run
+    __slots__: tuple[str, ...] = ()
+    __hash__ = None  # type: ignore[assignment]  # mutable and compared by value, as a dataclass
 
+    def __init_subclass__(cls) -> None:
+        cls.__match_args__ = cls.__slots__
 
-@dataclass(slots=True)
-class MmioExit:
-    """``KVM_EXIT_MMIO``: one access of ``size`` bytes at guest-physical ``addr``."""
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
 
-    addr: int
-    size: int
-    is_write: bool
-    data: Any  # a cffi buffer: slicing gives bytes, slice assignment writes kvm_run
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
 
 
-@dataclass(slots=True)
-class HltExit:
+class IoExit(_Record):
+    """``KVM_EXIT_IO``: ``count`` accesses of ``size`` bytes to ``port``, packed in ``data``
+    (string I/O makes several); ``value`` is a write's first access (0 for a read)."""
+
+    __slots__ = ("port", "size", "count", "is_write", "data", "value")
+
+    def __init__(self, port: int, size: int, count: int, is_write: bool, data: Any, value: int) -> None:
+        self.port, self.size, self.count, self.is_write, self.data, self.value = port, size, count, is_write, data, value
+
+
+class MmioExit(_Record):
+    """``KVM_EXIT_MMIO``: one access of ``size`` bytes at guest-physical ``addr``, in ``data``;
+    ``value`` is a write's bytes as an integer (0 for a read)."""
+
+    __slots__ = ("addr", "size", "is_write", "data", "value")
+
+    def __init__(self, addr: int, size: int, is_write: bool, data: Any, value: int) -> None:
+        self.addr, self.size, self.is_write, self.data, self.value = addr, size, is_write, data, value
+
+
+class HltExit(_Record):
     """``KVM_EXIT_HLT``: the guest executed HLT (only without an in-kernel irqchip)."""
 
-    interrupts_enabled: bool
+    __slots__ = ("interrupts_enabled",)
+
+    def __init__(self, interrupts_enabled: bool) -> None:
+        self.interrupts_enabled = interrupts_enabled
 
 
-@dataclass(slots=True)
-class ShutdownExit:
+class ShutdownExit(_Record):
     """``KVM_EXIT_SHUTDOWN``: a triple fault (or another shutdown condition)."""
 
+    __slots__ = ()
 
-@dataclass(slots=True)
-class InternalErrorExit:
+
+class InternalErrorExit(_Record):
     """``KVM_EXIT_INTERNAL_ERROR``: KVM could not emulate an instruction (or another internal error)."""
 
-    suberror: int
-    data: tuple[int, ...]
+    __slots__ = ("suberror", "data")
+
+    def __init__(self, suberror: int, data: tuple[int, ...]) -> None:
+        self.suberror, self.data = suberror, data
 
 
-@dataclass(slots=True)
-class FailEntryExit:
+class FailEntryExit(_Record):
     """``KVM_EXIT_FAIL_ENTRY``: the hardware refused to enter the guest."""
 
-    reason: int
-    cpu: int
+    __slots__ = ("reason", "cpu")
+
+    def __init__(self, reason: int, cpu: int) -> None:
+        self.reason, self.cpu = reason, cpu
 
 
-@dataclass(slots=True)
-class SystemEventExit:
+class SystemEventExit(_Record):
     """``KVM_EXIT_SYSTEM_EVENT``: the guest asked for shutdown, reset or reported a crash."""
 
-    type: int
-    data: tuple[int, ...]
+    __slots__ = ("type", "data")
+
+    def __init__(self, type: int, data: tuple[int, ...]) -> None:
+        self.type, self.data = type, data
 
 
-@dataclass(slots=True)
-class GuestDebugExit:
+class GuestDebugExit(_Record):
     """``KVM_EXIT_DEBUG``: a debug event KVM_SET_GUEST_DEBUG asked for (not the debug-exit port).
 
     ``exception`` is the vector (1: #DB, single step or hardware breakpoint; 3: #BP, int3),
@@ -77,35 +104,40 @@ class GuestDebugExit:
     ``dr6`` and ``dr7`` the debug registers (DR6 B0-B3: which hardware breakpoint, BS: a step).
     """
 
-    exception: int
-    pc: int
-    dr6: int
-    dr7: int
+    __slots__ = ("exception", "pc", "dr6", "dr7")
+
+    def __init__(self, exception: int, pc: int, dr6: int, dr7: int) -> None:
+        self.exception, self.pc, self.dr6, self.dr7 = exception, pc, dr6, dr7
 
 
-@dataclass(slots=True)
-class DebugPortExit:
+class DebugPortExit(_Record):
     """A debug-exit port was written; answered by the C fast path."""
 
-    value: int
+    __slots__ = ("value",)
+
+    def __init__(self, value: int) -> None:
+        self.value = value
 
 
-@dataclass(slots=True)
-class Interrupted:
+class Interrupted(_Record):
     """KVM_RUN returned early because of a signal or ``immediate_exit``."""
 
+    __slots__ = ()
 
-@dataclass(slots=True)
-class StopRequested:
+
+class StopRequested(_Record):
     """The vCPU's stop flag was set (:meth:`Vcpu.request_stop`): it did not enter the guest."""
 
+    __slots__ = ()
 
-@dataclass(slots=True)
-class OtherExit:
+
+class OtherExit(_Record):
     """Any other exit reason, reported as is (KVM_EXIT_UNKNOWN carries the hardware reason)."""
 
-    reason: int
-    hardware_reason: int = 0
+    __slots__ = ("reason", "hardware_reason")
+
+    def __init__(self, reason: int, hardware_reason: int = 0) -> None:
+        self.reason, self.hardware_reason = reason, hardware_reason
 
 
 Exit = (

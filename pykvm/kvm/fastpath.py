@@ -1,11 +1,13 @@
 """The table of exits the C run loop answers without returning to Python.
 
 One table is shared by every vCPU of a machine.  Each entry covers a port or MMIO
-range and is one of three kinds: a constant (reads give ``value``, writes are
-ignored), a debug-exit port (a write stops the run with the written value) or a
-serial transmit register (1-byte writes go to a serial output, see
-:class:`~pykvm.console.SerialOutput`).  Device models switch their entry off while their state makes the
-simple answer wrong (e.g. the UART's divisor latch is selected).
+range and is one of four kinds: a constant (reads give ``value``, writes are
+ignored), a byte register (1-byte reads give ``value``, which the device model keeps
+current; other accesses go to Python), a debug-exit port (a write stops the run with
+the written value) or a serial transmit register (1-byte writes go to a serial output,
+see :class:`~pykvm.console.SerialOutput`).  Device models switch their entry off while
+their state makes the simple answer wrong (e.g. the UART's divisor latch is selected, or a
+line error waits to be cleared by the next read of its line status).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class FastKind(enum.IntEnum):
     CONSTANT = lib.PYKVM_FAST_CONSTANT
     DEBUG_EXIT = lib.PYKVM_FAST_DEBUG_EXIT
     SERIAL_TX = lib.PYKVM_FAST_SERIAL_TX
+    BYTE_REGISTER = lib.PYKVM_FAST_BYTE_REGISTER
 
 
 class Space(enum.IntEnum):
@@ -51,6 +54,15 @@ class FastHandler:
     @enabled.setter
     def enabled(self, value: bool) -> None:
         self._entry.enabled = int(value)
+
+    @property
+    def value(self) -> int:
+        return int(self._entry.value)
+
+    @value.setter
+    def value(self, value: int) -> None:
+        """What reads give; a vCPU in the C loop sees the old value or the new one (one store)."""
+        self._entry.value = value
 
     @property
     def reads(self) -> int:

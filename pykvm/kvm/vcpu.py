@@ -5,13 +5,13 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from typing import Mapping, Sequence
+import struct
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..errors import StateError
 from ..native import check, ffi, lib
 from . import ioctls
 from .convert import check_present, check_size, fill_struct, new_struct, to_record
-from .debug import BP_VECTOR, DB_VECTOR, GuestDebug
 from .exits import (
     DebugPortExit,
     Exit,
@@ -31,9 +31,15 @@ from .fam import CPUID2, MSRS
 from .fastpath import FastTable
 from .state import CpuidEntry, Regs, SRegs, Translation, VcpuState
 
+if TYPE_CHECKING:
+    from .debug import GuestDebug  # imported where it is used: running a guest needs no debugging records
 
-
-_EXIT_IO, _EXIT_MMIO, _IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_IO_OUT
+_EXIT_IO, _EXIT_MMIO = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO
+_loop_run = lib.pykvm_loop_run
+# answer(is_mmio, address, size, count, is_write, data, value): see Vcpu.run.
+AccessHandler = Callable[[bool, int, int, int, bool, Any, int], None]
+# struct pykvm_exit: reason, is_write, address, size, count, value, data_offset (_native.c checks the layout).
+_EXIT_RECORD = struct.Struct("=IIQIIQQ")
 _STOP_EXIT, _STOP_INTERRUPTED = lib.PYKVM_STOP_EXIT, lib.PYKVM_STOP_INTERRUPTED
 _STOP_REQUESTED, _STOP_DEBUG_EXIT = lib.PYKVM_STOP_REQUESTED, lib.PYKVM_STOP_DEBUG_EXIT
 # KVM_GET_MSRS and KVM_SET_MSRS take fewer than 256 MSRs per call (MAX_IO_MSRS), else E2BIG.
@@ -43,7 +49,6 @@ MSRS_PER_IOCTL = 255
 MSR_IA32_TSC_DEADLINE = 0x6E0
 # KVM_GET_CPUID2 fails with E2BIG when the array is too small; KVM allows 256 entries.
 _CPUID_ENTRIES_START, _CPUID_ENTRIES_MAX = 64, 256
-_GUESTDBG_INJECT = {DB_VECTOR: lib.KVM_GUESTDBG_INJECT_DB, BP_VECTOR: lib.KVM_GUESTDBG_INJECT_BP}
 
 
 class Vcpu:
@@ -72,6 +77,11 @@ class Vcpu:
         self._loop = ffi.new("struct pykvm_loop *")
         self._loop.vcpu_fd = fd
         self._loop.run = self.kvm_run
+        # The exit record the C loop fills, and views of kvm_run from where an exit's data lies
+        # (KVM uses one offset for port I/O and one for MMIO; cached, as every exit needs one).
+        self._exit_record = ffi.buffer(ffi.addressof(self._loop, "exit"))
+        self._run_bytes = memoryview(ffi.buffer(self.kvm_run, mmap_size))
+        self._data_views: dict[int, memoryview] = {}
         self._table: FastTable | None = None
 
     def close(self) -> None:
@@ -238,6 +248,9 @@ class Vcpu:
         Each event then ends :meth:`run` with a :class:`GuestDebugExit`;
         ``GuestDebug(enable=False)`` turns debugging off again.
         """
+        from .debug import BP_VECTOR, DB_VECTOR
+
+        inject = {DB_VECTOR: lib.KVM_GUESTDBG_INJECT_DB, BP_VECTOR: lib.KVM_GUESTDBG_INJECT_BP}
         request = ffi.new("struct kvm_guest_debug *")
         if debug.enable:
             request.control = (
@@ -246,7 +259,7 @@ class Vcpu:
                 | (lib.KVM_GUESTDBG_USE_SW_BP if debug.software_breakpoints else 0)
                 | (lib.KVM_GUESTDBG_USE_HW_BP if debug.hardware_breakpoints else 0)
                 | (lib.KVM_GUESTDBG_BLOCKIRQ if debug.block_irq else 0)
-                | (_GUESTDBG_INJECT[debug.inject] if debug.inject is not None else 0)
+                | (inject[debug.inject] if debug.inject is not None else 0)
             )
             request.arch.debugreg = list(debug.debugreg())
         self._ioctl(ioctls.KVM_SET_GUEST_DEBUG, request)
@@ -386,11 +399,35 @@ class Vcpu:
         """The C ``uint32_t *`` that :meth:`request_stop` sets (for C code that waits and must give up)."""
         return ffi.addressof(self._loop, "stop")
 
-    def run(self) -> Exit:
-        """Run until an exit Python must see; returns it decoded."""
-        stop = lib.pykvm_loop_run(self._loop)
-        if stop == _STOP_EXIT:
-            return self._decode()
+    def run(self, answer: AccessHandler | None = None) -> Exit:
+        """Run until an exit Python must see; returns it decoded.
+
+        With ``answer``, port-I/O and MMIO exits are not returned: each is passed to
+        ``answer(is_mmio, address, size, count, is_write, data, value)`` (the fields of
+        :class:`IoExit`, but ``data`` is ``kvm_run``'s data area from the first access on:
+        the accesses are its first ``size * count`` bytes), which answers a read in ``data``,
+        and the vCPU runs on; the first other exit is returned.  Those two kinds are read from
+        the C loop's record in one unpack, the rarer ones from ``kvm_run`` (:meth:`_decode`).
+        """
+        loop, record, views = self._loop, self._exit_record, self._data_views
+        while True:
+            stop = _loop_run(loop)
+            if stop != _STOP_EXIT:
+                return self._stopped(stop)
+            reason, is_write, address, size, count, value, offset = _EXIT_RECORD.unpack_from(record)
+            if reason != _EXIT_IO and reason != _EXIT_MMIO:
+                return self._decode(reason)
+            data = views.get(offset)
+            if data is None:
+                data = views[offset] = self._run_bytes[offset:]
+            if answer is not None:
+                answer(reason == _EXIT_MMIO, address, size, count, is_write != 0, data, value)
+            elif reason == _EXIT_IO:
+                return IoExit(address, size, count, is_write != 0, data[: size * count], value)
+            else:
+                return MmioExit(address, size, is_write != 0, data[:size], value)
+
+    def _stopped(self, stop: int) -> Exit:
         if stop == _STOP_INTERRUPTED:
             return Interrupted()
         if stop == _STOP_REQUESTED:
@@ -400,18 +437,9 @@ class Vcpu:
         check(stop, ioctls.KVM_RUN.name)
         raise AssertionError(f"pykvm_loop_run returned {stop}")
 
-    def _decode(self) -> Exit:
+    def _decode(self, reason: int) -> Exit:
+        """An exit other than port I/O or MMIO, from ``kvm_run``."""
         run = self.kvm_run
-        reason = run.exit_reason
-        if reason == _EXIT_IO:
-            io = run.io
-            size, count = io.size, io.count
-            data = ffi.buffer(lib.pykvm_io_data(run), size * count)
-            return IoExit(io.port, size, count, io.direction == _IO_OUT, data)
-        if reason == _EXIT_MMIO:
-            mmio = run.mmio
-            size = mmio.len
-            return MmioExit(mmio.phys_addr, size, bool(mmio.is_write), ffi.buffer(mmio.data, min(size, 8)))
         if reason == lib.KVM_EXIT_HLT:
             return HltExit(bool(run.if_flag))
         if reason == lib.KVM_EXIT_SHUTDOWN:
@@ -445,6 +473,21 @@ class Vcpu:
     def fast_ns(self) -> int:
         """Nanoseconds spent answering exits in the C fast path."""
         return int(self._loop.fast_ns)
+
+    def accesses_by_address(self) -> tuple[dict[tuple[bool, int, bool], int], int]:
+        """The port-I/O and MMIO exits this vCPU returned to Python, by ``(is_mmio, address,
+        is_write)`` for the first ``PYKVM_ADDRESSES_KEPT`` addresses, and how many went to others."""
+        loop, counts = self._loop, {}
+        for entry in loop.addresses[0 : loop.addresses_kept]:
+            key = int(entry.key)
+            counts[(bool(key & 2), key >> 2, bool(key & 1))] = int(entry.count)
+        return counts, int(loop.other_addresses)
+
+    @property
+    def python_ns(self) -> int:
+        """Nanoseconds from each exit returned to Python until the next :meth:`run`: decoding and
+        answering it (the time a stopped or paused vCPU waits is not counted)."""
+        return int(self._loop.python_ns)
 
     @property
     def fast_exits(self) -> int:

@@ -9,12 +9,12 @@ from ..errors import StateError
 from ..native import ffi, lib
 from . import ioctls
 from .convert import check_present, check_size, new_struct, to_record
-from .dirty_bitmap import PAGE_SIZE, DirtyBitmap, bitmap_size
 from .fam import IRQ_ROUTING
 from .state import ClockData, MemorySlot, VmState
 from .vcpu import Vcpu
 
 if TYPE_CHECKING:
+    from .dirty_bitmap import DirtyBitmap  # imported where it is used: running a guest needs no dirty log
     from .system import Kvm
 
 # What KVM_SET_GUEST_DEBUG has accepted on x86 since it exists (before KVM_CAP_SET_GUEST_DEBUG2 said so).
@@ -126,6 +126,8 @@ class Vm:
         manual protection is on (:meth:`enable_manual_dirty_log_protect`): then the pages stay
         reported until :meth:`clear_dirty_log`.  Writes by the host are not logged.
         """
+        from .dirty_bitmap import PAGE_SIZE, DirtyBitmap, bitmap_size
+
         region = self._slot(slot)
         pages = region.size // PAGE_SIZE
         bitmap = ffi.new("char[]", bitmap_size(pages))
@@ -147,6 +149,8 @@ class Vm:
     def clear_dirty_log(self, dirty: DirtyBitmap) -> None:
         """See ``KVM_CLEAR_DIRTY_LOG``: forget the pages ``dirty`` reports (as :meth:`get_dirty_log`
         gave it) and write-protect them again, so that the next write to one is logged."""
+        from .dirty_bitmap import PAGE_SIZE
+
         region = self._slot(dirty.slot)
         if dirty.pages != region.size // PAGE_SIZE:
             raise StateError(

@@ -12,6 +12,16 @@ queue is notified, synchronously, under the device's lock.  ``on_read(offset, bu
 if given, sees the data of every complete read before the request is answered (a
 recorder of host inputs hashes it, :mod:`pykvm.replay`).
 
+The plain requests, IN, OUT and FLUSH, are served in C (``pykvm_blk_serve``, in
+``_native.c``) unless ``fast_path`` is False or an ``on_read`` hook must see the data:
+on a notification it serves the available chains in order, straight between the file
+and guest memory, and completes them in the used ring, until it meets one it leaves to
+this module (any other request type, a malformed chain, a bound broken, a transfer
+that failed), which then pops and answers that one as described below, and so on.  C
+keeps every rule of this module; this module is the reference (the property tests run
+both).  A write-through or FLUSH sync that fails is answered IOERR in C itself: the
+kernel reports such an error once, so trying again here could succeed over lost data.
+
 I/O goes straight between the file and guest memory: ``os.preadv`` / ``os.pwritev``
 on views of guest RAM, looping on short transfers.  A request is answered only when
 its I/O is done, so an OUT is complete when ``pwritev`` returned; FLUSH is ``fsync``.
@@ -67,9 +77,10 @@ from typing import Callable, Sequence
 
 from ...disk_lock import lock_image, release_lock, take_lock
 from ...errors import ConfigError
-from ...native import fallocate, lib
-from .device import VirtioDevice
-from .queue import Buffer, DescriptorChain
+from ...memory import GuestMemory
+from ...native import fallocate, ffi, lib
+from .device import VirtioDevice, VirtioInterrupt
+from .queue import Buffer, DescriptorChain, SplitQueue
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +131,14 @@ MAX_WRITE_ZEROES_SECTORS = MAX_REQUEST_BYTES // SECTOR_SIZE  # bounded: it may f
 MAX_WRITE_ZEROES_SEG = 1
 
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+# What pykvm_blk_serve counts, by the names of this device's counters.
+_C_COUNTERS = {
+    lib.PYKVM_BLK_READS: "reads", lib.PYKVM_BLK_WRITES: "writes", lib.PYKVM_BLK_BYTES_READ: "bytes_read",
+    lib.PYKVM_BLK_BYTES_WRITTEN: "bytes_written", lib.PYKVM_BLK_FLUSHES: "flushes",
+    lib.PYKVM_BLK_WRITE_THROUGH_SYNCS: "write_through_syncs", lib.PYKVM_BLK_ERRORS: "errors",
+    lib.PYKVM_BLK_IO_ERRORS: "io_errors",
+}  # fmt: skip
+_ALL_AVAILABLE = 0xFFFFFFFF  # no limit on the chains one call of pykvm_blk_serve takes
 
 
 class _Reject(Exception):
@@ -187,11 +206,14 @@ class VirtioBlock(VirtioDevice):
     def __init__(
         self, path: str | Path, read_only: bool = False, serial: str | None = None, on_read: ReadHook | None = None,
         lock: bool = True,
+        fast_path: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
         self.path = str(path)
         self.read_only = read_only
         self._on_read = on_read
+        self.fast_path = fast_path and on_read is None  # C cannot show the data to the hook
+        self._plain: _PlainRequests | None = None  # while active, with the fast path
         self.fd = self._open(lock)
         try:
             info = os.fstat(self.fd)
@@ -245,9 +267,11 @@ class VirtioBlock(VirtioDevice):
         release_lock(self.fd)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self.lock:  # not while a notification is served; C must never see the number once it is closed
+            self._plain = None
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
     # --- configuration space -------------------------------------------------------------
     def config_bytes(self) -> bytes:
@@ -266,11 +290,29 @@ class VirtioBlock(VirtioDevice):
             1 if discard else 0,  # write_zeroes_may_unmap
         )  # fmt: skip
 
+    # --- lifecycle -------------------------------------------------------------------------
+    def activate(self, memory: GuestMemory, queues: Sequence[SplitQueue], interrupt: VirtioInterrupt) -> None:
+        super().activate(memory, queues, interrupt)
+        if self.fast_path and queues[0].ready:
+            self._plain = _PlainRequests(self, memory, queues[0])
+
+    def reset(self) -> None:
+        super().reset()
+        self._plain = None
+
     # --- requests --------------------------------------------------------------------------
     def process(self, queue_index: int) -> None:
-        completed = 0
+        """Serve what is available: C the plain requests, this module the one C stops at, and on."""
+        queue, completed = self.queues[queue_index], 0
         try:
-            for chain in self.chains(queue_index):
+            while True:
+                if self._plain is not None:
+                    completed += self._plain.serve(queue, _ALL_AVAILABLE)
+                    if not self._plain.python_next:
+                        break
+                chain = queue.pop(self.memory)
+                if chain is None:
+                    break
                 self.complete(queue_index, chain, self._handle(chain))
                 completed += 1
         finally:
@@ -480,6 +522,40 @@ class VirtioBlock(VirtioDevice):
         while done < length:  # bounded by MAX_WRITE_ZEROES_SECTORS
             done += os.pwrite(self.fd, memoryview(zeros)[: length - done], offset + done)
         self.stats["write_zeroes_written"] += 1
+
+
+class _PlainRequests:
+    """IN, OUT and FLUSH requests of an active device's queue, served in C (``pykvm_blk_serve``)."""
+
+    def __init__(self, device: VirtioBlock, memory: GuestMemory, queue: SplitQueue) -> None:
+        self._device = device
+        c = self._c = ffi.new("struct pykvm_blk *")
+        c.mem, c.fd, c.read_only = memory.table, device.fd, device.read_only
+        c.write_through = not device.driver_features & VIRTIO_BLK_F_FLUSH  # 5.2.6.2, as _write_through
+        c.seg_max, c.max_bytes, c.capacity = SEG_MAX, MAX_REQUEST_BYTES, device.capacity
+        c.desc_table, c.avail_ring, c.used_ring = queue.desc_table, queue.avail_ring, queue.used_ring
+        c.size, c.indirect, c.event_idx = queue.size, queue.indirect, queue.event_idx
+        self._buffers = c.buffers = ffi.new("struct pykvm_buffer[]", queue.size)  # the chain walk's
+
+    @property
+    def python_next(self) -> bool:
+        """False if the last :meth:`serve` found nothing more available; else Python looks at the
+        ring next (a chain, or a ring index, that C left to it)."""
+        return bool(self._c.python_next)
+
+    def serve(self, queue: SplitQueue, limit: int) -> int:
+        """Serve up to ``limit`` available chains, until one C leaves to Python; returns how many."""
+        c, stats = self._c, self._device.stats
+        c.next_avail, c.next_used = queue.next_avail, queue.next_used
+        served = lib.pykvm_blk_serve(c, limit)
+        queue.next_avail, queue.next_used = c.next_avail, c.next_used
+        if served:
+            for index, count in enumerate(ffi.unpack(c.counts, lib.PYKVM_BLK_COUNTERS)):
+                if count:
+                    stats[_C_COUNTERS[index]] += count
+            if c.sync_errno:
+                log.warning("virtio-blk %s: a sync failed: %s", self._device.path, os.strerror(c.sync_errno))
+        return served
 
 
 def _advance(views: list[memoryview], count: int) -> list[memoryview]:
