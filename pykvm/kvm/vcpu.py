@@ -71,6 +71,7 @@ class Vcpu:
         self.xsave_size = max(xsave_size, ffi.sizeof("struct kvm_xsave"))
         self._xsave2 = xsave_size > 0
         self.in_kernel_lapic = in_kernel_lapic
+        self._cpuid: tuple[CpuidEntry, ...] = ()  # the leaves last given (KVM_SET_CPUID2)
         self._mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._run_buffer = ffi.from_buffer(self._mmap)
         self.kvm_run = ffi.cast("struct kvm_run *", self._run_buffer)
@@ -144,6 +145,7 @@ class Vcpu:
     def set_cpuid2(self, entries: Sequence[CpuidEntry]) -> None:
         """See ``KVM_SET_CPUID2``."""
         self._ioctl(ioctls.KVM_SET_CPUID2, CPUID2.build(entries, fill_struct))
+        self._cpuid = tuple(entries)
 
     def get_cpuid2(self) -> list[CpuidEntry]:
         """See ``KVM_GET_CPUID2``: the CPUID leaves this vCPU was given."""
@@ -322,7 +324,8 @@ class Vcpu:
         """
         self._check_state(state)
         self.complete_pending_exit()
-        self.set_cpuid2(state.cpuid)
+        if tuple(state.cpuid) != self._cpuid:  # a reset gives the CPUID the vCPU has already
+            self.set_cpuid2(state.cpuid)
         self.set_mp_state(state.mp_state)
         self.set_regs(state.regs)
         self.set_sregs(state.sregs)
