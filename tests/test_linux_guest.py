@@ -103,13 +103,14 @@ def test_bzimage_boot_state_in_guest_memory(machine_factory: Callable[..., Machi
     page = vm.memory.read(ZP, 4096)
     # The setup header, as the image has it, but for what a boot loader writes.
     header_end = 0x202 + image[0x201]
-    written = {0x1FA: 2, 0x210: 1, 0x211: 1, 0x218: 4, 0x21C: 4, 0x224: 2, 0x228: 4, 0x250: 8}
+    written = {0x1FA: 2, 0x210: 1, 0x211: 1, 0x214: 4, 0x218: 4, 0x21C: 4, 0x224: 2, 0x228: 4, 0x250: 8}
     for offset in range(0x1F1, header_end):
         if not any(start <= offset < start + size for start, size in written.items()):
             assert page[offset] == image[offset], f"boot_params byte {offset:#x}"
     assert page[0x202:0x206] == b"HdrS"
     assert page[0x210] == 0xFF  # type_of_loader
     assert page[0x211] & 0x81 == 0x81  # LOADED_HIGH | CAN_USE_HEAP
+    assert u(page, 0x214, 4) == plan.kernel_start  # code32_start: where the kernel was loaded
     # The command line.
     cmd_line_ptr = u(page, 0x228, 4)
     assert cmd_line_ptr == layout.CMDLINE_START and u(page, 0xC8, 4) == 0

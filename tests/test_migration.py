@@ -270,33 +270,36 @@ def test_an_smp_guest_moves_while_its_vcpus_start_and_count(machine_factory, des
     assert sorted(lines) == sorted(["cpus: 2", "cpu 0", "cpu 1", "ap 1 up", "ticks: 10", "counter: 2000"])
 
 
-SECTORS_PER_REQUEST = 128  # bench_blk.bin's 64 KiB requests
-BLK_PARAMS = 0x100008  # count, mode, flags; then checksum, done
+SECTORS_PER_REQUEST = 128  # 64 KiB requests
+BLK_PARAMS = 0x100020  # bench_blk_user.bin's: count, size, depth, mode; then checksum, done
 MASK64 = (1 << 64) - 1
-
-
 QWORDS_PER_REQUEST = SECTORS_PER_REQUEST * 512 // 8
+BLK_REPORT = re.compile(rb"bench_blk_user: done (\d+) checksum ([0-9a-f]{16}) cycles \d+ capacity (\d+) window [0-9a-f]{8}\n")
 
 
 def write_pattern(i: int) -> bytes:
-    """What bench_blk.bin writes in request i (mode 1): little-endian qwords (i << 32) | j."""
+    """What bench_blk_user.bin writes in request i (mode 1): little-endian qwords (i << 32) | j."""
     return array.array("Q", range(i << 32, (i << 32) + QWORDS_PER_REQUEST)).tobytes()
+
+
+def rol64(value: int, shift: int) -> int:
+    return ((value << shift) | (value >> (64 - shift))) & MASK64 if shift else value
 
 
 def test_a_guest_with_virtio_blk_io_in_flight_moves_and_its_requests_all_land_once(machine_factory, destinations,
                                                                                    tmp_path) -> None:  # fmt: skip
-    """bench_blk.bin writes 64 KiB requests one after another; its vCPU is paused mid-sequence, the
-    request it last notified possibly still being served by the I/O thread while memory is copied."""
+    """bench_blk_user.bin keeps eight 64 KiB writes in flight; its vCPU is paused mid-sequence, the
+    requests it notified possibly still being served by the I/O thread while memory is copied."""
     count, chunks = 1000, 64  # requests, and the 64 KiB chunks of the disk they go round
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(chunks * SECTORS_PER_REQUEST * 512))
     source = machine_factory(disks=(DiskConfig(str(image)),))
-    source.load(guest("bench_blk.bin"), mode="long")
-    for offset, value in enumerate((count, 1, 1)):  # count, mode 1 (write), print the summary
+    source.load(guest("bench_blk_user.bin"))
+    for offset, value in enumerate((count, SECTORS_PER_REQUEST * 512, 8, 1)):  # count, size, depth, mode 1 (write)
         source.memory.write_u64(BLK_PARAMS + 8 * offset, value)
     run = Background(source)
     deadline = time.monotonic() + 60
-    while source.memory.read_u64(BLK_PARAMS + 32) < 20:  # requests done
+    while source.memory.read_u64(BLK_PARAMS + 40) < 20:  # requests done
         assert time.monotonic() < deadline, "the guest's requests do not complete"
         time.sleep(0.001)
     assert source.pause(timeout=60)
@@ -307,12 +310,11 @@ def test_a_guest_with_virtio_blk_io_in_flight_moves_and_its_requests_all_land_on
     disk = next(slot.device for slot in source.devices.virtio if slot.device.name == "blk")
     assert disk.fd == -1  # let go at the source
     finished = destination.join().run(timeout=120)
-    checksum = 0  # bench_blk.bin's: rol64(checksum, 1) + the sum of each request's qwords
-    for i in range(count):
-        total = sum(array.array("Q", write_pattern(i))) & MASK64
-        checksum = (((checksum << 1) | (checksum >> 63)) + total) & MASK64
+    checksum = sum(rol64(sum(array.array("Q", write_pattern(i))) & MASK64, i % 64) for i in range(count)) & MASK64
     assert finished.status == 1, finished.serial
-    assert ended.serial + finished.serial == b"bench_blk: %d requests, checksum %016x\n" % (count, checksum)
+    report = BLK_REPORT.fullmatch(ended.serial + finished.serial)
+    assert report is not None, ended.serial + finished.serial
+    assert (int(report[1]), int(report[2], 16), int(report[3])) == (count, checksum, chunks * SECTORS_PER_REQUEST)
     data = image.read_bytes()
     last = range(count - chunks, count)  # the last request to write each chunk
     assert all(data[(i % chunks) * 65536 : (i % chunks + 1) * 65536] == write_pattern(i) for i in last)
