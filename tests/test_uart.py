@@ -512,6 +512,25 @@ def test_fast_line_status_is_off_while_an_error_is_latched(guest: Guest) -> None
     assert guest.line_status == [LSR_THRE | LSR_TEMT | LSR_DR, None, LSR_THRE | LSR_TEMT | LSR_DR]
 
 
+def test_the_fast_line_status_is_current_before_the_interrupt_rises() -> None:
+    """A guest's handler may read LSR through the C fast path as soon as the line rises: the fast
+    path must already have the new status, or the handler finds no data and the edge is spent."""
+    reported: list[int | None] = [LSR_THRE | LSR_TEMT]
+    raised: list[tuple[bool, int | None]] = []
+    uart = Uart16550(lambda data: None, lambda level: raised.append((level, reported[-1])), None, reported.append)
+    uart.write(MCR, 1, MCR_OUT2)
+    uart.write(IER, 1, IER_ERBFI)
+    uart.receive(b"x")
+    assert raised[-1] == (True, LSR_THRE | LSR_TEMT | LSR_DR)
+    assert uart.read(RBR, 1) == ord("x")
+    assert raised[-1] == (False, LSR_THRE | LSR_TEMT)
+    uart.receive(b"y")
+    state = uart.save_state()
+    restored = Uart16550(lambda data: None, lambda level: raised.append((level, reported[-1])), None, reported.append)
+    restored.restore_state(state)
+    assert raised[-1] == (True, LSR_THRE | LSR_TEMT | LSR_DR)
+
+
 # --- wrong widths and hostile input -----------------------------------------------------------
 
 

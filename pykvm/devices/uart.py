@@ -63,9 +63,9 @@ What this model does, and where it simplifies the chip:
   registers, the latched line errors and modem deltas, the pending THRE
   interrupt and the whole receive queue (FIFO and host input, breaks marked).
   :meth:`Uart16550.restore_state` takes one back into a UART built with the
-  same callbacks, then calls ``irq(level)``, ``on_fast_transmit_change(ok)`` and
-  ``on_fast_line_status_change(value)`` once each, so that the interrupt line and
-  the C fast path match the restored registers.
+  same callbacks, then calls ``on_fast_transmit_change(ok)``,
+  ``on_fast_line_status_change(value)`` and ``irq(level)`` once each, so that the C
+  fast path and the interrupt line match the restored registers.
 - **The C fast path.** Two of its entries answer for the model while its state
   allows: THR writes (:attr:`Uart16550.fast_transmit_ok`) and LSR reads
   (:attr:`Uart16550.fast_line_status`: the value a read gives while reading it
@@ -254,7 +254,6 @@ class Uart16550(ByteRegisterDevice):
         with self._lock:
             self._enqueue(data)
             self._update_irq()
-            self._update_fast_line_status()
 
     def receive_break(self) -> None:
         """Deliver a break condition on the receive line; thread-safe."""
@@ -262,7 +261,6 @@ class Uart16550(ByteRegisterDevice):
             self._rx_breaks += 1
             self._enqueue((BREAK_ENTRY,))
             self._update_irq()
-            self._update_fast_line_status()
 
     @property
     def fast_transmit_ok(self) -> bool:
@@ -337,9 +335,9 @@ class Uart16550(ByteRegisterDevice):
             self._thre_pending = state.thre_pending
             self._rx = deque(entries)
             self._rx_breaks = len(state.rx_breaks)
-            self._set_irq(self._line_level())
             self._set_fast_transmit(self._compute_fast_transmit_ok())
             self._set_fast_line_status(self._compute_fast_line_status())
+            self._set_irq(self._line_level())
 
     # --- register decoding --------------------------------------------------------
 
@@ -577,6 +575,9 @@ class Uart16550(ByteRegisterDevice):
         return bool(self._mcr & MCR_OUT2) and self._interrupt_id() != IIR_NO_INTERRUPT
 
     def _update_irq(self) -> None:
+        # The C fast path answers LSR reads: it must have the new line status before an
+        # interrupt can make a vCPU read it, or a guest handler finds no data and never sees another edge.
+        self._update_fast_line_status()
         level = self._line_level()
         if level != self._irq_level:
             self._set_irq(level)
