@@ -40,7 +40,7 @@ MODES = ("c", "records", "device")
 
 def run_c(machine, image: Path, exits: int) -> None:  # type: ignore[no-untyped-def]
     machine.load(image, format="flat", mode="long")
-    pb._check_debug_exit(machine.run(timeout=pb.RUN_TIMEOUT), 0, "exit_path c")
+    pb.check_debug_exit(machine.run(timeout=pb.RUN_TIMEOUT), 0, "exit_path c")
 
 
 def run_records(machine, image: Path, exits: int) -> None:  # type: ignore[no-untyped-def]
@@ -57,7 +57,7 @@ def run_records(machine, image: Path, exits: int) -> None:  # type: ignore[no-un
 
 def run_device(machine, image: Path, exits: int) -> None:  # type: ignore[no-untyped-def]
     machine.load(image, format="flat", mode="long")
-    pb._check_debug_exit(machine.run(timeout=pb.RUN_TIMEOUT), 0, "exit_path device")
+    pb.check_debug_exit(machine.run(timeout=pb.RUN_TIMEOUT), 0, "exit_path device")
 
 
 def measure(exits: int, rounds: int) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Protocol, TypeVar
 
 from . import native
 from .config import MachineConfig
@@ -49,8 +49,22 @@ if TYPE_CHECKING:
     from .devices.virtio.balloon import VirtioBalloon
     from .devices.virtio.console import VirtioConsole
 
-T = TypeVar("T")
-Closing = Callable[[T], T]  # registers a resource's close() with its owner and returns it
+
+class Closable(Protocol):
+    """What a machine owns and closes with it (KVM's fds, guest memory, devices...)."""
+
+    def close(self) -> None: ...
+
+
+Resource = TypeVar("Resource", bound=Closable)
+
+
+class Closing(Protocol):
+    """Registers a resource's close() with its owner and returns the resource."""
+
+    def __call__(self, resource: Resource, /) -> Resource: ...
+
+
 RequestStop = Callable[[Stop], None]
 
 

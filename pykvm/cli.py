@@ -28,7 +28,10 @@ TOKEN_ENV = "PYKVM_MIGRATION_TOKEN"  # the secret both sides of a migration shar
 _QUIET_ENDINGS = (ExitReason.DEBUG_EXIT, ExitReason.HALTED, ExitReason.POWEROFF, ExitReason.RESET, ExitReason.SNAPSHOTTED)
 
 
-class _Address(click.ParamType):
+# The option types derive from click's integer and float types, not from click.ParamType: click
+# 8.4 made ParamType generic (ParamType[int] says what convert gives), which click 8.1 to 8.3
+# cannot subscript at run time; IntParamType and FloatParamType carry the value type in both.
+class _Address(click.types.IntParamType):
     """An integer in any base Python reads: 1048576, 0x100000, 0o4000000."""
 
     name = "address"
@@ -45,7 +48,7 @@ class _Address(click.ParamType):
         return number
 
 
-class _Seconds(click.ParamType):
+class _Seconds(click.types.FloatParamType):
     """A finite number of seconds: above 0 (``positive``) or from 0, up to ``maximum``."""
 
     name = "seconds"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from .errors import PykvmError
 
@@ -39,7 +39,7 @@ class HostInputs:
     def __init__(self) -> None:
         self._receivers: dict[str, Receive] = {}
 
-    def connect(self, vcpu: Vcpu, receivers: dict[str, Receive]) -> None:
+    def connect(self, vcpu: Vcpu, receivers: Mapping[str, Receive]) -> None:
         """The machine is built: ``vcpu`` is its bootstrap processor, ``receivers`` take host input
         for the guest by device name (``"serial"``, and ``"console"`` with a virtio console)."""
         self._receivers = dict(receivers)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
 
 from .boot import load_image
 from .boot.plan import BootPlan, LoadRequest, Module
-from .builder import build
+from .builder import Resource, build
 from .config import DiskConfig, MachineConfig, NetConfig
 from .control import Stop
 from .devices.fw_cfg import set_cmdline
@@ -227,7 +227,7 @@ class Machine:
                 self.close()
                 raise
 
-    def _closing(self, resource: Any) -> Any:
+    def _closing(self, resource: Resource) -> Resource:
         self._closers.append(resource.close)
         return resource
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import mmap
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Literal
 
 from .errors import ConfigError, GuestMemoryError
 from .native import ffi, lib
@@ -84,7 +84,7 @@ def _map_region(gpa: int, size: int, backing: int | None = None) -> MemoryRegion
     return MemoryRegion(gpa, size, base + offset, memoryview(mapping)[offset : offset + size], mapping, offset)
 
 
-_WORD_FORMATS = {2: "H", 4: "I", 8: "Q"}
+_WORD_FORMATS: dict[int, Literal["H", "I", "Q"]] = {2: "H", 4: "I", 8: "Q"}
 
 
 class GuestMemory:
@@ -178,13 +178,13 @@ class GuestMemory:
         self.view(gpa, len(data))[:] = data
 
     def read_u16(self, gpa: int) -> int:
-        return self._word(gpa, 2)[0]  # type: ignore[no-any-return]
+        return self._word(gpa, 2)[0]
 
     def read_u32(self, gpa: int) -> int:
-        return self._word(gpa, 4)[0]  # type: ignore[no-any-return]
+        return self._word(gpa, 4)[0]
 
     def read_u64(self, gpa: int) -> int:
-        return self._word(gpa, 8)[0]  # type: ignore[no-any-return]
+        return self._word(gpa, 8)[0]
 
     def write_u16(self, gpa: int, value: int) -> None:
         self.view(gpa, 2).cast("H")[0] = value
@@ -195,7 +195,7 @@ class GuestMemory:
     def write_u64(self, gpa: int, value: int) -> None:
         self.view(gpa, 8).cast("Q")[0] = value
 
-    def _word(self, gpa: int, size: int) -> memoryview:
+    def _word(self, gpa: int, size: int) -> memoryview[int]:
         """The integer of ``size`` bytes at ``gpa`` as a one-item view to read: indexing it is one
         load of the whole integer (host byte order, which is x86's little-endian).  The writers
         cast :meth:`view` the same way, so that the write is one store, and noted."""

@@ -1,11 +1,11 @@
-"""The public API is typed: the README's Python examples pass ``mypy --strict`` against it, and
-mistakes a type checker should catch (a misspelt machine option) are caught."""
+"""pykvm is typed: the whole package passes mypy with the project's configuration (strict), the
+README's Python examples pass ``mypy --strict`` against it, and mistakes a type checker should
+catch (a misspelt machine option) are caught."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -40,6 +40,16 @@ def check(tmp_path: Path, sources: dict[str, str], *options: str) -> list[str]:
         "--config-file", "", *options, *(str(tmp_path / f"{name}.py") for name in sources),
     ])  # fmt: skip
     return [line for line in stdout.splitlines() if ": error:" in line]
+
+
+def test_the_package_passes_mypy_with_the_project_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # the configuration's ``packages = ["pykvm"]``: this tree's
+    stdout, stderr, status = mypy_api.run([
+        "--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(tmp_path / ".cache"),
+        "--python-executable", sys.executable,
+    ])  # fmt: skip
+    assert [line for line in stdout.splitlines() if ": error:" in line] == []
+    assert status == 0, stdout + stderr
 
 
 def test_the_readme_examples_pass_mypy_strict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

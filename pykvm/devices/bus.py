@@ -14,9 +14,10 @@ has no register for itself.
 from __future__ import annotations
 
 import bisect
+import enum
 import logging
 from collections import Counter
-from typing import Protocol, Sequence
+from typing import Final, Protocol, Sequence
 
 from ..errors import BusError, DeviceError
 
@@ -118,8 +119,14 @@ class Bus:
         log.debug("%s: unclaimed %d-byte %s at %#x", self.name, size, kind, addr)
 
 
+class _Lookup(enum.Enum):
+    """A sentinel a type checker can tell apart from ``find()``'s answers (one of them is None)."""
+
+    NOT_DONE = enum.auto()
+
+
 _MASKS = {size: (1 << (8 * size)) - 1 for size in range(1, 9)}
-_NOT_LOOKED_UP = object()
+_NOT_LOOKED_UP: Final = _Lookup.NOT_DONE
 
 
 def _bad_size(size: int) -> int:

@@ -406,11 +406,12 @@ class Cmos(ByteRegisterDevice):
 
     def _written_time(self) -> int | None:
         """The time registers' date and time in seconds since the epoch; None if there is no such date."""
-        fields = [self._decode(self._ram[index]) for index in (CENTURY, YEAR, MONTH, DATE_OF_MONTH, MINUTES, SECONDS)]
-        hour = self._decode_hours(self._ram[HOURS])
-        if hour is None or None in fields:
+        decoded = [self._decode(self._ram[index]) for index in (CENTURY, YEAR, MONTH, DATE_OF_MONTH, MINUTES, SECONDS)]
+        decoded.append(self._decode_hours(self._ram[HOURS]))
+        fields = [value for value in decoded if value is not None]
+        if len(fields) < len(decoded):
             return None
-        century, year, month, day, minute, second = fields
+        century, year, month, day, minute, second, hour = fields
         if year >= YEARS_PER_CENTURY:
             return None
         try:

@@ -157,7 +157,13 @@ class DeviceManager:
     def _interrupt(self, gsi: int) -> Callable[[], None]:
         """An edge on ``gsi``: through an irqfd, or (synchronous mode) two KVM_IRQ_LINE calls."""
         if self._virtio_notify == "sync":
-            return lambda: (self._vm.irq_line(gsi, True), self._vm.irq_line(gsi, False))
+            vm = self._vm
+
+            def edge() -> None:
+                vm.irq_line(gsi, True)
+                vm.irq_line(gsi, False)
+
+            return edge
         fd = self._eventfd()
         self._vm.irqfd(fd, gsi)
         return functools.partial(os.eventfd_write, fd, 1)
@@ -221,7 +227,7 @@ class DeviceManager:
     def save_state(self) -> DevicesState:
         """Every device's state (call it with the vCPUs paused, inside :meth:`quiesced`)."""
         ports = tuple(
-            (name, attached.device.save_state())  # type: ignore[attr-defined]
+            (name, attached.device.save_state())
             for name, attached in self.devices.items()
             if attached.space is Space.PIO and hasattr(attached.device, "save_state")
         )

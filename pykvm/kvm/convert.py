@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import StateError
 from ..native import ffi
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
-def to_record(cls: type, cstruct: Any) -> Any:
+Record = TypeVar("Record", bound="DataclassInstance")
+
+
+def to_record(cls: type[Record], cstruct: Any) -> Record:
     """Copy a cffi struct into the dataclass ``cls`` (nested dataclasses recurse)."""
-    values = {}
+    values: dict[str, Any] = {}
     for f in fields(cls):
         member = getattr(cstruct, f.name)
         nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
@@ -21,17 +26,17 @@ def to_record(cls: type, cstruct: Any) -> Any:
     return cls(**values)
 
 
-def fill_struct(cstruct: Any, record: Any) -> None:
+def fill_struct(cstruct: Any, record: DataclassInstance) -> None:
     """Copy the dataclass ``record`` into a cffi struct (nested dataclasses recurse)."""
     for f in fields(record):
         value = getattr(record, f.name)
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
             fill_struct(getattr(cstruct, f.name), value)
         else:
             setattr(cstruct, f.name, value)
 
 
-def new_struct(ctype: str, record: Any) -> Any:
+def new_struct(ctype: str, record: DataclassInstance) -> Any:
     """A new cffi ``ctype *`` holding ``record``."""
     cstruct = ffi.new(ctype + " *")
     fill_struct(cstruct, record)

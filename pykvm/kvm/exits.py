@@ -16,13 +16,11 @@ from typing import Any
 
 
 class _Record:
-    """Value equality, a repr and ``match`` positions from ``__slots__``."""
+    """Value equality and a repr from ``__slots__``; each record's ``match`` positions are its
+    slots, written out in the class body so that a type checker knows them too."""
 
     __slots__: tuple[str, ...] = ()
     __hash__ = None  # type: ignore[assignment]  # mutable and compared by value, as a dataclass
-
-    def __init_subclass__(cls) -> None:
-        cls.__match_args__ = cls.__slots__
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -38,7 +36,7 @@ class IoExit(_Record):
     """``KVM_EXIT_IO``: ``count`` accesses of ``size`` bytes to ``port``, packed in ``data``
     (string I/O makes several); ``value`` is a write's first access (0 for a read)."""
 
-    __slots__ = ("port", "size", "count", "is_write", "data", "value")
+    __slots__ = __match_args__ = ("port", "size", "count", "is_write", "data", "value")
 
     def __init__(self, port: int, size: int, count: int, is_write: bool, data: Any, value: int) -> None:
         self.port, self.size, self.count, self.is_write, self.data, self.value = port, size, count, is_write, data, value
@@ -48,7 +46,7 @@ class MmioExit(_Record):
     """``KVM_EXIT_MMIO``: one access of ``size`` bytes at guest-physical ``addr``, in ``data``;
     ``value`` is a write's bytes as an integer (0 for a read)."""
 
-    __slots__ = ("addr", "size", "is_write", "data", "value")
+    __slots__ = __match_args__ = ("addr", "size", "is_write", "data", "value")
 
     def __init__(self, addr: int, size: int, is_write: bool, data: Any, value: int) -> None:
         self.addr, self.size, self.is_write, self.data, self.value = addr, size, is_write, data, value
@@ -57,7 +55,7 @@ class MmioExit(_Record):
 class HltExit(_Record):
     """``KVM_EXIT_HLT``: the guest executed HLT (only without an in-kernel irqchip)."""
 
-    __slots__ = ("interrupts_enabled",)
+    __slots__ = __match_args__ = ("interrupts_enabled",)
 
     def __init__(self, interrupts_enabled: bool) -> None:
         self.interrupts_enabled = interrupts_enabled
@@ -66,13 +64,13 @@ class HltExit(_Record):
 class ShutdownExit(_Record):
     """``KVM_EXIT_SHUTDOWN``: a triple fault (or another shutdown condition)."""
 
-    __slots__ = ()
+    __slots__ = __match_args__ = ()
 
 
 class InternalErrorExit(_Record):
     """``KVM_EXIT_INTERNAL_ERROR``: KVM could not emulate an instruction (or another internal error)."""
 
-    __slots__ = ("suberror", "data")
+    __slots__ = __match_args__ = ("suberror", "data")
 
     def __init__(self, suberror: int, data: tuple[int, ...]) -> None:
         self.suberror, self.data = suberror, data
@@ -81,7 +79,7 @@ class InternalErrorExit(_Record):
 class FailEntryExit(_Record):
     """``KVM_EXIT_FAIL_ENTRY``: the hardware refused to enter the guest."""
 
-    __slots__ = ("reason", "cpu")
+    __slots__ = __match_args__ = ("reason", "cpu")
 
     def __init__(self, reason: int, cpu: int) -> None:
         self.reason, self.cpu = reason, cpu
@@ -90,7 +88,7 @@ class FailEntryExit(_Record):
 class SystemEventExit(_Record):
     """``KVM_EXIT_SYSTEM_EVENT``: the guest asked for shutdown, reset or reported a crash."""
 
-    __slots__ = ("type", "data")
+    __slots__ = __match_args__ = ("type", "data")
 
     def __init__(self, type: int, data: tuple[int, ...]) -> None:
         self.type, self.data = type, data
@@ -104,7 +102,7 @@ class GuestDebugExit(_Record):
     ``dr6`` and ``dr7`` the debug registers (DR6 B0-B3: which hardware breakpoint, BS: a step).
     """
 
-    __slots__ = ("exception", "pc", "dr6", "dr7")
+    __slots__ = __match_args__ = ("exception", "pc", "dr6", "dr7")
 
     def __init__(self, exception: int, pc: int, dr6: int, dr7: int) -> None:
         self.exception, self.pc, self.dr6, self.dr7 = exception, pc, dr6, dr7
@@ -113,7 +111,7 @@ class GuestDebugExit(_Record):
 class DebugPortExit(_Record):
     """A debug-exit port was written; answered by the C fast path."""
 
-    __slots__ = ("value",)
+    __slots__ = __match_args__ = ("value",)
 
     def __init__(self, value: int) -> None:
         self.value = value
@@ -122,19 +120,19 @@ class DebugPortExit(_Record):
 class Interrupted(_Record):
     """KVM_RUN returned early because of a signal or ``immediate_exit``."""
 
-    __slots__ = ()
+    __slots__ = __match_args__ = ()
 
 
 class StopRequested(_Record):
     """The vCPU's stop flag was set (:meth:`Vcpu.request_stop`): it did not enter the guest."""
 
-    __slots__ = ()
+    __slots__ = __match_args__ = ()
 
 
 class OtherExit(_Record):
     """Any other exit reason, reported as is (KVM_EXIT_UNKNOWN carries the hardware reason)."""
 
-    __slots__ = ("reason", "hardware_reason")
+    __slots__ = __match_args__ = ("reason", "hardware_reason")
 
     def __init__(self, reason: int, hardware_reason: int = 0) -> None:
         self.reason, self.hardware_reason = reason, hardware_reason

@@ -13,6 +13,8 @@ line error waits to be cleared by the next read of its line status).
 from __future__ import annotations
 
 import enum
+from typing import Any
+
 from ..errors import PykvmError
 from ..native import ffi, lib
 
@@ -32,7 +34,7 @@ class Space(enum.IntEnum):
 class FastHandler:
     """One entry of a :class:`FastTable`."""
 
-    def __init__(self, entry: object) -> None:
+    def __init__(self, entry: Any) -> None:
         self._entry = entry
 
     @property

@@ -105,7 +105,7 @@ class Vcpu:
     def _get_blob(self, request: ioctls.Ioctl, size: int) -> bytes:
         buffer = ffi.new("char[]", size)
         self._ioctl(request, buffer)
-        return ffi.buffer(buffer)[:]
+        return bytes(ffi.buffer(buffer))
 
     def _set_blob(self, request: ioctls.Ioctl, data: bytes, size: int) -> None:
         check_size(request.name, data, size)
@@ -517,9 +517,9 @@ class Vcpu:
         self._loop.python_from = count or 0
 
 
-def _set_msr_index(entry: object, index: int) -> None:
-    entry.index = index  # type: ignore[attr-defined]
+def _set_msr_index(entry: Any, index: int) -> None:
+    entry.index = index
 
 
-def _set_msr_entry(entry: object, item: tuple[int, int]) -> None:
-    entry.index, entry.data = item  # type: ignore[attr-defined]
+def _set_msr_entry(entry: Any, item: tuple[int, int]) -> None:
+    entry.index, entry.data = item

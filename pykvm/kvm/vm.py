@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import StateError
 from ..native import ffi, lib
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .system import Kvm
 
 # What KVM_SET_GUEST_DEBUG has accepted on x86 since it exists (before KVM_CAP_SET_GUEST_DEBUG2 said so).
-_X86_GUEST_DEBUG_FLAGS = (
+_X86_GUEST_DEBUG_FLAGS: int = (
     lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP | lib.KVM_GUESTDBG_USE_SW_BP | lib.KVM_GUESTDBG_USE_HW_BP
 )
 # The in-kernel irqchip's parts, by their VmState field; each one's state fills kvm_irqchip's chip union.
@@ -199,7 +199,7 @@ class Vm:
         request.irq, request.level = irq, int(level)
         self._ioctl(ioctls.KVM_IRQ_LINE, request, f"GSI {irq}")
 
-    def set_gsi_routing(self, routes: list[tuple[int, int, int]]) -> None:
+    def set_gsi_routing(self, routes: Sequence[tuple[int, int, int]]) -> None:
         """See ``KVM_SET_GSI_ROUTING``: replace the routing with ``(gsi, irqchip, pin)`` entries."""
         self._ioctl(ioctls.KVM_SET_GSI_ROUTING, IRQ_ROUTING.build(routes, _fill_irqchip_route))
 
@@ -234,7 +234,7 @@ class Vm:
         request = ffi.new("struct kvm_irqchip *")
         request.chip_id = chip_id
         self._ioctl(ioctls.KVM_GET_IRQCHIP, request, f"chip {chip_id}")
-        return ffi.buffer(ffi.addressof(request, "chip"))[:]
+        return bytes(ffi.buffer(ffi.addressof(request, "chip")))
 
     def set_irqchip(self, chip_id: int, chip: bytes) -> None:
         """See ``KVM_SET_IRQCHIP``; ``chip`` as :meth:`get_irqchip` gave it."""
@@ -248,7 +248,7 @@ class Vm:
         """See ``KVM_GET_PIT2``: the in-kernel PIT's three channels and flags (``struct kvm_pit_state2``)."""
         state = ffi.new("struct kvm_pit_state2 *")
         self._ioctl(ioctls.KVM_GET_PIT2, state)
-        return ffi.buffer(state)[:]
+        return bytes(ffi.buffer(state))
 
     def set_pit2(self, pit: bytes) -> None:
         """See ``KVM_SET_PIT2``.  KVM restarts each channel's count at this moment (``count_load_time``)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 from ..host_inputs import HostInputs, Receive
 from ..runner import RunObserver
@@ -27,7 +27,7 @@ class ExitTimeline(HostInputs, RunObserver):
         self._base = 0
         self._control: RunControl | None = None
 
-    def connect(self, vcpu: Vcpu, receivers: dict[str, Receive]) -> None:
+    def connect(self, vcpu: Vcpu, receivers: Mapping[str, Receive]) -> None:
         super().connect(vcpu, receivers)
         self._vcpu, self._base = vcpu, vcpu.exit_count
 

@@ -547,7 +547,7 @@ class _PlainRequests:
         """Serve up to ``limit`` available chains, until one C leaves to Python; returns how many."""
         c, stats = self._c, self._device.stats
         c.next_avail, c.next_used = queue.next_avail, queue.next_used
-        served = lib.pykvm_blk_serve(c, limit)
+        served: int = lib.pykvm_blk_serve(c, limit)
         queue.next_avail, queue.next_used = c.next_avail, c.next_used
         if served:
             for index, count in enumerate(ffi.unpack(c.counts, lib.PYKVM_BLK_COUNTERS)):
