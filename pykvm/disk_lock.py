@@ -2,7 +2,8 @@
 corrupt it.
 
 A writable disk takes an exclusive lock on the whole image, a read-only one a shared lock: any
-number of machines may read an image, one may write it, and never both at once.  The locks
+number of machines may read an image, one may write it, and never both at once.  A throw-away
+disk (:mod:`pykvm.disk_overlay`) reads the image, so it takes a shared lock too.  The locks
 are open file description locks (``F_OFD_SETLK``): they belong to the descriptor, not to the
 process, so two machines in one process exclude each other too, and they go away when the
 descriptor is closed, however the process ends.  Only cooperating programs see them (QEMU
@@ -93,7 +94,7 @@ def take_lock(fd: int, path: str | Path, read_only: bool) -> None:
         raise ConfigError(f"{path}: the disk image is in use, writable, by {holder}; it cannot be opened until that ends")
     raise ConfigError(
         f"{path}: the disk image is in use by {holder}; a writable disk needs it alone "
-        "(machines can share an image read-only: PATH,ro)"
+        "(machines can share an image read-only, PATH,ro, or each with a throw-away copy, PATH,snapshot)"
     )
 
 

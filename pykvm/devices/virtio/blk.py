@@ -196,6 +196,9 @@ class VirtioBlock(VirtioDevice):
 
     The image is locked while it is open (:mod:`pykvm.disk_lock`), unless ``lock`` is False: a
     machine receiving a migrated guest takes the locks only once the source let go of them.
+    ``fd``, if given, is the disk's data already open, which the device takes over instead of
+    opening ``path``: a throw-away overlay of the image at ``path`` (:mod:`pykvm.disk_overlay`),
+    which no other machine sees and so needs no lock; the serial derives from the image still.
     """
 
     name = "blk"
@@ -206,6 +209,7 @@ class VirtioBlock(VirtioDevice):
         self, path: str | Path, read_only: bool = False, serial: str | None = None, on_read: ReadHook | None = None,
         lock: bool = True,
         fast_path: bool = True,
+        fd: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.path = str(path)
@@ -213,9 +217,9 @@ class VirtioBlock(VirtioDevice):
         self._on_read = on_read
         self.fast_path = fast_path and on_read is None  # C cannot show the data to the hook
         self._plain: _PlainRequests | None = None  # while active, with the fast path
-        self.fd = open_image(self.path, read_only, lock)
+        self.fd = open_image(self.path, read_only, lock) if fd is None else fd
         try:
-            identity = os.fstat(self.fd)
+            identity = os.fstat(self.fd) if fd is None else os.stat(self.path)
             size = os.lseek(self.fd, 0, os.SEEK_END)
         except OSError as err:
             os.close(self.fd)
