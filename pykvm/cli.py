@@ -190,9 +190,12 @@ def run(device: str, guest: Path | None, memory: str, cpus: int, no_irqchip: boo
         if restore is not None or record is not None or replay is not None or allow_changed_disks:
             raise click.UsageError("--incoming runs the machine that arrives: --restore, --record, --replay and "
                                    "--allow-changed-disks do not go with it")  # fmt: skip
+        from .migration.destination import check_disks  # only --incoming needs it
+
         try:
             host = {"kvm_path": device, "serial": serial, "disks": [DiskConfig.parse(disk) for disk in disks],
                     "net": NetConfig.parse(net) if net else None, "token": os.environ.get(TOKEN_ENV)}  # fmt: skip
+            check_disks(host["disks"])  # before it waits, not when the guest arrived
         except PykvmError as err:
             _fail(err)
         session = _Session(functools.partial(_arrival, incoming, host), None, {}, timeout, control, events,

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -26,7 +27,7 @@ from pykvm import Machine
 from pykvm.config import DiskConfig
 from pykvm.devices.virtio.blk import VirtioBlock
 from pykvm.disk_overlay import FICLONE, DiskOverlay, copy_image, data_extents
-from pykvm.errors import ConfigError, SnapshotError
+from pykvm.errors import ConfigError, MigrationError, SnapshotError
 from pykvm.result import RunResult
 from pykvm.snapshot import format as snapshot_format
 from test_virtio_guest import PATTERN_BYTES, guest_pattern
@@ -413,3 +414,28 @@ def test_a_manifest_whose_disk_copies_do_not_fit_its_disks_is_refused(paused_sna
     manifest_path.write_text(json.dumps(data))
     with pytest.raises(SnapshotError, match=r"malformed: disk copies for the disks \[0\], but the throw-away disks are \[\]"):
         Machine.restore(snapshot)
+
+
+# --- migration ----------------------------------------------------------------------------------------------
+@pytest.mark.kvm
+def test_a_guest_with_a_throwaway_disk_is_not_migrated_and_nothing_is_sent(machine_factory, image: Path, tmp_path: Path) -> None:
+    machine = machine_factory(disks=(throwaway(image),), capture_serial=True)
+    machine.load(guest("hello_long.elf"))
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "m.sock"))
+    listener.listen()
+    listener.setblocking(False)
+    try:
+        with pytest.raises(MigrationError, match="throw-away overlay .* cannot migrate; the guest runs on here") as refused:
+            machine.migrate(f"unix:{tmp_path}/m.sock", timeout=30)
+        assert "\n" not in str(refused.value)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # the source never connected
+    finally:
+        listener.close()
+    assert machine.run(timeout=60).serial == b"Hello from long mode\n"  # the guest runs on here
+
+
+def test_a_destination_refuses_a_throwaway_disk_before_it_waits(image: Path, tmp_path: Path) -> None:
+    with pytest.raises(MigrationError, match="is throw-away"):
+        Machine.incoming(f"unix:{tmp_path}/m.sock", disks=[throwaway(image)], timeout=30)
