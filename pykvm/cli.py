@@ -193,9 +193,10 @@ def run(device: str, guest: Path | None, memory: str, cpus: int, no_irqchip: boo
         from .migration.destination import check_disks  # only --incoming needs it
 
         try:
-            host = {"kvm_path": device, "serial": serial, "disks": [DiskConfig.parse(disk) for disk in disks],
+            host_disks = [DiskConfig.parse(disk) for disk in disks]
+            check_disks(host_disks)  # before it waits, not when the guest arrived
+            host = {"kvm_path": device, "serial": serial, "disks": host_disks,
                     "net": NetConfig.parse(net) if net else None, "token": os.environ.get(TOKEN_ENV)}  # fmt: skip
-            check_disks(host["disks"])  # before it waits, not when the guest arrived
         except PykvmError as err:
             _fail(err)
         session = _Session(functools.partial(_arrival, incoming, host), None, {}, timeout, control, events,

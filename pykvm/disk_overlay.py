@@ -107,7 +107,8 @@ def _temporary_file(image: str, beside: bool) -> tuple[int, str]:
             return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600), directory
         except OSError as err:
             if err.errno not in _NO_TMPFILE_HERE:
-                raise ConfigError(f"{image}: cannot make its throw-away overlay in {directory}: {err.strerror}") from err
+                reason = f"{image}: cannot make its throw-away overlay in {directory}: {err.strerror}"
+                raise ConfigError(reason) from err
             reasons.append(f"{directory}: {err.strerror}")
     raise ConfigError(f"{image}: cannot make its throw-away overlay anywhere ({'; '.join(reasons)})")
 

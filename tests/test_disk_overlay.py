@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -30,6 +31,7 @@ from pykvm.disk_overlay import FICLONE, DiskOverlay, copy_image, data_extents
 from pykvm.errors import ConfigError, MigrationError, SnapshotError
 from pykvm.result import RunResult
 from pykvm.snapshot import format as snapshot_format
+from pykvm.snapshot import format_manifest
 from test_virtio_guest import PATTERN_BYTES, guest_pattern
 
 MIB = 1 << 20
@@ -110,11 +112,12 @@ def test_writes_to_the_overlay_never_reach_the_image_and_end_with_it(tmp_path: P
     assert sha256(path) == before
 
 
-def test_the_overlay_is_made_in_the_temporary_directory_where_the_images_directory_takes_no_file(tmp_path: Path) -> None:
+def test_the_overlay_goes_to_the_temporary_directory_where_the_images_directory_takes_no_file(tmp_path: Path) -> None:
     directory = tmp_path / "images"
     directory.mkdir()
     path = sparse_image(directory / "disk.img", MIB, {0: b"data"})
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
+    immutable = shutil.which("chattr") and not subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode
+    if not immutable:
         pytest.skip("cannot make a directory immutable here (chattr +i needs root and a file system that has it)")
     try:
         overlay = DiskOverlay(path)
@@ -137,7 +140,7 @@ def test_a_reflink_copies_no_data_where_the_file_system_has_them(tmp_path: Path)
             try:
                 fcntl.ioctl(probe.fileno(), FICLONE, source.fileno())
             except OSError as err:
-                pytest.skip(f"{directory} cannot reflink ({err.strerror}): set PYKVM_REFLINK_DIR to one on btrfs or XFS")
+                pytest.skip(f"{directory} cannot reflink ({err.strerror}): set PYKVM_REFLINK_DIR to a btrfs or XFS one")
         os.sync()
         free_before = _free_bytes(directory)
         overlay = DiskOverlay(path)
@@ -208,7 +211,8 @@ def test_a_copy_between_file_systems_reads_and_writes_and_keeps_the_holes(tmp_pa
     ],
     ids=["missing", "directory", "fifo"],
 )
-def test_an_image_that_cannot_be_one_is_refused_in_one_line(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_an_image_that_cannot_be_one_is_refused_in_one_line(tmp_path: Path, make: Callable[[Path], object],
+                                                            message: str) -> None:
     path = tmp_path / "disk.img"
     make(path)
     before = len(os.listdir("/proc/self/fd"))
@@ -344,8 +348,11 @@ def test_a_snapshot_keeps_what_the_guest_wrote_and_each_restored_guest_reads_it_
     manifest = snapshot_format.read_manifest(snapshot)
     (copy,) = manifest.disk_copies
     assert (copy.index, copy.size, copy.data_bytes) == (0, MIB, PATTERN_BYTES)
+    assert f"disk:       {image}, 1048576 bytes; throw-away, its data saved in disk-0.img: 0.1 MiB" in (
+        format_manifest(snapshot, manifest).splitlines()
+    )
     saved = snapshot / "disk-0.img"
-    assert saved.read_bytes()[:PATTERN_BYTES] == guest_pattern()
+    assert read(saved, 0, PATTERN_BYTES) == guest_pattern()
     assert os.stat(saved).st_blocks * 512 <= PATTERN_BYTES + 4096  # sparse: the data only
     at_snapshot = directory_digest(snapshot)
     runs = []
@@ -374,7 +381,7 @@ def test_a_restored_throwaway_disk_needs_no_image_and_refuses_a_truncated_copy(
 
 
 @pytest.mark.kvm
-def test_reset_puts_the_throwaway_disk_back_as_the_snapshot_saved_it(machine_factory, image: Path, tmp_path: Path) -> None:
+def test_reset_puts_the_throwaway_disk_back_as_the_snapshot_saved_it(machine_factory, image, tmp_path) -> None:
     machine = machine_factory(console="virtio", disks=(throwaway(image),))
     machine.load(guest("virtio_blk.bin"), mode="long")
     machine.snapshot(tmp_path / "snap")  # before the guest wrote anything
@@ -387,7 +394,7 @@ def test_reset_puts_the_throwaway_disk_back_as_the_snapshot_saved_it(machine_fac
 
 
 @pytest.mark.kvm
-def test_a_version_1_snapshot_is_read_as_one_without_throwaway_disks(machine_factory, image: Path, tmp_path: Path) -> None:
+def test_a_version_1_snapshot_is_read_as_one_without_throwaway_disks(machine_factory, image, tmp_path) -> None:
     machine = machine_factory(disks=(DiskConfig(str(image)),))
     machine.load(guest("hello_long.elf"))
     machine.snapshot(tmp_path / "snap")
@@ -412,13 +419,13 @@ def test_a_manifest_whose_disk_copies_do_not_fit_its_disks_is_refused(paused_sna
     data = json.loads(manifest_path.read_text())
     data["config"]["disks"][0]["snapshot"] = False
     manifest_path.write_text(json.dumps(data))
-    with pytest.raises(SnapshotError, match=r"malformed: disk copies for the disks \[0\], but the throw-away disks are \[\]"):
+    with pytest.raises(SnapshotError, match=r"disk copies for the disks \[0\], but the throw-away disks are \[\]"):
         Machine.restore(snapshot)
 
 
 # --- migration ----------------------------------------------------------------------------------------------
 @pytest.mark.kvm
-def test_a_guest_with_a_throwaway_disk_is_not_migrated_and_nothing_is_sent(machine_factory, image: Path, tmp_path: Path) -> None:
+def test_a_guest_with_a_throwaway_disk_is_not_migrated_and_nothing_is_sent(machine_factory, image, tmp_path) -> None:
     machine = machine_factory(disks=(throwaway(image),), capture_serial=True)
     machine.load(guest("hello_long.elf"))
     listener = socket.socket(socket.AF_UNIX)
@@ -426,7 +433,8 @@ def test_a_guest_with_a_throwaway_disk_is_not_migrated_and_nothing_is_sent(machi
     listener.listen()
     listener.setblocking(False)
     try:
-        with pytest.raises(MigrationError, match="throw-away overlay .* cannot migrate; the guest runs on here") as refused:
+        refusal = "throw-away overlay .* cannot migrate; the guest runs on here"
+        with pytest.raises(MigrationError, match=refusal) as refused:
             machine.migrate(f"unix:{tmp_path}/m.sock", timeout=30)
         assert "\n" not in str(refused.value)
         with pytest.raises(BlockingIOError):

@@ -137,9 +137,9 @@ def write(
             written = _write_file(staging / disk_copy_name(copy.index), copy.size, write_disks[copy.index])
             copies.append(dataclasses.replace(copy, data_bytes=written))
         manifest = dataclasses.replace(
-            manifest, state_size=len(state), state_sha256=hashlib.sha256(state).hexdigest(), memory_data_bytes=data_bytes,
-            disk_copies=tuple(copies),
-        )
+            manifest, state_size=len(state), state_sha256=hashlib.sha256(state).hexdigest(),
+            memory_data_bytes=data_bytes, disk_copies=tuple(copies),
+        )  # fmt: skip
         _write_synced(staging / STATE, state)
         _write_synced(staging / MANIFEST, json.dumps(encode(manifest), indent=1).encode() + b"\n")
         _sync_directory(staging)
