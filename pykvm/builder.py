@@ -15,7 +15,7 @@ import functools
 from typing import TYPE_CHECKING, Callable, Protocol, TypeVar
 
 from . import native
-from .config import MachineConfig
+from .config import DiskConfig, MachineConfig
 from .console import SerialOutput
 from .control import KICK_SIGNAL, Stop
 from .devices.acpi_pm import AcpiPm
@@ -48,6 +48,7 @@ from .x86.mptable import build_mptable
 if TYPE_CHECKING:
     from .devices.virtio.balloon import VirtioBalloon
     from .devices.virtio.console import VirtioConsole
+    from .disk_overlay import DiskOverlay
 
 
 class Closable(Protocol):
@@ -86,6 +87,7 @@ class MachineParts:
     vcpus: list[Vcpu]
     host_inputs: HostInputs
     sleep: Sleep | None  # ACPI S3, on a machine with ACPI
+    disk_overlays: dict[int, DiskOverlay]  # the throw-away disks' overlays, by the disk's index
 
 
 def build(
@@ -128,8 +130,9 @@ def build(
         write_firmware_tables(memory, acpi, config.cpus)
     power = attach_acpi_pm(devices, request_stop, suspend, inputs) if acpi is not None else None
     fw_cfg = attach_fw_cfg(devices, config, memory_map, acpi)
+    overlays = make_disk_overlays(config.disks, closing)
     virtio_console, balloon = attach_virtio_devices(devices, config, serial_output, memory_map, closing, inputs, events,
-                                                    lock_disks)  # fmt: skip
+                                                    lock_disks, overlays)  # fmt: skip
     supported = kvm.supported_cpuid()
     vcpus = [closing(create_vcpu(kvm, vm, i, supported, devices)) for i in range(config.cpus)]
     serial_output.watch_stop(vcpus[0].stop_flag)  # every stop request sets it: a slow output gives way
@@ -137,7 +140,7 @@ def build(
     inputs.connect(vcpus[0], receivers)
     sleep = Sleep(power, cmos, vcpus, memory, acpi.tables["FACS"], events) if acpi and power else None
     return MachineParts(kvm, vm, memory_map, memory, devices, serial_output, serial, fw_cfg, acpi,
-                        virtio_console, balloon, vcpus, inputs, sleep)  # fmt: skip
+                        virtio_console, balloon, vcpus, inputs, sleep, overlays)  # fmt: skip
 
 
 def check_cpus(kvm: Kvm, cpus: int) -> None:
@@ -271,6 +274,16 @@ def attach_fw_cfg(
     return fw_cfg
 
 
+def make_disk_overlays(disks: tuple[DiskConfig, ...], closing: Closing[DiskOverlay]) -> dict[int, DiskOverlay]:
+    """A throw-away overlay (:mod:`pykvm.disk_overlay`) of each image the guest writes without
+    writing the image, by the disk's index."""
+    if not any(disk.throwaway for disk in disks):
+        return {}
+    from .disk_overlay import DiskOverlay
+
+    return {index: closing(DiskOverlay(disk.path)) for index, disk in enumerate(disks) if disk.throwaway}
+
+
 def attach_virtio_devices(
     devices: DeviceManager,
     config: MachineConfig,
@@ -280,11 +293,14 @@ def attach_virtio_devices(
     inputs: HostInputs,
     events: Events,
     lock_disks: bool = True,
+    disk_overlays: dict[int, DiskOverlay] | None = None,
 ) -> tuple[VirtioConsole | None, VirtioBalloon | None]:
     """The configured virtio devices, in a fixed order: console, disks, rng, net, balloon.
 
+    A throw-away disk reads and writes its overlay from ``disk_overlays`` (by the disk's index).
     Each device's module is imported when a machine has that device.
     """
+    overlays = disk_overlays or {}
     console = balloon = None
     if config.console == "virtio":
         from .devices.virtio.console import VirtioConsole
@@ -296,7 +312,9 @@ def attach_virtio_devices(
         from .devices.virtio.blk import VirtioBlock
 
         on_read = functools.partial(inputs.disk_read, index) if watched else None
-        devices.attach_virtio(closing(VirtioBlock(disk.path, read_only=disk.read_only, on_read=on_read, lock=lock_disks)))
+        overlay_fd = overlays[index].device_fd() if index in overlays else None
+        devices.attach_virtio(closing(VirtioBlock(disk.path, read_only=disk.read_only, on_read=on_read, lock=lock_disks,
+                                                  fd=overlay_fd)))  # fmt: skip
     if config.rng:
         from .devices.virtio.rng import VirtioRng
 

@@ -78,8 +78,9 @@ QEMU_OPTIONS = {
     "-initrd": "pykvm's is --initrd",
     "-smp": "pykvm's is -c/--cpus",
     "-serial": "pykvm's is --serial (stdio, null, file:PATH)",
-    "-drive": "pykvm's is --disk PATH[,ro]",
+    "-drive": "pykvm's is --disk PATH[,ro][,snapshot]",
     "-hda": "pykvm's is --disk PATH",
+    "-snapshot": "pykvm's is --disk PATH,snapshot",
     "-device": "pykvm's devices are --disk, --rng, --net, --balloon and --console virtio",
     "-netdev": "pykvm's is --net tap[=NAME]",
     "-nographic": "pykvm needs none: the serial port is on stdio already",
@@ -143,7 +144,9 @@ def main(ctx: click.Context, verbose: int, device: str) -> None:
 @click.option("--serial", default="stdio", show_default=True, help="Serial output: stdio, null (or none), file:PATH or a path.")
 @click.option("--console", type=click.Choice(["serial", "virtio"]), default="serial", show_default=True,
               help="Also give the guest a virtio-console (same output as the serial port).")  # fmt: skip
-@click.option("--disk", "disks", multiple=True, metavar="PATH[,ro]", help="A raw disk image as virtio-blk (repeatable).")
+@click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,snapshot]",
+              help="A raw disk image as virtio-blk (repeatable); ,ro read-only, ,snapshot throw-away: the guest's "
+                   "writes go to a temporary copy and never reach the image.")  # fmt: skip
 @click.option("--rng", is_flag=True, help="A virtio-rng fed from the host's getrandom().")
 @click.option("--net", metavar="tap[=NAME]", help="A virtio-net on a TAP device.")
 @click.option("--virtio-notify", type=click.Choice(["ioeventfd", "sync"]), default="ioeventfd", show_default=True,
@@ -190,8 +193,12 @@ def run(device: str, guest: Path | None, memory: str, cpus: int, no_irqchip: boo
         if restore is not None or record is not None or replay is not None or allow_changed_disks:
             raise click.UsageError("--incoming runs the machine that arrives: --restore, --record, --replay and "
                                    "--allow-changed-disks do not go with it")  # fmt: skip
+        from .migration.destination import check_disks  # only --incoming needs it
+
         try:
-            host = {"kvm_path": device, "serial": serial, "disks": [DiskConfig.parse(disk) for disk in disks],
+            host_disks = [DiskConfig.parse(disk) for disk in disks]
+            check_disks(host_disks)  # before it waits, not when the guest arrived
+            host = {"kvm_path": device, "serial": serial, "disks": host_disks,
                     "net": NetConfig.parse(net) if net else None, "token": os.environ.get(TOKEN_ENV)}  # fmt: skip
         except PykvmError as err:
             _fail(err)

@@ -103,18 +103,35 @@ class SerialConfig:
 
 @dataclass(frozen=True)
 class DiskConfig:
-    """A virtio-blk disk: a raw image file, optionally read-only."""
+    """A virtio-blk disk: a raw image file, optionally read-only or throw-away.
+
+    ``snapshot`` (QEMU's ``-snapshot``) gives the guest a writable copy-on-write overlay of the
+    image (:mod:`pykvm.disk_overlay`): nothing the guest writes reaches the image, and its writes
+    are gone when the machine closes.  With ``read_only`` it changes nothing (a read-only disk
+    writes nothing either), as QEMU takes ``readonly=on,snapshot=on``.
+    """
 
     path: str
     read_only: bool = False
+    snapshot: bool = False
+
+    @property
+    def throwaway(self) -> bool:
+        """Whether the guest writes to a throw-away overlay rather than to the image."""
+        return self.snapshot and not self.read_only
 
     @classmethod
     def parse(cls, text: str) -> DiskConfig:
-        """``PATH`` or ``PATH,ro`` (the ``--disk`` syntax)."""
-        path, _, options = text.partition(",")
-        if not path or options not in ("", "ro", "rw"):
-            raise ConfigError(f"cannot read disk {text!r}: write it as PATH or PATH,ro")
-        return cls(path, options == "ro")
+        """``PATH`` with any of the options ``ro``, ``rw`` and ``snapshot`` after commas (the
+        ``--disk`` syntax: ``PATH,ro``, ``PATH,snapshot``)."""
+        path, *options = text.split(",")
+        unknown = [option for option in options if option not in _DISK_OPTIONS]
+        if not path or unknown or len(set(options)) != len(options) or {"ro", "rw"} <= set(options):
+            raise ConfigError(f"cannot read disk {text!r}: write it as PATH, PATH,ro or PATH,snapshot")
+        return cls(path, "ro" in options, "snapshot" in options)
+
+
+_DISK_OPTIONS = ("ro", "rw", "snapshot")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Locking a disk image while a machine has it open, as QEMU does, so two VMs cannot corrupt it.
+"""Opening a disk image and locking it while a machine has it open, as QEMU does, so two VMs cannot
+corrupt it.
 
 A writable disk takes an exclusive lock on the whole image, a read-only one a shared lock: any
-number of machines may read an image, one may write it, and never both at once.  The locks
+number of machines may read an image, one may write it, and never both at once.  A throw-away
+disk (:mod:`pykvm.disk_overlay`) reads the image, so it takes a shared lock too.  The locks
 are open file description locks (``F_OFD_SETLK``): they belong to the descriptor, not to the
 process, so two machines in one process exclude each other too, and they go away when the
 descriptor is closed, however the process ends.  Only cooperating programs see them (QEMU
@@ -14,6 +16,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -24,6 +27,39 @@ log = logging.getLogger(__name__)
 # struct flock (x86-64): l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks), padding.
 _FLOCK = struct.Struct("hhqqi4x")
 _LOCK_NAMES = {fcntl.F_RDLCK: "READ", fcntl.F_WRLCK: "WRITE"}
+
+
+def open_image(path: str | Path, read_only: bool, lock: bool = True) -> int:
+    """The disk image at ``path`` open read-only or read-write, and locked unless ``lock`` is False.
+
+    Raises :class:`~pykvm.errors.ConfigError` naming the image if it cannot be opened or locked,
+    or is not a regular file or block device (it is opened without waiting, so a FIFO is refused
+    rather than waited on).
+    """
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: no such disk image") from err
+    except IsADirectoryError as err:
+        raise ConfigError(f"{path}: is a directory, not a disk image") from err
+    except PermissionError as err:
+        hint = "" if read_only else " (use PATH,ro for a read-only disk)"
+        raise ConfigError(f"{path}: permission denied{hint}") from err
+    except OSError as err:
+        hint = " (use PATH,ro for a read-only disk)" if err.errno == errno.EROFS else ""
+        raise ConfigError(f"{path}: cannot open the disk image: {err.strerror}{hint}") from err
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):  # O_RDONLY opens a directory without complaint
+            raise ConfigError(f"{path}: is a directory, not a disk image")
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise ConfigError(f"{path}: not a regular file or block device")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return lock_image(fd, path, read_only) if lock else fd
 
 
 def lock_image(fd: int, path: str | Path, read_only: bool) -> int:
@@ -58,7 +94,7 @@ def take_lock(fd: int, path: str | Path, read_only: bool) -> None:
         raise ConfigError(f"{path}: the disk image is in use, writable, by {holder}; it cannot be opened until that ends")
     raise ConfigError(
         f"{path}: the disk image is in use by {holder}; a writable disk needs it alone "
-        "(machines can share an image read-only: PATH,ro)"
+        "(machines can share an image read-only, PATH,ro, or each with a throw-away copy, PATH,snapshot)"
     )
 
 

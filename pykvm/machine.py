@@ -74,6 +74,8 @@ class Machine:
             clocks, random bytes, disk data); ``vm.host_inputs.serial_input(b"...")`` feeds the
             UART as host input, which a recording machine logs.
         balloon: the virtio-balloon, if ``balloon=True``; virtio_console likewise.
+        disk_overlays: the throw-away disks' overlays (:class:`~pykvm.disk_overlay.DiskOverlay`),
+            by the disk's index in ``config.disks``.
         gdb_server: the :class:`~pykvm.gdbstub.GdbServer` serving the guest to gdb, if
             ``gdb`` names an address (``gdb_server.gdb_address`` is what gdb connects to);
             with ``gdb_wait`` the guest waits before its first instruction until gdb continues it.
@@ -213,6 +215,7 @@ class Machine:
         self.fw_cfg, self.acpi = parts.fw_cfg, parts.acpi
         self.virtio_console, self.balloon = parts.virtio_console, parts.balloon
         self.host_inputs = parts.host_inputs
+        self.disk_overlays = parts.disk_overlays
         self.dispatch = ExitDispatcher(self.pio, self.mmio, len(self.vcpus))
         self._sleep = parts.sleep
         self._runner = Runner(self.vcpus, self.dispatch, self.serial_output, self.stats, self.events,
@@ -466,7 +469,8 @@ class Machine:
         """Return the machine to its last snapshot (taken or restored): only the pages written
         since are put back, then the CPU and device state.  Returns the bytes put back.
 
-        Disk images are not rolled back (use a throw-away overlay for that).
+        A throw-away disk (``DiskConfig(..., snapshot=True)``) is put back as the snapshot saved it
+        (a copy of its data); other disk images are not rolled back.
         """
         from .snapshot import reset
 

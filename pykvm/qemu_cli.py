@@ -29,6 +29,7 @@ the VM and wait), both with the reason on stderr: a failure never reads as a pas
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -72,6 +73,8 @@ DEVICES = {
 }
 ABSENT_DEVICES = {"pci-testdev": "pykvm has no PCI bus, so the guest finds no pci-testdev"}
 PIT_GLOBAL = "kvm-pit.lost_tick_policy"
+# QEMU's spellings of a boolean property.
+SWITCH_ON, SWITCH_OFF = ("on", "yes", "true", "y"), ("off", "no", "false", "n")
 
 
 class QemuOptionError(ConfigError):
@@ -102,6 +105,7 @@ class Invocation:
     disks: list[DiskConfig] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     serial_given: bool = False
+    snapshot: bool = False  # -snapshot: every disk is throw-away
 
 
 def qemu_version() -> str:
@@ -130,7 +134,8 @@ pykvm runs the kernel given with -kernel on /dev/kvm; these qemu-system-x86_64 o
 -device isa-serial[,chardev=ID], isa-debug-exit[,iobase=N][,iosize=N], pc-testdev,
         virtio-blk-device,drive=ID, virtio-rng-device, virtio-balloon-device
         (pci-testdev: accepted, absent)
--drive file=PATH[,if=virtio|none][,id=ID][,format=raw][,readonly=on]
+-drive file=PATH[,if=virtio|none][,id=ID][,format=raw][,readonly=on][,snapshot=on]
+-snapshot             every disk is throw-away: the guest's writes never reach the image
 -global kvm-pit.lost_tick_policy=discard|delay
 -gdb tcp::PORT|tcp:HOST:PORT|unix:PATH, -s (-gdb tcp::1234), -S (hold the guest until gdb continues it)
 -device help, -machine help, -cpu help, -version, -h
@@ -175,6 +180,10 @@ class _Parser:
 
     def no_reboot(self) -> None:
         """pykvm never reboots: a reset ends the run."""
+
+    def snapshot(self) -> None:
+        """Every -drive gets snapshot=on, as QEMU's -snapshot sets it (whatever the drive said)."""
+        self.inv.snapshot = True
 
     def nographic(self) -> None:
         if not self.inv.serial_given:
@@ -294,9 +303,12 @@ class _Parser:
             raise QemuOptionError(f"-device {value}", f"pykvm has no device {name!r} (see -device help)")
 
     def drive(self, value: str) -> None:
-        values = _properties("drive", value, ("file", "if", "id", "format", "readonly", "media"))
+        values = _properties("drive", value, ("file", "if", "id", "format", "readonly", "media", "snapshot"))
         if "file" not in values:
             raise QemuOptionError(f"-drive {value}", "a drive needs file=PATH")
+        for switch in ("readonly", "snapshot"):
+            if values.get(switch, "off") not in SWITCH_ON + SWITCH_OFF:
+                raise QemuOptionError(f"-drive {value}", f"{switch} is on or off, not {values[switch]!r}")
         if values.get("format", "raw") != "raw" or values.get("media", "disk") != "disk":
             raise QemuOptionError(f"-drive {value}", "pykvm's disks are raw images (format=raw, media=disk)")
         interface = values.get("if", "virtio")
@@ -356,10 +368,11 @@ class _Parser:
         self.inv.config["serial"] = target
 
     def _add_disk(self, values: dict[str, str]) -> None:
-        self.inv.disks.append(DiskConfig(values["file"], read_only=values.get("readonly", "off") in ("on", "true")))
+        self.inv.disks.append(DiskConfig(values["file"], read_only=values.get("readonly") in SWITCH_ON,
+                                         snapshot=values.get("snapshot") in SWITCH_ON))  # fmt: skip
 
 
-FLAGS = {"enable-kvm", "nodefaults", "no-reboot", "nographic", "s", "S"}
+FLAGS = {"enable-kvm", "nodefaults", "no-reboot", "nographic", "snapshot", "s", "S"}
 WITH_VALUE = {
     "kernel", "append", "initrd", "m", "smp", "cpu", "machine", "M", "accel", "display", "vnc", "name", "gdb",
     "serial", "chardev", "device", "drive", "global",
@@ -389,7 +402,9 @@ def parse(argv: list[str]) -> Invocation:
         else:
             raise QemuOptionError(argument, "pykvm-qemu does not understand this option (see -h)")
     if invocation.disks:
-        invocation.config["disks"] = tuple(invocation.disks)
+        invocation.config["disks"] = tuple(
+            dataclasses.replace(disk, snapshot=True) if invocation.snapshot else disk for disk in invocation.disks
+        )
     if invocation.config.get("gdb_wait") and "gdb" not in invocation.config:
         raise QemuOptionError("-S", "pykvm has no monitor to continue the guest: give -s or -gdb too, and continue from gdb")
     return invocation

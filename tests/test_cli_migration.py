@@ -81,6 +81,13 @@ def test_options_that_make_a_machine_do_not_go_with_incoming(tmp_path) -> None:
         assert process.returncode == 2 and word.encode() in process.stderr, process.stderr
 
 
+def test_incoming_refuses_a_throwaway_disk_in_one_line(tmp_path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    process = pykvm("run", "--incoming", f"unix:{tmp_path / 'm.sock'}", "--disk", f"{image},snapshot")
+    assert_one_line_error(process, f"the disk {image} is throw-away (,snapshot)")
+
+
 def test_ctl_wake_wakes_a_suspended_guest_and_refuses_a_running_one(tmp_path) -> None:
     running = RunningPykvm(tmp_path / "vm.sock", str(guest("s3.elf")), "--timeout", "120")
     deadline = time.monotonic() + 60

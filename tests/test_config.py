@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pykvm.config import MachineConfig, SerialConfig, parse_size
+from pykvm.config import DiskConfig, MachineConfig, SerialConfig, parse_size
 from pykvm.errors import ConfigError
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
@@ -103,6 +103,36 @@ def test_serial_backends_pykvm_does_not_offer(text: str) -> None:
         SerialConfig.parse(text)
     with pytest.raises(ConfigError):
         MachineConfig(serial=text).validate()
+
+
+@pytest.mark.parametrize(
+    "text, disk",
+    [
+        ("disk.img", DiskConfig("disk.img")),
+        ("disk.img,ro", DiskConfig("disk.img", read_only=True)),
+        ("disk.img,rw", DiskConfig("disk.img")),
+        ("disk.img,snapshot", DiskConfig("disk.img", snapshot=True)),
+        ("disk.img,rw,snapshot", DiskConfig("disk.img", snapshot=True)),
+        ("disk.img,snapshot,ro", DiskConfig("disk.img", read_only=True, snapshot=True)),
+        ("disk.img,ro,snapshot", DiskConfig("disk.img", read_only=True, snapshot=True)),
+    ],
+)
+def test_disk_forms(text: str, disk: DiskConfig) -> None:
+    assert DiskConfig.parse(text) == disk
+
+
+def test_only_a_writable_snapshot_disk_is_throwaway() -> None:
+    assert DiskConfig("a", snapshot=True).throwaway
+    assert not DiskConfig("a", read_only=True, snapshot=True).throwaway  # read-only: nothing to throw away
+    assert not DiskConfig("a").throwaway
+
+
+@pytest.mark.parametrize(
+    "text", ["", ",ro", "disk.img,", "disk.img,snap", "disk.img,ro,rw", "disk.img,snapshot,snapshot", "disk.img,RO"]
+)
+def test_disk_forms_pykvm_refuses(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"write it as PATH, PATH,ro or PATH,snapshot$"):
+        DiskConfig.parse(text)
 
 
 def test_memory_takes_every_size_form() -> None:

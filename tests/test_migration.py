@@ -542,6 +542,8 @@ def test_a_recorded_stream_replays_into_a_working_guest_and_any_damage_leaves_no
         "the magic": (b"X" + hello[1:], records, "does not speak pykvm's migration protocol"),
         "the disk": (edit_header(hello, lambda h: h.replace(b'"size":1048576', b'"size":1048577')), records,
                      "has 1048576 bytes here and 1048577 on the source: not the same image"),
+        "a throw-away disk": (edit_header(hello, lambda h: h.replace(b'"snapshot":false', b'"snapshot":true')), records,
+                              "has a throw-away disk, whose data cannot come in the stream"),
     }  # fmt: skip
     threads = threading.active_count()
     fds = len(os.listdir("/proc/self/fd"))

@@ -147,6 +147,19 @@ def test_virtio_devices_and_drives() -> None:
     assert "if=virtio" in refused("-drive", "file=a.img,if=ide")
 
 
+def test_snapshot_makes_every_drive_throwaway_as_qemus_does() -> None:
+    drives = ["-drive", "file=a.img,if=virtio,snapshot=off", "-drive", "file=b.img,if=none,id=d1,readonly=on",
+              "-device", "virtio-blk-device,drive=d1"]  # fmt: skip
+    assert parse(drives).config["disks"] == (DiskConfig("a.img"), DiskConfig("b.img", read_only=True))
+    assert parse(["-snapshot", *drives]).config["disks"] == (
+        DiskConfig("a.img", snapshot=True), DiskConfig("b.img", read_only=True, snapshot=True),
+    )  # fmt: skip
+    assert parse(drives + ["-snapshot"]).config == parse(["-snapshot", *drives]).config
+    assert parse(["-drive", "file=c.img,snapshot=on"]).config["disks"] == (DiskConfig("c.img", snapshot=True),)
+    assert "snapshot is on or off, not 'maybe'" in refused("-drive", "file=a.img,snapshot=maybe")
+    assert "readonly is on or off, not 'sure'" in refused("-drive", "file=a.img,readonly=sure")
+
+
 def test_pit_global() -> None:
     [note] = parse(["-global", "kvm-pit.lost_tick_policy=discard"]).warnings
     assert "re-injects lost ticks" in note
@@ -264,6 +277,16 @@ def test_script_virtio_disk_and_nographic(tmp_path: Path) -> None:
     disk.write_bytes(bytes(4096))
     process = qemu("-kernel", str(guest("hello_protected.elf")), "-nographic", "-drive", f"file={disk},if=virtio,format=raw")
     assert process.returncode == 1 and process.stdout == b"Hello from protected mode\n"
+
+
+@pytest.mark.kvm
+def test_script_runs_a_guest_whose_drives_are_throwaway_with_snapshot(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"keep" * 1024)
+    process = qemu("-kernel", str(guest("hello_protected.elf")), "-nographic", "-snapshot",
+                   "-drive", f"file={disk},if=virtio,format=raw")  # fmt: skip
+    assert process.returncode == 1 and process.stdout == b"Hello from protected mode\n"
+    assert disk.read_bytes() == b"keep" * 1024
 
 
 @pytest.mark.kvm

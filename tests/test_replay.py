@@ -295,6 +295,23 @@ def test_disk_reads_are_logged_as_hashes_and_checked_on_replay(tmp_path) -> None
     assert f"at exit {read.exit} a read of disk 0 (65536 bytes at offset 0) gave other data" in diverged.diagnosis
 
 
+@pytest.mark.kvm
+def test_a_run_on_a_throwaway_disk_replays_from_the_same_saved_disk(tmp_path) -> None:
+    """The recorded run writes only its overlay: the replay reads the same data, asks for no
+    allow_changed_disks, and the image is as it was."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(MIB))
+    snapshot = snapshot_of(tmp_path / "snap", "virtio_blk.bin", disks=(DiskConfig(str(disk), snapshot=True),),
+                           console="virtio")  # fmt: skip
+    with Machine.restore(snapshot, record=tmp_path / "log") as machine:
+        recorded = machine.run(timeout=120)
+    assert recorded.status == 1 and b"read back: OK" in recorded.serial
+    (read,) = events(tmp_path / "log", DiskRead)
+    assert read.event.sha256 == VIRTIO_BLK_PATTERN_SHA256
+    assert replay(snapshot, tmp_path / "log").serial == recorded.serial  # the disk's id included
+    assert disk.read_bytes() == bytes(MIB)
+
+
 # --- divergence and refusals ----------------------------------------------------------------------
 def edit_log(log: Path, change: Callable[[list[dict]], None]) -> None:
     header, *lines = log.read_text().splitlines()

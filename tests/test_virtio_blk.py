@@ -152,6 +152,13 @@ def test_character_device_is_a_config_error() -> None:
         VirtioBlock("/dev/null", read_only=True)
 
 
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_fifo_is_refused_not_waited_on(tmp_path: Path, read_only: bool) -> None:
+    os.mkfifo(tmp_path / "fifo")  # opened read-only and blocking, it would wait for a writer forever
+    with pytest.raises(ConfigError, match="not a regular file or block device"):
+        VirtioBlock(tmp_path / "fifo", read_only=read_only)
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv (to drop CAP_DAC_OVERRIDE)"
 )

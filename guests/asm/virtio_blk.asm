@@ -41,6 +41,10 @@
 ;                  "virtio-<blk|console>: timeout, device status <2 hex digits>\n"
 ;   0x7f (status 255)  an unexpected #UD/#DF/#GP/#PF: "fault <vector decimal>\n" (lib/cpl3.inc)
 ; Error lines go to the console too when it is up (not a console timeout's).
+;
+; Assembled with -DPAUSE_AFTER_FLUSH (virtio_blk_pause.bin) it also writes PAUSED (0x40, pykvm status 129)
+; to the debug-exit port once the FLUSH completed, before it reads the pattern back, and goes on when
+; the machine runs again: a snapshot taken there holds the written disk, and the restored guest reads it.
 
 bits 64
 default rel
@@ -61,6 +65,7 @@ EXIT_MISMATCH   equ 1
 EXIT_NO_DEVICE  equ 2
 EXIT_DEVICE_ERROR equ 3
 EXIT_TIMEOUT    equ 4
+PAUSED          equ 0x40
 
 %if PATTERN_BYTES % VIRTIO_BLK_SECTOR_BYTES
   %error "the pattern must be whole sectors"
@@ -134,6 +139,10 @@ user_main:
         xor ecx, ecx                    ; no data
         lea r8, [op_flush]
         call blk_request
+%ifdef PAUSE_AFTER_FLUSH
+        mov edi, PAUSED
+        VCALL VSYS_PAUSE
+%endif
 
         lea rdi, [data_buf]             ; forget what was written
         xor eax, eax

@@ -68,6 +68,7 @@ class Incoming:
     ) -> Machine:  # fmt: skip
         """The migrated machine, ready to run (see :meth:`pykvm.Machine.incoming`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        check_disks(disks)
         host = _HostChoices(kvm, kvm_path, serial, capture_serial, tuple(disks), net)
         channel = Channel(self._listener.accept(deadline), deadline, "the source")
         try:
@@ -83,6 +84,15 @@ class Incoming:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_disks(disks: Sequence[str | Path | DiskConfig]) -> None:
+    """Refuse a throw-away disk for a guest to come (before waiting for it): a migrated guest
+    writes the image it shares with its source."""
+    throwaway = [disk.path for disk in disks if isinstance(disk, DiskConfig) and disk.throwaway]
+    if throwaway:
+        raise MigrationError(f"the disk {throwaway[0]} is throw-away (,snapshot): a migrated guest writes the "
+                             "image it shares with its source")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +166,8 @@ def read_manifest(header: bytes) -> Manifest:
     manifest: Manifest = decode(data, Manifest)
     if len(manifest.disks) != len(manifest.config.disks):
         raise MigrationError("the source's header names a different number of disks and disk images")
+    if manifest.disk_copies or any(disk.throwaway for disk in manifest.config.disks):
+        raise MigrationError("the source's guest has a throw-away disk, whose data cannot come in the stream")
     return manifest
 
 

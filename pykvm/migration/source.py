@@ -7,7 +7,8 @@ left would take at the bandwidth the last round reached; once that fits in the d
 limit it pauses the guest, sends the last pages and the machine's state (vCPUs, the VM's
 in-kernel devices, every device, through :mod:`pykvm.snapshot`) and waits for the
 destination to accept it.  Then the run here ends as :attr:`~pykvm.result.ExitReason.MIGRATED`
-and the disk images are let go.  Their locks (:mod:`pykvm.disk_lock`) pass with the state, as
+and the disk images are let go (a guest with a throw-away disk, whose data only this process
+has, is refused before anything is sent).  Their locks (:mod:`pykvm.disk_lock`) pass with the state, as
 QEMU's inactive images do: the source unlocks them once it has flushed them, the destination
 locks them before it accepts the guest, and a guest not accepted gets them locked here again.
 
@@ -174,6 +175,7 @@ class Migration:
         self._started = time.monotonic()
         deadline = self._started + self._timeout
         try:
+            _check_disks_can_move(self._machine)
             channel = Channel(uris.connect(self._uri, self._timeout), deadline, f"the destination {self._uri}")
             try:
                 self._handshake(channel)
@@ -319,6 +321,16 @@ def _answer(channel: Channel) -> tuple[int, bytes, str]:
     status, their_proof, length = ANSWER.unpack(channel.receive(ANSWER.size))
     reason = channel.receive(min(length, MAX_REASON_BYTES)).decode(errors="replace")
     return status, their_proof, reason or "no reason given"
+
+
+def _check_disks_can_move(machine: Machine) -> None:
+    """A throw-away disk's data lives only in this process, where the destination cannot open it."""
+    throwaway = [disk.path for disk in machine.config.disks if disk.throwaway]
+    if throwaway:
+        raise MigrationError(
+            f"the guest's disk {throwaway[0]} is a throw-away overlay (,snapshot) whose data only this process has; "
+            "a guest with one cannot migrate"
+        )
 
 
 def _disks(machine: Machine) -> list[VirtioBlock]:

@@ -45,7 +45,7 @@ from typing import Callable, Union
 from ..errors import MigrationError
 
 MAGIC = b"PYKVMMIG"
-VERSION = 1
+VERSION = 2  # 2: the header has DiskConfig.snapshot and Manifest.disk_copies
 NONCE_BYTES = 32
 PAGE_SIZE = 4096
 RECORD_PAGES = 256  # data pages in one PAGES record at most (1 MiB)

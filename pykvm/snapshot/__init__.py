@@ -11,11 +11,15 @@ for any RAM size), then puts the state back: the VM's in-kernel devices, the vCP
 format version, the state file's checksum, the memory file's size, the CPU features the
 guest saw against this host's, each disk image's identity.
 
+A throw-away disk's data is part of the snapshot (its overlay is what the guest sees): it is
+saved beside the memory file, and a restored machine gets a throw-away overlay of that copy.
+
 A saved or restored snapshot is also the machine's *reset point*: from then on KVM logs
 the pages the guest writes and guest memory notes the pages devices write, so that
 :func:`reset` puts back only those pages, then the saved state (the snapshotting
 technique of fuzzers such as snapchange): a fresh machine in well under a millisecond
-for a test that dirtied little.
+for a test that dirtied little.  Throw-away disks are put back from their saved copies too,
+which costs a copy of their data (a reflink where the file system has them).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from ..config import MachineConfig
+from ..config import DiskConfig, MachineConfig
 from ..devices.acpi_pm import AcpiPmState
 from ..devices.cmos import CmosState
 from ..devices.fw_cfg import FwCfgState, set_cmdline
@@ -43,7 +47,7 @@ from ..x86.layout import PAGE_SIZE
 from ..x86.features import feature_words, missing_features
 from . import format
 from .codec import encode
-from .format import DiskIdentity, MachineState, Manifest
+from .format import DiskCopy, DiskIdentity, MachineState, Manifest
 
 if TYPE_CHECKING:
     from ..host_inputs import HostInputs
@@ -74,18 +78,32 @@ def state_records(config: MachineConfig) -> tuple[type, ...]:
 
 @dataclasses.dataclass
 class ResetPoint:
-    """A machine's last snapshot: its state, and the memory file that holds its RAM."""
+    """A machine's last snapshot: its state, the memory file that holds its RAM, and the saved
+    copies of its throw-away disks (read-only descriptors, by the disk's index)."""
 
     state: MachineState
     memory_fd: int
     backs_memory: bool  # guest RAM is mapped from memory_fd (a restored machine)
+    disk_fds: dict[int, int] = dataclasses.field(default_factory=dict)
     # (gpa, bytes) runs written since, whose dirty log another reader took (a live migration)
     written: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
+    def open_disk_copies(self, path: Path, manifest: Manifest) -> None:
+        """Hold the copies the snapshot at ``path`` saved of its throw-away disks, to put them back."""
+        for copy in manifest.disk_copies:
+            try:
+                self.disk_fds[copy.index] = os.open(format.disk_copy(path, copy), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as err:
+                raise SnapshotError(
+                    f"{path}: the copy of throw-away disk {copy.index} cannot be opened: {err.strerror}"
+                ) from err
+
     def close(self) -> None:
-        if self.memory_fd >= 0:
-            os.close(self.memory_fd)
-            self.memory_fd = -1
+        for fd in (self.memory_fd, *self.disk_fds.values()):
+            if fd >= 0:
+                os.close(fd)
+        self.memory_fd = -1
+        self.disk_fds = {}
 
 
 # --- saving ---------------------------------------------------------------------------------------
@@ -94,9 +112,16 @@ def save(machine: Machine, path: str | Path) -> Manifest:
     path = Path(path)
     with machine.paused_for_snapshot():
         state = capture(machine)
+        write_disks = {index: overlay.save for index, overlay in machine.disk_overlays.items()}
         manifest = format.write(path, describe(machine, state.vcpus[0].cpuid), format_state(state),
-                                lambda fd: write_memory(machine.memory, fd))  # fmt: skip
-        machine.set_reset_point(ResetPoint(state, format.open_memory(path, manifest), backs_memory=False))
+                                lambda fd: write_memory(machine.memory, fd), write_disks)  # fmt: skip
+        point = ResetPoint(state, format.open_memory(path, manifest), backs_memory=False)
+        try:
+            point.open_disk_copies(path, manifest)
+        except BaseException:
+            point.close()
+            raise
+        machine.set_reset_point(point)
     return manifest
 
 
@@ -126,12 +151,20 @@ def describe(machine: Machine, cpuid: list[CpuidEntry]) -> Manifest:
         config=config,
         cmdline=machine.cmdline,
         cpu_features=tuple(feature_words(cpuid).items()),
-        disks=tuple(DiskIdentity.of(disk.path) for disk in config.disks),
+        disks=tuple(_identity(machine, index, disk.path) for index, disk in enumerate(config.disks)),
+        disk_copies=tuple(DiskCopy(index, overlay.size, 0) for index, overlay in sorted(machine.disk_overlays.items())),
         state_size=0,
         state_sha256="",
         memory_size=max(region.end for region in machine.memory.regions),
         memory_data_bytes=0,
     )
+
+
+def _identity(machine: Machine, index: int, path: str) -> DiskIdentity:
+    """The image of disk ``index``: a throw-away disk's as its overlay was made from it (the
+    overlay holds it open, wherever its name went meanwhile)."""
+    overlay = machine.disk_overlays.get(index)
+    return DiskIdentity.of(path, os.fstat(overlay.source_fd) if overlay is not None else None)
 
 
 @functools.cache
@@ -169,7 +202,7 @@ def format_manifest(path: str | Path, manifest: Manifest) -> str:
     config = manifest.config
     devices = [name for name, present in (("virtio-console", config.console == "virtio"), ("virtio-rng", config.rng),
                                           ("virtio-net", config.net is not None), ("virtio-balloon", config.balloon))
-               if present] + [f"virtio-blk {disk.path}{' (read-only)' if disk.read_only else ''}" for disk in config.disks]  # fmt: skip
+               if present] + [f"virtio-blk {disk.path}{_disk_kind(disk)}" for disk in config.disks]  # fmt: skip
     on_disk = (Path(path) / format.MEMORY).stat().st_blocks * 512 if (Path(path) / format.MEMORY).exists() else 0
     mib = 1 << 20
     lines = [
@@ -182,8 +215,17 @@ def format_manifest(path: str | Path, manifest: Manifest) -> str:
         f"state:      {manifest.state_size} bytes, SHA-256 {manifest.state_sha256[:16]}...",
         f"CPU:        {sum(bin(bits).count('1') for _, bits in manifest.cpu_features)} feature bits the guest saw",
     ]
-    lines += [f"disk:       {disk.path}, {disk.size} bytes" for disk in manifest.disks]
+    copies = {copy.index: copy for copy in manifest.disk_copies}
+    for index, disk in enumerate(manifest.disks):
+        copy = copies.get(index)
+        saved = (f"; throw-away, its data saved in {format.disk_copy_name(index)}: {copy.data_bytes / mib:.1f} MiB"
+                 if copy is not None else "")  # fmt: skip
+        lines.append(f"disk:       {disk.path}, {disk.size} bytes{saved}")
     return "\n".join(lines)
+
+
+def _disk_kind(disk: DiskConfig) -> str:
+    return " (read-only)" if disk.read_only else " (throw-away)" if disk.throwaway else ""
 
 
 def restore(
@@ -211,6 +253,8 @@ def restore(
     questions to the host (see :class:`~pykvm.host_inputs.HostInputs`) from the restore on.
     ``machine_type`` is the class of the machine made (a subclass of :class:`~pykvm.Machine`);
     ``gdb`` and ``gdb_wait`` serve it to gdb as for a new machine (the saved machine's are not kept).
+    A throw-away disk becomes a throw-away overlay of the copy the snapshot saved of it, so
+    nothing the restored guest writes reaches the snapshot.
     """
     from ..machine import Machine
 
@@ -218,8 +262,9 @@ def restore(
     manifest = format.read_manifest(path)
     state = format.read_state(path, manifest, state_records(manifest.config))
     if not allow_changed_disks:
-        _check_disks(manifest.disks)
-    config = dataclasses.replace(manifest.config, serial=serial, capture_serial=capture_serial, gdb=gdb, gdb_wait=gdb_wait)
+        _check_disks(manifest)
+    config = dataclasses.replace(manifest.config, disks=_restored_disks(path, manifest), serial=serial,
+                                 capture_serial=capture_serial, gdb=gdb, gdb_wait=gdb_wait)  # fmt: skip
     if virtio_notify is not None:
         config = dataclasses.replace(config, virtio_notify=virtio_notify)
     if kvm is None:  # the KVM device is this host's choice (the default, or ``kvm_path``)
@@ -235,6 +280,7 @@ def restore(
         check_cpu(machine, dict(manifest.cpu_features))
         apply(machine, manifest.cmdline, state)
         if resettable:
+            point.open_disk_copies(path, manifest)
             machine.set_reset_point(point)
         else:
             point.close()
@@ -247,8 +293,10 @@ def restore(
     return machine
 
 
-def _check_disks(disks: tuple[DiskIdentity, ...]) -> None:
-    for saved in disks:
+def _check_disks(manifest: Manifest) -> None:
+    """Refuse an image that changed since the snapshot (a throw-away disk's image is not used)."""
+    copied = {copy.index for copy in manifest.disk_copies}
+    for saved in (disk for index, disk in enumerate(manifest.disks) if index not in copied):
         try:
             now = DiskIdentity.of(saved.path)
         except OSError as err:
@@ -258,6 +306,14 @@ def _check_disks(disks: tuple[DiskIdentity, ...]) -> None:
                 f"the disk image {saved.path} changed since the snapshot (size, time or file); "
                 "restore with allow_changed_disks (--allow-changed-disks) to use it anyway"
             )
+
+
+def _restored_disks(path: Path, manifest: Manifest) -> tuple[DiskConfig, ...]:
+    """The saved machine's disks, each throw-away one made from the copy the snapshot saved of it."""
+    disks = list(manifest.config.disks)
+    for copy in manifest.disk_copies:
+        disks[copy.index] = dataclasses.replace(disks[copy.index], path=str(format.disk_copy(path, copy)))
+    return tuple(disks)
 
 
 def check_cpu(machine: Machine, seen: dict[str, int]) -> None:
@@ -298,6 +354,8 @@ def reset(machine: Machine, point: ResetPoint) -> int:
             _read_back(machine.memory, point.memory_fd, gpa, length)
         restored += length
     machine.memory.track_host_writes()  # what reset itself wrote is the snapshot's
+    for index, fd in point.disk_fds.items():
+        machine.disk_overlays[index].refill(fd)
     apply(machine, machine.cmdline, point.state)
     return restored
 

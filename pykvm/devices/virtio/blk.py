@@ -69,13 +69,12 @@ import errno
 import hashlib
 import logging
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ...disk_lock import lock_image, release_lock, take_lock
+from ...disk_lock import open_image, release_lock, take_lock
 from ...errors import ConfigError
 from ...memory import GuestMemory
 from ...native import fallocate, ffi, lib
@@ -197,6 +196,9 @@ class VirtioBlock(VirtioDevice):
 
     The image is locked while it is open (:mod:`pykvm.disk_lock`), unless ``lock`` is False: a
     machine receiving a migrated guest takes the locks only once the source let go of them.
+    ``fd``, if given, is the disk's data already open, which the device takes over instead of
+    opening ``path``: a throw-away overlay of the image at ``path`` (:mod:`pykvm.disk_overlay`),
+    which no other machine sees and so needs no lock; the serial derives from the image still.
     """
 
     name = "blk"
@@ -207,6 +209,7 @@ class VirtioBlock(VirtioDevice):
         self, path: str | Path, read_only: bool = False, serial: str | None = None, on_read: ReadHook | None = None,
         lock: bool = True,
         fast_path: bool = True,
+        fd: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.path = str(path)
@@ -214,19 +217,13 @@ class VirtioBlock(VirtioDevice):
         self._on_read = on_read
         self.fast_path = fast_path and on_read is None  # C cannot show the data to the hook
         self._plain: _PlainRequests | None = None  # while active, with the fast path
-        self.fd = self._open(lock)
+        self.fd = open_image(self.path, read_only, lock) if fd is None else fd
         try:
-            info = os.fstat(self.fd)
-            if stat.S_ISDIR(info.st_mode):  # O_RDONLY opens a directory without complaint
-                raise ConfigError(f"{self.path}: is a directory, not a disk image")
-            if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)):
-                raise ConfigError(f"{self.path}: not a regular file or block device")
+            identity = os.fstat(self.fd) if fd is None else os.stat(self.path)
             size = os.lseek(self.fd, 0, os.SEEK_END)
-        except (ConfigError, OSError) as err:
+        except OSError as err:
             os.close(self.fd)
-            if isinstance(err, OSError):
-                raise ConfigError(f"{self.path}: cannot read its size: {err.strerror}") from err
-            raise
+            raise ConfigError(f"{self.path}: cannot read its size: {err.strerror}") from err
         if size % SECTOR_SIZE:
             # Firecracker does the same (with a warning); QEMU's block layer instead rounds the
             # sector count up and reads the partial last sector padded with zeros.
@@ -235,28 +232,12 @@ class VirtioBlock(VirtioDevice):
                 self.path, size, SECTOR_SIZE, size % SECTOR_SIZE,
             )  # fmt: skip
         self.capacity = size // SECTOR_SIZE
-        self.serial = _serial(serial, info)
+        self.serial = _serial(serial, identity)
         self.features = VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
         if read_only:
             self.features |= VIRTIO_BLK_F_RO
         else:
             self.features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
-
-    def _open(self, lock: bool) -> int:
-        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            fd = os.open(self.path, flags)
-            return lock_image(fd, self.path, self.read_only) if lock else fd
-        except FileNotFoundError as err:
-            raise ConfigError(f"{self.path}: no such disk image") from err
-        except IsADirectoryError as err:
-            raise ConfigError(f"{self.path}: is a directory, not a disk image") from err
-        except PermissionError as err:
-            hint = "" if self.read_only else " (use PATH,ro for a read-only disk)"
-            raise ConfigError(f"{self.path}: permission denied{hint}") from err
-        except OSError as err:
-            hint = " (use PATH,ro for a read-only disk)" if err.errno == errno.EROFS else ""
-            raise ConfigError(f"{self.path}: cannot open the disk image: {err.strerror}{hint}") from err
 
     def lock_image(self) -> None:
         """Lock the image (see :func:`pykvm.disk_lock.take_lock`)."""
