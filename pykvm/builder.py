@@ -274,7 +274,7 @@ def attach_fw_cfg(
     return fw_cfg
 
 
-def make_disk_overlays(disks: tuple[DiskConfig, ...], closing: Closing[DiskOverlay]) -> dict[int, DiskOverlay]:
+def make_disk_overlays(disks: tuple[DiskConfig, ...], closing: Closing) -> dict[int, DiskOverlay]:
     """A throw-away overlay (:mod:`pykvm.disk_overlay`) of each image the guest writes without
     writing the image, by the disk's index."""
     if not any(disk.throwaway for disk in disks):
