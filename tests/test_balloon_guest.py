@@ -2,7 +2,7 @@
 pykvm process's RSS (psutil) falls by at least 90 % of what it inflates; deflating gives it back.
 
 From the library (``vm.balloon.target``) and from another process through the control socket
-(``pykvm run ... --control PATH`` + ``pykvm ctl PATH balloon 64M``), the "Done when" of issue 6.
+(``pykvm run ... --control PATH`` + ``pykvm ctl PATH balloon 64M``).
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ def test_without_a_balloon_the_guest_says_no_device(run_guest) -> None:
 
 
 def test_pykvm_ctl_from_another_process_makes_the_running_guest_give_back_memory(tmp_path: Path) -> None:
-    """The "Done when" of issue 6, end to end through the command line."""
+    """The balloon driven from another process through the control socket: pykvm's RSS falls by what
+    the guest gives back, and the balloon deflates again."""
     sock = tmp_path / "vm.sock"
     run = subprocess.Popen(
         [sys.executable, "-m", "pykvm", "run", str(guest("balloon.bin")), "--mode", "long", "-m", "128M",

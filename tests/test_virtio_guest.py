@@ -1,4 +1,4 @@
-"""A real guest drives virtio-blk and virtio-console through virtio-mmio (issue 5, item 6)."""
+"""A real guest drives virtio-blk and virtio-console through virtio-mmio."""
 
 from __future__ import annotations
 
