@@ -2,7 +2,7 @@
 
 The guest is a few long-mode instructions at 0x100000 (the flat loader's address, on the VMM's
 identity map), run exit by exit as kvm-ioctls' tests do.  What the nested kvm_pvm backend cannot
-do (PLATFORM.md, and measured again here) is tested as real hardware behaves and skipped
+do (measured here; pykvm.info.DEBUG_SUPPORT records it) is tested as real hardware behaves and skipped
 elsewhere, with what this backend does instead.
 """
 

@@ -8,8 +8,8 @@ Where it listens (the forms of QEMU's ``-gdb``, read by :func:`parse_address`):
 ``tcp:HOST:PORT``
     HOST a name, an IPv4 address or an ``[IPv6]`` address (``tcp:0.0.0.0:1234`` for all).
 ``unix:PATH``
-    a UNIX socket, mode 0600, removed on close; a socket file already there is replaced
-    (as QEMU does), any other file is an error.
+    a UNIX socket, mode 0600, removed on close; a stale socket file already there is
+    replaced, one another process still listens on is refused, any other file is an error.
 
 When gdb connects, the server stops the target (gdb's all-stop model wants it stopped
 while it looks) and answers its packets (:mod:`pykvm.gdbstub.session`).  While the guest
