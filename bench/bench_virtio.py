@@ -235,8 +235,10 @@ class PykvmDisk:
 
 
 def qemu_disk_args(image: Path) -> list[str]:
-    """QEMU microvm's virtio-blk on ``image``: virtio-mmio, virtio 1.x (QEMU defaults to legacy)."""
-    return ["-global", "virtio-mmio.force-legacy=false", "-drive", f"id=d0,file={image},format=raw,if=none",
+    """QEMU microvm's virtio-blk on ``image``: virtio-mmio, virtio 1.x (QEMU defaults to legacy).  Its image
+    lock is off: the pykvm machine of the rounds in between keeps the image open and locked."""
+    return ["-global", "virtio-mmio.force-legacy=false", "-drive",
+            f"id=d0,file={image},format=raw,if=none,file.locking=off",
             "-device", "virtio-blk-device,drive=d0"]  # fmt: skip
 
 
