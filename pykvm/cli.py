@@ -92,6 +92,16 @@ QEMU_OPTIONS = {
     "-M": "pykvm has one machine type",
     "-cpu": "pykvm gives the guest the host's CPU model",
     "-bios": "pykvm boots kernels directly, without firmware",
+    "-chardev": "pykvm's serial port is --serial (stdio, null, file:PATH)",
+    "-nodefaults": "pykvm needs none: it makes only the devices asked for",
+    "-no-user-config": "pykvm reads no configuration files",
+    "-vnc": "pykvm has no display: the serial port is on stdio",
+    "-name": "pykvm's machines have no name",
+    "-monitor": "pykvm's is --control PATH, used with pykvm ctl PATH",
+    "-qmp": "pykvm's is --control PATH, used with pykvm ctl PATH",
+    "-s": "pykvm's is --gdb tcp::1234",
+    "-S": "pykvm's is --gdb-wait",
+    "-gdb": "pykvm's is --gdb",
 }
 
 
@@ -99,15 +109,14 @@ class _RunCommand(click.Command):
     """``pykvm run``, which answers a QEMU option with the pykvm option to use instead."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, list(args))
-        except click.NoSuchOption as err:
-            typed = next((arg for arg in args if arg in QEMU_OPTIONS and arg.startswith(err.option_name)), None)
-            if typed is None:
-                raise
+        # Found before click reads them, which would take -cpu as -c with the value "pu" or -machine
+        # as -m "achine".  (A value that must be one of these words goes as --option=VALUE.)
+        typed = next((arg for arg in args if arg in QEMU_OPTIONS), None)
+        if typed is not None:
             raise click.UsageError(
                 f"{typed} is a QEMU option; {QEMU_OPTIONS[typed]} (pykvm-qemu takes QEMU's options as they are)", ctx
-            ) from err
+            )
+        return super().parse_args(ctx, list(args))
 
 
 def _fail(message: object) -> NoReturn:

@@ -272,7 +272,7 @@ class Machine:
         """Whether :meth:`close` was called."""
         return self._closed
 
-    def __enter__(self) -> Machine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

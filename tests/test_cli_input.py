@@ -96,6 +96,11 @@ def test_a_non_utf8_path_in_an_error_is_one_line(tmp_path: Path) -> None:
         (["GUEST", "-initrd", "rootfs.cpio"], "-initrd is a QEMU option; pykvm's is --initrd"),
         (["GUEST", "-nographic"], "-nographic is a QEMU option; pykvm needs none"),
         (["GUEST", "-enable-kvm"], "-enable-kvm is a QEMU option; pykvm always uses KVM"),
+        (["GUEST", "-cpu", "host"], "-cpu is a QEMU option; pykvm gives the guest the host's CPU model"),
+        (["GUEST", "-machine", "pc"], "-machine is a QEMU option; pykvm has one machine type"),
+        (["GUEST", "-machine"], "-machine is a QEMU option; pykvm has one machine type"),
+        (["GUEST", "-chardev", "stdio,id=s0"], "-chardev is a QEMU option; pykvm's serial port is --serial"),
+        (["GUEST", "-s", "-S"], "-s is a QEMU option; pykvm's is --gdb tcp::1234"),
     ],
 )
 def test_qemu_options_get_a_hint_naming_the_pykvm_option(args: list[str], hint: str) -> None:
@@ -103,6 +108,11 @@ def test_qemu_options_get_a_hint_naming_the_pykvm_option(args: list[str], hint: 
     stderr = process.stderr.decode()
     assert process.returncode == 2 and f"Error: {hint}" in stderr and "pykvm-qemu" in stderr, stderr
     assert "No such option" not in stderr
+
+
+def test_a_value_spelt_like_a_qemu_option_goes_with_an_equals_sign() -> None:
+    process = pykvm("run", str(guest("hello_real.bin")), "--cmdline=-kernel", "--timeout", "10")
+    assert process.returncode == 1 and b"QEMU option" not in process.stderr, process.stderr
 
 
 def test_an_unknown_option_that_is_not_qemus_keeps_clicks_message() -> None:
