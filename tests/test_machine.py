@@ -11,7 +11,7 @@ import pytest
 
 from conftest import guest
 from pykvm import Machine, MachineConfig
-from pykvm.errors import ConfigError, ImageError, PykvmError
+from pykvm.errors import BusError, ConfigError, ImageError, PykvmError
 from pykvm.kvm.exits import FailEntryExit, OtherExit
 from pykvm.control import RunControl, Stop
 from pykvm.result import ExitReason, status_of
@@ -310,3 +310,22 @@ def test_the_package_exports_its_api_and_imports_it_only_when_used() -> None:
     code = "import sys, pykvm; print('pykvm.machine' in sys.modules); print(pykvm.Machine.__name__, pykvm.Kvm.__name__, pykvm.Device.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "Machine", "Kvm", "Device"]
+
+
+class _Register:
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "base, what", [(0x100000, "guest RAM"), (0xFEC00000, "the in-kernel IOAPIC"), (0xFEE00000, "the in-kernel LAPIC")]
+)
+def test_an_mmio_device_where_the_guest_never_exits_is_refused_in_one_line(machine_factory, base: int, what: str) -> None:
+    machine = machine_factory(memory="64M")
+    with pytest.raises(BusError, match=f"overlaps {what} .*never reach a device") as refused:
+        machine.mmio.register(base, 0x1000, _Register())
+    assert "\n" not in str(refused.value)
+    machine.mmio.register(0xC0000000, 0x1000, _Register())  # above RAM, below the MMIO windows
