@@ -45,7 +45,8 @@ enum pykvm_stop { PYKVM_STOP_EXIT, PYKVM_STOP_DEBUG_EXIT, PYKVM_STOP_INTERRUPTED
 
 #define PYKVM_SERIAL_FDS 2
 
-/* Where the guest's serial output goes (see pykvm_serial_write); shared by every vCPU. */
+/* Where the guest's serial output goes (see pykvm_serial_write); shared by every vCPU, so
+ * every field is read and written with atomics. */
 struct pykvm_serial_out {
     int fds[PYKVM_SERIAL_FDS]; /* -1: unused, or given up */
     uint32_t stalled[PYKVM_SERIAL_FDS];
@@ -136,6 +137,7 @@ int pykvm_chain_walk(const struct pykvm_guest_memory *mem, uint64_t desc_table, 
 int64_t pykvm_save_pages(int fd, const uint8_t *mem, uint64_t length, uint64_t file_offset, int pagemap_fd);
 void pykvm_note_written(const struct pykvm_guest_memory *mem, uint64_t gpa, uint64_t length);
 void pykvm_take_written(uint64_t *bitmap, uint64_t *copy, uint64_t words);
+int pykvm_serial_write(struct pykvm_serial_out *out, const uint32_t *stop, const uint8_t *data, size_t len);
 struct pykvm_blk;
 int pykvm_blk_serve(struct pykvm_blk *blk, uint32_t limit);
 
@@ -220,8 +222,18 @@ static struct pykvm_fast_handler *find_handler(struct pykvm_fast_table *table, u
 
 static void give_up_fd(struct pykvm_serial_out *out, int i, int err)
 {
-    out->error = err;
-    out->fds[i] = -1;
+    __atomic_store_n(&out->error, err, __ATOMIC_RELAXED);
+    __atomic_store_n(&out->fds[i], -1, __ATOMIC_RELAXED);
+}
+
+static int output_fd(const struct pykvm_serial_out *out, int i)
+{
+    return __atomic_load_n(&out->fds[i], __ATOMIC_RELAXED);
+}
+
+static int is_stalled(const struct pykvm_serial_out *out, int i)
+{
+    return __atomic_load_n(&out->stalled[i], __ATOMIC_RELAXED) != 0;
 }
 
 static int stop_requested(const uint32_t *stop)
@@ -236,17 +248,19 @@ static size_t serial_write_fd(struct pykvm_serial_out *out, int i, const uint32_
     size_t done = 0;
     uint64_t waiting_since = 0;
 
-    while (done < len && out->fds[i] >= 0) {
-        struct pollfd pfd = { .fd = out->fds[i], .events = POLLOUT };
-        int ready = poll(&pfd, 1, out->stalled[i] ? 0 : PYKVM_SERIAL_SLICE_MS);
+    int fd;
+
+    while (done < len && (fd = output_fd(out, i)) >= 0) {
+        struct pollfd pfd = { .fd = fd, .events = POLLOUT };
+        int ready = poll(&pfd, 1, is_stalled(out, i) ? 0 : PYKVM_SERIAL_SLICE_MS);
 
         if (ready > 0) { /* writable, or an error that write() reports */
             size_t chunk = len - done < PYKVM_SERIAL_CHUNK ? len - done : PYKVM_SERIAL_CHUNK;
-            ssize_t n = write(out->fds[i], data + done, chunk);
+            ssize_t n = write(fd, data + done, chunk);
 
             if (n > 0) {
                 done += (size_t)n;
-                out->stalled[i] = 0;
+                __atomic_store_n(&out->stalled[i], 0, __ATOMIC_RELAXED);
                 waiting_since = 0;
                 continue;
             }
@@ -262,12 +276,12 @@ static size_t serial_write_fd(struct pykvm_serial_out *out, int i, const uint32_
             give_up_fd(out, i, errno);
             break;
         }
-        if (out->stalled[i] || stop_requested(stop))
+        if (is_stalled(out, i) || stop_requested(stop))
             break;
         if (!waiting_since) {
             waiting_since = now_ns();
         } else if (now_ns() - waiting_since >= out->stall_ns) {
-            out->stalled[i] = 1;
+            __atomic_store_n(&out->stalled[i], 1, __ATOMIC_RELAXED);
             __atomic_add_fetch(&out->stalls, 1, __ATOMIC_RELAXED);
             break;
         }
@@ -279,11 +293,11 @@ int pykvm_serial_write(struct pykvm_serial_out *out, const uint32_t *stop, const
 {
     __atomic_add_fetch(&out->transmitted, len, __ATOMIC_RELAXED);
     for (int i = 0; i < PYKVM_SERIAL_FDS; i++) {
-        if (out->fds[i] < 0)
+        if (output_fd(out, i) < 0)
             continue;
         size_t done = serial_write_fd(out, i, stop, data, len);
 
-        if (done < len && out->fds[i] >= 0)
+        if (done < len && output_fd(out, i) >= 0)
             __atomic_add_fetch(&out->dropped, len - done, __ATOMIC_RELAXED);
     }
     return 0;

@@ -97,7 +97,7 @@ class ExitDispatcher:
                 stop(_system_event_stop(kind, vcpu.id))
             case GuestDebugExit(exception=vector, pc=pc):
                 why = f"unhandled guest debug exit (exception {vector} at {pc:#x})"
-                stop(Stop(ExitReason.UNHANDLED, why, None, True, vcpu.id))
+                stop(Stop(ExitReason.UNHANDLED, why, with_registers=True, vcpu_id=vcpu.id))
             case OtherExit(reason=reason, hardware_reason=hardware):
                 detail = f" (hardware reason {hardware:#x})" if hardware else ""
                 why = f"unhandled exit {EXIT_NAMES.get(reason, str(reason))}{detail}"

@@ -41,6 +41,7 @@ def _default_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PYKVM_REQUIRE_KVM", raising=False)
 
 
+@pytest.mark.guest  # its inner tests boot guests
 def test_fixtures_boot_a_guest_when_kvm_is_usable(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(TEST_FILE)
     pytester.runpytest().assert_outcomes(passed=2)
@@ -90,6 +91,7 @@ def test_without_permission_on_the_device_tests_skip_or_fail_as_asked(pytester: 
     assert "permission denied" in process.stdout
 
 
+@pytest.mark.guest  # its inner tests boot guests
 def test_run_guest_takes_machine_and_load_options(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(f"""
         def test_two_cpus_and_a_mode(run_guest):
@@ -114,6 +116,7 @@ def test_run_guest_names_an_unknown_option_and_where_options_go(pytester: pytest
                                  "load options are *mode*"])  # fmt: skip
 
 
+@pytest.mark.guest  # its inner tests boot guests
 def test_a_machine_factory_run_has_a_default_timeout(pytester: pytest.Pytester, tmp_path: Path) -> None:
     spin = tmp_path / "spin.bin"
     spin.write_bytes(b"\xeb\xfe")  # jmp $
@@ -143,6 +146,7 @@ def test_wrong_expectation(run_guest):
 """
 
 
+@pytest.mark.guest  # its inner tests boot guests
 def test_the_guest_output_is_in_the_failure_report(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(FAILING_TEST)
     result = pytester.runpytest()
@@ -150,6 +154,7 @@ def test_the_guest_output_is_in_the_failure_report(pytester: pytest.Pytester) ->
     result.stdout.fnmatch_lines(["*Captured stdout call*", "--- pykvm: serial output of machine 1 ---", "Hello from real mode"])
 
 
+@pytest.mark.guest  # its inner tests boot guests
 def test_the_guest_output_is_in_junit_system_out(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(FAILING_TEST)
     report = pytester.path / "report.xml"
@@ -158,6 +163,7 @@ def test_the_guest_output_is_in_junit_system_out(pytester: pytest.Pytester) -> N
     assert system_out is not None and "Hello from real mode" in system_out.text
 
 
+@pytest.mark.guest  # its inner tests boot guests
 def test_the_readme_snippet_works_from_any_directory(pytester: pytest.Pytester, monkeypatch) -> None:
     snippet = re.search(r"### In pytest.*?```python\n(.*?)```", README.read_text(), re.DOTALL)
     assert snippet is not None, "the README has a pytest snippet"
@@ -252,11 +258,13 @@ def test_a_test_that_closes_the_machine_leaves_a_fresh_one_for_the_next(rounds):
 """
 
 
+@pytest.mark.guest  # its inner tests boot guests
 def test_booted_guest_gives_each_test_the_machine_as_saved(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(BOOTED_TESTS)
     pytester.runpytest().assert_outcomes(passed=7)
 
 
+@pytest.mark.guest  # its inner tests boot guests
 def test_a_booted_guest_reports_only_what_the_failing_test_printed(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(f"""
         import pytest
@@ -274,6 +282,7 @@ def test_a_booted_guest_reports_only_what_the_failing_test_printed(pytester: pyt
     assert system_out is not None and "count 400\n" in system_out.text and "count 20\n" not in system_out.text
 
 
+@pytest.mark.guest  # its inner tests boot guests
 @pytest.mark.parametrize(
     "image, until, message",
     [

@@ -27,13 +27,6 @@ UNKNOWN_REASON = (
 )
 
 
-def is_bzimage(image: bytes) -> bool:
-    """Whether ``image`` carries the Linux boot protocol header magic."""
-    from . import linux
-
-    return linux.is_bzimage(image)
-
-
 def sniff(image: bytes) -> str | None:
     """The format ``image``'s contents identify, or ``None`` (a flat binary has no signature)."""
     if multiboot.find_header(image) is not None:

@@ -40,6 +40,9 @@ Host input contract (for the machine's I/O thread):
   with False, from whichever thread runs the device (I/O or vCPU thread).
 - Queue notifications reach :meth:`VirtioNet.process` through the transport; a notification of queue 0 delivers
   the waiting frame and resumes reading the TAP.
+
+A snapshot or a migration keeps the queues (the transport's state) and nothing of the device's own: a frame
+waiting for a receive chain is not kept, so a restored guest never gets it, as a network may lose any frame.
 """
 
 from __future__ import annotations
