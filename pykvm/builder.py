@@ -225,9 +225,9 @@ def attach_pc_testdev(devices: DeviceManager, vm: Vm | None) -> None:
     """QEMU's pc-testdev (pykvm/devices/testdev.py): its ports, interrupt lines and iomem window."""
     from .devices import testdev
 
-    ports = testdev.PcTestdevPorts()
-    lines = testdev.PcTestdevIrqLines(vm.irq_line if vm is not None else None)
     iomem = testdev.PcTestdevMemory()
+    ports = testdev.PcTestdevPorts(iomem)
+    lines = testdev.PcTestdevIrqLines(vm.irq_line if vm is not None else None)
     devices.attach("pc-testdev", testdev.REGISTER_PORT, ports.SIZE, ports)
     devices.attach("pc-testdev-irq", testdev.IRQ_LINE_PORT, lines.SIZE, lines)
     devices.attach("pc-testdev-iomem", testdev.IOMEM_ADDR, iomem.SIZE, iomem, space=Space.MMIO)

@@ -13,8 +13,8 @@ from typing import Callable
 import pytest
 
 from pykvm.config import MachineConfig, device_options
-from pykvm.devices.testdev import IOMEM_SIZE, PcTestdevIrqLines, PcTestdevMemory, PcTestdevPorts
-from pykvm.errors import BusError, ConfigError
+from pykvm.devices.testdev import IOMEM_SIZE, PcTestdevIrqLines, PcTestdevMemory, PcTestdevPorts, PcTestdevState
+from pykvm.errors import BusError, ConfigError, StateError
 from pykvm.machine import Machine
 from tests.images import run_tools
 
@@ -22,7 +22,7 @@ from tests.images import run_tools
 
 
 def test_register_keeps_a_32_bit_value() -> None:
-    ports = PcTestdevPorts()
+    ports = PcTestdevPorts(PcTestdevMemory())
     ports.write(0, 4, 0x12345678)
     assert ports.read(0, 4) == 0x12345678
     assert [ports.read(offset, 1) for offset in range(4)] == [0x78, 0x56, 0x34, 0x12]
@@ -30,7 +30,7 @@ def test_register_keeps_a_32_bit_value() -> None:
 
 
 def test_a_narrow_write_changes_only_its_bytes() -> None:
-    ports = PcTestdevPorts()
+    ports = PcTestdevPorts(PcTestdevMemory())
     ports.write(0, 4, 0x12345678)
     ports.write(1, 1, 0xAB)
     ports.write(2, 2, 0xCDEF)
@@ -39,14 +39,14 @@ def test_a_narrow_write_changes_only_its_bytes() -> None:
 
 def test_an_access_past_the_register_keeps_to_its_32_bits() -> None:
     # QEMU: mask = (u32)-1 >> (32 - bits) << start_bit, in 32 bits: the bytes past offset 3 fall off.
-    ports = PcTestdevPorts()
+    ports = PcTestdevPorts(PcTestdevMemory())
     ports.write(3, 2, 0xBBAA)
     assert ports.read(0, 4) == 0xAA000000
     assert ports.read(3, 4) == 0xAA
 
 
 def test_the_byte_wise_alias_is_the_same_register() -> None:
-    ports = PcTestdevPorts()
+    ports = PcTestdevPorts(PcTestdevMemory())
     ports.write(8, 4, 0x11223344)
     assert ports.read(0, 4) == 0x11223344
     assert ports.read(10, 2) == 0x1122
@@ -55,7 +55,7 @@ def test_the_byte_wise_alias_is_the_same_register() -> None:
 
 
 def test_flush_port_takes_4_byte_writes() -> None:
-    ports = PcTestdevPorts()
+    ports = PcTestdevPorts(PcTestdevMemory())
     ports.write(4, 4, 0x1000)
     ports.write(4, 1, 0)
     assert ports.stats["flushes"] == 1 and ports.stats["missed_writes"] == 1
@@ -110,6 +110,38 @@ def test_iomem_access_at_its_end_is_bounded() -> None:
     memory.write(IOMEM_SIZE - 2, 4, 0xAABBCCDD)
     assert memory.read(IOMEM_SIZE - 2, 4) == 0xFFFFCCDD
     assert len(memory.data) == IOMEM_SIZE
+
+
+# --- state ----------------------------------------------------------------------------------------------
+
+
+def test_the_state_holds_the_register_and_the_iomem_and_a_new_device_answers_alike() -> None:
+    ports = PcTestdevPorts(PcTestdevMemory())
+    ports.write(0, 4, 0xCAFE0001)
+    ports.iomem.write(IOMEM_SIZE - 4, 4, 0x01020304)
+    state = ports.save_state()
+    restored = PcTestdevPorts(PcTestdevMemory())
+    restored.restore_state(state)
+    assert restored.save_state() == state and restored.read(8, 4) == 0xCAFE0001
+    assert restored.iomem.read(IOMEM_SIZE - 4, 4) == 0x01020304
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        (PcTestdevState(1 << 32, bytes(IOMEM_SIZE)), "PcTestdevState.register is 4294967296, not an integer"),
+        (PcTestdevState(0, bytes(IOMEM_SIZE - 1)), "PcTestdevState.iomem is 65535 bytes, not bytes of length 65536"),
+        (PcTestdevState(0, "no"), "PcTestdevState.iomem is 'no'"),  # type: ignore[arg-type]
+        (object(), "a PcTestdevState was expected, not object"),
+    ],
+)
+def test_a_state_that_does_not_fit_is_refused_and_changes_nothing(state: object, message: str) -> None:
+    ports = PcTestdevPorts(PcTestdevMemory())
+    ports.write(0, 4, 7)
+    before = ports.save_state()
+    with pytest.raises(StateError, match=message):
+        ports.restore_state(state)  # type: ignore[arg-type]
+    assert ports.save_state() == before
 
 
 # --- device options ------------------------------------------------------------------------------------
@@ -205,6 +237,19 @@ def test_guest_uses_every_part_of_pc_testdev(machine_factory: Callable[..., Mach
     assert result.serial == b"pc-testdev ok\n" and result.status == 1
     ports, lines, iomem = (vm.devices.devices[name].device for name in ("pc-testdev", "pc-testdev-irq", "pc-testdev-iomem"))
     assert ports.register == 0x12345678 and lines.stats["line_writes"] == 1 and iomem.data[:4] == b"\xef\xbe\xad\xde"
+
+
+@pytest.mark.kvm
+def test_a_snapshot_keeps_the_register_and_the_iomem(machine_factory: Callable[..., Machine], tmp_path: Path) -> None:
+    (tmp_path / "testdev.asm").write_text(TESTDEV_GUEST)
+    run_tools(["nasm", "-f", "bin", "-o", "testdev.bin", "testdev.asm"], cwd=tmp_path)
+    vm = machine_factory(pc_testdev=True)
+    vm.load(tmp_path / "testdev.bin", mode="protected")
+    assert vm.run(timeout=30).status == 1
+    vm.snapshot(tmp_path / "snap")
+    with Machine.restore(tmp_path / "snap") as restored:
+        ports = restored.devices.devices["pc-testdev"].device
+        assert ports.register == 0x12345678 and restored.mmio.read(0xFF000000, 4) == 0xDEADBEEF
 
 
 @pytest.mark.kvm

@@ -20,6 +20,10 @@ MMIO 0xff000000, 64 KiB   "iomem": RAM-like memory behind MMIO exits, for the MM
 
 Accesses of a width a range does not take are ignored (and read as all ones), as
 QEMU's memory API drops them; every part counts what it did in ``stats``.
+
+The state a snapshot keeps (:class:`PcTestdevState`) is the register's and the iomem's, saved by
+the ports, which hold the iomem window as QEMU's device holds both; the interrupt lines' levels
+are the in-kernel irqchip's, saved with it.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .ports import BITS_PER_BYTE, BYTE_MASK, size_mask
+from .state import check_bytes, check_int, check_record
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +53,36 @@ _FLUSH_WRITE_SIZE = 4
 _U32_MASK = 0xFFFF_FFFF
 
 
+@dataclass(frozen=True)
+class PcTestdevState:
+    """Everything the guest can observe of pc-testdev: the scratch register and the iomem window's bytes."""
+
+    register: int
+    iomem: bytes
+
+
 class PcTestdevPorts:
-    """Ports 0xe0-0xeb: the scratch register (twice) and the flush-page port."""
+    """Ports 0xe0-0xeb: the scratch register (twice) and the flush-page port; the keeper of the
+    device's state, its iomem window's included."""
 
     SIZE = REGISTER_PORTS
 
-    def __init__(self) -> None:
+    def __init__(self, iomem: PcTestdevMemory) -> None:
         self.register = 0
+        self.iomem = iomem
         self.stats: Counter[str] = Counter()
+
+    def save_state(self) -> PcTestdevState:
+        """The register and the iomem window."""
+        return PcTestdevState(self.register, bytes(self.iomem.data))
+
+    def restore_state(self, state: PcTestdevState) -> None:
+        """Take ``state``; raises :class:`StateError`, changing nothing, if a field is invalid."""
+        check_record(state, PcTestdevState)
+        check_int(state, "register", 0, _U32_MASK)
+        check_bytes(state, "iomem", IOMEM_SIZE, IOMEM_SIZE)
+        self.register = state.register
+        self.iomem.data[:] = state.iomem
 
     def read(self, offset: int, size: int) -> int:
         if offset < _FLUSH_OFFSET:

@@ -73,6 +73,10 @@ def state_records(config: MachineConfig) -> tuple[type, ...]:
         from ..devices.virtio.balloon import BalloonState
 
         records.append(BalloonState)
+    if config.pc_testdev:
+        from ..devices.testdev import PcTestdevState
+
+        records.append(PcTestdevState)
     return tuple(records)
 
 
