@@ -227,12 +227,19 @@ ok:     db "pc-testdev ok", 10, 0
 """
 
 
-@pytest.mark.kvm
-def test_guest_uses_every_part_of_pc_testdev(machine_factory: Callable[..., Machine], tmp_path: Path) -> None:
+@pytest.fixture
+def testdev_guest(machine_factory: Callable[..., Machine], tmp_path: Path) -> Machine:
+    """A machine with pc-testdev, loaded with TESTDEV_GUEST."""
     (tmp_path / "testdev.asm").write_text(TESTDEV_GUEST)
     run_tools(["nasm", "-f", "bin", "-o", "testdev.bin", "testdev.asm"], cwd=tmp_path)
     vm = machine_factory(pc_testdev=True)
     vm.load(tmp_path / "testdev.bin", mode="protected")
+    return vm
+
+
+@pytest.mark.kvm
+def test_guest_uses_every_part_of_pc_testdev(testdev_guest: Machine) -> None:
+    vm = testdev_guest
     result = vm.run(timeout=30)
     assert result.serial == b"pc-testdev ok\n" and result.status == 1
     ports, lines, iomem = (vm.devices.devices[name].device for name in ("pc-testdev", "pc-testdev-irq", "pc-testdev-iomem"))
@@ -240,11 +247,8 @@ def test_guest_uses_every_part_of_pc_testdev(machine_factory: Callable[..., Mach
 
 
 @pytest.mark.kvm
-def test_a_snapshot_keeps_the_register_and_the_iomem(machine_factory: Callable[..., Machine], tmp_path: Path) -> None:
-    (tmp_path / "testdev.asm").write_text(TESTDEV_GUEST)
-    run_tools(["nasm", "-f", "bin", "-o", "testdev.bin", "testdev.asm"], cwd=tmp_path)
-    vm = machine_factory(pc_testdev=True)
-    vm.load(tmp_path / "testdev.bin", mode="protected")
+def test_a_snapshot_keeps_the_register_and_the_iomem(testdev_guest: Machine, tmp_path: Path) -> None:
+    vm = testdev_guest
     assert vm.run(timeout=30).status == 1
     vm.snapshot(tmp_path / "snap")
     with Machine.restore(tmp_path / "snap") as restored:
