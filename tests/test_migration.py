@@ -274,7 +274,9 @@ SECTORS_PER_REQUEST = 128  # 64 KiB requests
 BLK_PARAMS = 0x100020  # bench_blk_user.bin's: count, size, depth, mode; then checksum, done
 MASK64 = (1 << 64) - 1
 QWORDS_PER_REQUEST = SECTORS_PER_REQUEST * 512 // 8
-BLK_REPORT = re.compile(rb"bench_blk_user: done (\d+) checksum ([0-9a-f]{16}) cycles \d+ capacity (\d+) window [0-9a-f]{8}\n")
+BLK_REPORT = re.compile(
+    rb"bench_blk_user: done (\d+) checksum ([0-9a-f]{16}) cycles \d+ capacity (\d+) window [0-9a-f]{8}\n"
+)
 
 
 def write_pattern(i: int) -> bytes:
