@@ -4,6 +4,8 @@ ioctl, and a guest snapshotted half-way goes on in a brand-new machine as the or
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -121,6 +123,38 @@ def test_the_pit_round_trips_but_for_the_moment_its_counts_restart(paused) -> No
 
     assert without_load_times(after) == without_load_times(before)
     assert ffi.from_buffer("struct kvm_pit_state2 *", before).channels[0].count == 1193  # the guest's 1 kHz
+
+
+def test_a_pit_tick_during_a_restore_lands_in_the_restored_pic(paused, monkeypatch) -> None:
+    """KVM re-injects PIT ticks one at a time: the next only once the guest acknowledged the last.  A tick
+    that fires inside a restore must land in the restored PIC, or the PIC's restore wipes it, it is never
+    acknowledged and the PIT never interrupts again.  The PIT runs at its fastest (KVM's 200 us floor) and
+    each step of the restore takes a millisecond (a busy host's preemption), so that ticks fall inside it;
+    the PIC is saved with IRQ 0 neither requested nor in service."""
+
+    def slowly(step: Callable[..., None]) -> Callable[..., None]:
+        def slow(*args: object) -> None:
+            step(*args)
+            time.sleep(0.001)
+
+        return slow
+
+    for name in ("set_pit2", "set_clock", "set_irqchip"):
+        monkeypatch.setattr(paused.vm, name, slowly(getattr(paused.vm, name)))
+    state = paused.vm.save_state()
+    pit = ffi.new("struct kvm_pit_state2 *")
+    ffi.memmove(pit, state.pit, len(state.pit))
+    pit.channels[0].count = 239  # 1193182 Hz / 239: 200 us
+    master = bytearray(state.pic_master)
+    master[1] &= ~1  # irr
+    master[3] &= ~1  # isr
+    state = dataclasses.replace(state, pit=ffi.buffer(pit)[:], pic_master=bytes(master))
+    for _ in range(10):
+        paused.vm.restore_state(state)
+        deadline = time.monotonic() + 5
+        while not paused.vm.get_irqchip(lib.KVM_IRQCHIP_PIC_MASTER)[1] & 1:
+            assert time.monotonic() < deadline, "the PIT stopped interrupting after a restore"
+            time.sleep(0.0005)
 
 
 def test_the_clock_is_set_to_what_is_given(paused) -> None:

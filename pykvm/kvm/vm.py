@@ -280,15 +280,20 @@ class Vm:
         The kvmclock goes on from the saved value, as if the VM had been paused (no
         ``KVM_CLOCK_REALTIME``: a restore that should count the time in between sets the
         clock itself).  Restore the VM before its vCPUs.
+
+        The interrupt controllers go first, the PIT after them (Firecracker sets the PIT first):
+        KVM injects the next PIT tick only once the guest acknowledged the last one, so a tick
+        that fired into the controllers before their restore would be wiped by it, never
+        acknowledged, and the PIT would never interrupt again.
         """
         self._check_state(state)
-        if state.pit is not None:
-            self.set_pit2(state.pit)
-        self.set_clock(ClockData(clock=state.clock.clock))
         for name, chip in IRQCHIPS.items():
             data = getattr(state, name)
             if data is not None:
                 self.set_irqchip(chip, data)
+        if state.pit is not None:
+            self.set_pit2(state.pit)
+        self.set_clock(ClockData(clock=state.clock.clock))
 
     def _check_state(self, state: VmState) -> None:
         present = {name: self.in_kernel_irqchip for name in IRQCHIPS} | {"pit": self.in_kernel_pit}
