@@ -12,12 +12,10 @@ The names below are imported when first used, so that ``import pykvm`` (and
 
 from __future__ import annotations
 
-import importlib
+from .lazy_exports import lazy_exports
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
-
     from .config import MachineConfig
     from .devices.bus import Device
     from .errors import PykvmError
@@ -38,14 +36,4 @@ _EXPORTS = {
 }
 __all__ = ["Machine", "MachineConfig", "ExitReason", "RunResult", "RunStats", "PykvmError", "Kvm", "Device"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'pykvm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -6,12 +6,10 @@ load without the C extension.
 
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
-
     from .system import Kvm
     from .vcpu import Vcpu
     from .vm import Vm
@@ -19,10 +17,4 @@ if TYPE_CHECKING:
 _EXPORTS = {"Kvm": ".system", "Vm": ".vm", "Vcpu": ".vcpu"}  # name -> the module that defines it
 __all__ = ["Kvm", "Vm", "Vcpu"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'pykvm.kvm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
