@@ -9,8 +9,6 @@ skip with what was measured here instead.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,30 +19,17 @@ from pathlib import Path
 
 import pytest
 from conftest import guest
+from gdb_batch import GUARD, gdb_argv, interrupt_gdb, needs_gdb, run_gdb
 
 from pykvm import Machine
 from pykvm.info import Privilege, debug_support, kvm_backend
 from pykvm.native import lib
 from pykvm.result import ExitReason, RunResult
 
-GDB = shutil.which("gdb")
-pytestmark = [pytest.mark.kvm, pytest.mark.skipif(GDB is None, reason="gdb is not installed (apt-get install gdb)")]
+pytestmark = [pytest.mark.kvm, needs_gdb]
 
-GUARD = 120  # seconds: a hang guard for gdb and the guest, not a speed limit
 SUPPORT = debug_support(kvm_backend())
 EXITED_53 = "[Inferior 1 (Remote target) exited with code 065]"  # debug.asm untouched: status 53 (octal 065)
-
-
-def gdb(address: str, *commands: str, symbols: Path | None = None) -> str:
-    """gdb's output (stdout and stderr) after it ran ``commands`` against the guest at ``address``."""
-    argv = [GDB or "gdb", "-batch", "-nx", "-ex", "set confirm off", "-ex", "set pagination off"]
-    if symbols is not None:
-        argv += ["-ex", f"file {symbols}"]
-    argv += ["-ex", f"target remote {address}"]
-    for command in commands:
-        argv += ["-ex", command]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=GUARD)
-    return done.stdout + done.stderr
 
 
 class Served:
@@ -60,7 +45,7 @@ class Served:
         self._thread.start()
 
     def gdb(self, *commands: str) -> str:
-        return gdb(self.address, *commands, symbols=self.symbols)
+        return run_gdb(self.address, *commands, symbols=self.symbols)
 
     def result(self) -> RunResult:
         self._thread.join(GUARD)
@@ -131,7 +116,7 @@ def pykvm_run() -> Iterator[Callable[..., PykvmRun]]:
 def test_gdb_stops_a_multiboot_kernel_changes_a_variable_steps_and_sees_it_exit(pykvm_run) -> None:  # type: ignore[no-untyped-def]
     run = pykvm_run(str(guest("debug_multiboot.elf")), "--gdb", "tcp::0")
     assert run.address.startswith("127.0.0.1:")
-    output = gdb(run.address, "break counted", "continue", "print *(int *)&counter", "print *(int *)&answer",
+    output = run_gdb(run.address, "break counted", "continue", "print *(int *)&counter", "print *(int *)&answer",
                  "set var *(int *)&answer = 100", "stepi", "info registers eip eax", "continue",
                  symbols=guest("debug_multiboot.elf"))  # fmt: skip
     assert "Breakpoint 1, 0x" in output and " in counted ()" in output
@@ -145,7 +130,7 @@ def test_gdb_stops_a_multiboot_kernel_changes_a_variable_steps_and_sees_it_exit(
 
 def test_gdb_kill_ends_pykvm_run(pykvm_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
     run = pykvm_run(str(guest("debug_long.elf")), "--gdb", f"unix:{tmp_path / 'gdb.sock'}")
-    assert "[Inferior 1 (Remote target) killed]" in gdb(run.address, "kill")
+    assert "[Inferior 1 (Remote target) killed]" in run_gdb(run.address, "kill")
     status, stdout, stderr = run.finish()
     assert (status, stdout) == (137, "")
     assert "pykvm: stopped: killed by gdb" in stderr
@@ -153,7 +138,7 @@ def test_gdb_kill_ends_pykvm_run(pykvm_run, tmp_path) -> None:  # type: ignore[n
 
 def test_ctrl_c_ends_pykvm_run_while_gdb_waits_for_the_guest(pykvm_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
     run = pykvm_run(str(guest("uart_echo.bin")), "--gdb", f"unix:{tmp_path / 'gdb.sock'}")
-    argv = [GDB or "gdb", "-batch", "-nx", "-ex", f"target remote {run.address}", "-ex", "continue"]
+    argv = gdb_argv(run.address, "continue")
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as debugger:
         assert run.process.stdout is not None
         assert run.process.stdout.readline() == "echo ready\n"  # gdb continued it: it polls its UART for ever
@@ -276,18 +261,8 @@ def test_gdb_sees_two_vcpus_as_two_threads(served) -> None:  # type: ignore[no-u
 
 def test_gdb_interrupts_a_running_guest_with_ctrl_c_and_kills_it(served) -> None:  # type: ignore[no-untyped-def]
     guest_ = served("uart_echo.bin", mode="real")  # polls the UART for ever
-    argv = [GDB or "gdb", "-batch", "-nx", "-ex", f"target remote {guest_.address}", "-ex", "continue",
-            "-ex", "info registers eip", "-ex", "kill"]  # fmt: skip
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        while not guest_.machine.vcpus[0].exit_counts():  # until gdb has continued the guest
-            assert process.poll() is None, process.communicate()[0]
-            time.sleep(0.01)
-        os.kill(process.pid, signal.SIGINT)
-        output = process.communicate(timeout=GUARD)[0]
-    finally:
-        process.kill()
-        process.wait()
+    output = interrupt_gdb(guest_.address, lambda: bool(guest_.machine.vcpus[0].exit_counts()), "info registers eip",
+                           "kill")  # fmt: skip
     assert "received signal SIGINT, Interrupt." in output
     assert "[Inferior 1 (Remote target) killed]" in output
     assert guest_.result().reason is ExitReason.STOPPED
@@ -302,7 +277,7 @@ def test_pykvm_qemu_serves_gdb_as_qemu_does_with_gdb_and_s(tmp_path) -> None:  #
         while not socket_path.exists():
             assert qemu.poll() is None and time.monotonic() < deadline, qemu.communicate()
             time.sleep(0.02)
-        output = gdb(str(socket_path), "hbreak counted", "continue", "print *(int *)&counter", "continue",
+        output = run_gdb(str(socket_path), "hbreak counted", "continue", "print *(int *)&counter", "continue",
                      symbols=guest("debug_multiboot.elf"))  # fmt: skip
         stdout, _ = qemu.communicate(timeout=GUARD)
     assert "in counted ()" in output and "$1 = 5" in output
