@@ -43,7 +43,6 @@ import os
 import resource
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,7 @@ ROOT = BENCH.parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
+import pykvm_bench as pb  # noqa: E402
 import qemu_run  # noqa: E402
 
 IDLE_GUEST = ROOT / "guests" / "build" / "bench_idle.bin"
@@ -113,11 +113,7 @@ def wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def patched_idle_guest(touch_mib: int, directory: str | Path) -> Path:
-    data = bytearray(IDLE_GUEST.read_bytes())
-    struct.pack_into("<I", data, TOUCH_OFF, touch_mib)
-    out = Path(directory) / f"bench_idle-{touch_mib}.bin"
-    out.write_bytes(data)
-    return out
+    return pb.patched_copy(IDLE_GUEST, Path(directory) / f"bench_idle-{touch_mib}.bin", "<I", TOUCH_OFF, touch_mib)
 
 
 # --- pykvm: many guests in this process ---------------------------------------------------------

@@ -41,7 +41,6 @@ import select
 import shutil
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+import pykvm_bench as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 GUEST = ROOT / "guests" / "build" / "dirty_rate.bin"
@@ -70,11 +71,8 @@ class WrongResult(Exception):
 def guest_image(directory: Path, size: int, rate_mib: int) -> Path:
     """dirty_rate.bin patched to write ``rate_mib`` MiB/s over half of ``size`` bytes of RAM."""
     area = 0 if not rate_mib else (size // 2) // PAGE
-    data = bytearray(GUEST.read_bytes())
-    data[PARAMS_OFFSET : PARAMS_OFFSET + 24] = struct.pack("<QQQ", rate_mib * MIB // PAGE, area, LINE_TICKS)
     path = directory / f"dirty_rate-{size >> 20}M-{rate_mib}.bin"
-    path.write_bytes(data)
-    return path
+    return pb.patched_copy(GUEST, path, "<QQQ", PARAMS_OFFSET, rate_mib * MIB // PAGE, area, LINE_TICKS)
 
 
 def check_done(output: bytes, vmm: str) -> dict[str, int]:

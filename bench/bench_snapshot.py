@@ -51,7 +51,6 @@ import shlex
 import shutil
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -103,11 +102,8 @@ QUICK = Plan(snapshot_rounds=2, restore_rounds=5, process_rounds=2, reset_rounds
 # --- the guest ---------------------------------------------------------------------------------------
 def guest_image(directory: Path, touch: int = TOUCH, redirty: int = 0, hold: bool = False) -> Path:
     """A copy of the guest with its parameters set, in ``directory``."""
-    data = bytearray(pb.guest_path(GUEST).read_bytes())
-    struct.pack_into("<QQQ", data, PARAMS, touch, redirty, int(hold))
     path = directory / f"bench_snapshot-{touch >> 20}M-{redirty}{'-hold' if hold else ''}.bin"
-    path.write_bytes(data)
-    return path
+    return pb.patched_copy(pb.guest_path(GUEST), path, "<QQQ", PARAMS, touch, redirty, int(hold))
 
 
 def boot_to_point(memory: str, image: Path, kvm: Any) -> Any:

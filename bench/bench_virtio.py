@@ -108,11 +108,8 @@ def build_guest(tmpdir: str | Path) -> Path:
 
 def patched_guest(guest: Path, count: int, size: int, depth: int, tmpdir: str | Path) -> Path:
     """A copy of the guest with its parameters set (reads)."""
-    data = bytearray(guest.read_bytes())
-    PARAMS.pack_into(data, PARAMS_OFF, count, size, depth, MODE_READ)
     out = Path(tmpdir) / f"bench_blk_user-{count}-{size}-{depth}.bin"
-    out.write_bytes(data)
-    return out
+    return pb.patched_copy(guest, out, PARAMS.format, PARAMS_OFF, count, size, depth, MODE_READ)
 
 
 def parse_report(serial: bytes, label: str) -> dict[str, int]:

@@ -50,15 +50,24 @@ def guest_path(name: str) -> Path:
     return path
 
 
-def patched_guest(name: str, count: int, target: int, directory: str | Path) -> Path:
-    """A copy of bench guest ``name`` with its parameter block set, in ``directory``."""
-    data = bytearray(guest_path(name).read_bytes())
-    if len(data) < PARAM_TARGET_OFF + 8 or data[0] != 0xEB:
-        raise WrongResult(f"{name} has no bench parameter block")
-    struct.pack_into("<QQ", data, PARAM_COUNT_OFF, count, target)
-    out = Path(directory) / f"{Path(name).stem}-{count}-{target:x}.bin"
+def patched_copy(image: Path, out: Path, layout: str, offset: int, *values: int) -> Path:
+    """A copy of the guest ``image`` at ``out`` with ``values`` packed (``struct`` format ``layout``) at
+    file offset ``offset``: how a benchmark gives a guest its parameters."""
+    data = bytearray(image.read_bytes())
+    struct.pack_into(layout, data, offset, *values)
     out.write_bytes(data)
     return out
+
+
+def patched_guest(name: str, count: int, target: int, directory: str | Path) -> Path:
+    """A copy of bench guest ``name`` with its parameter block set, in ``directory``."""
+    image = guest_path(name)
+    with image.open("rb") as head:
+        start = head.read(PARAM_TARGET_OFF + 8)
+    if len(start) < PARAM_TARGET_OFF + 8 or start[0] != 0xEB:
+        raise WrongResult(f"{name} has no bench parameter block")
+    out = Path(directory) / f"{image.stem}-{count}-{target:x}.bin"
+    return patched_copy(image, out, "<QQ", PARAM_COUNT_OFF, count, target)
 
 
 class CountingDevice:
