@@ -237,15 +237,12 @@ class Uart16550(ByteRegisterDevice):
     def read(self, offset: int, size: int) -> int:
         """A guest read (see :class:`~pykvm.devices.ports.ByteRegisterDevice`)."""
         with self._lock:
-            value = super().read(offset, size)
-            self._update_fast_line_status()
-            return value
+            return super().read(offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
         """A guest write (see :class:`~pykvm.devices.ports.ByteRegisterDevice`)."""
         with self._lock:
             super().write(offset, size, value)
-            self._update_fast_line_status()
 
     def receive(self, data: bytes) -> None:
         """Queue host input for the guest; thread-safe, never drops a byte."""
@@ -575,8 +572,9 @@ class Uart16550(ByteRegisterDevice):
         return bool(self._mcr & MCR_OUT2) and self._interrupt_id() != IIR_NO_INTERRUPT
 
     def _update_irq(self) -> None:
-        # The C fast path answers LSR reads: it must have the new line status before an
-        # interrupt can make a vCPU read it, or a guest handler finds no data and never sees another edge.
+        # Every change of the line status comes through here.  The C fast path answers LSR reads: it
+        # must have the new status before an interrupt can make a vCPU read it, or a guest handler
+        # finds no data and never sees another edge.
         self._update_fast_line_status()
         level = self._line_level()
         if level != self._irq_level:
